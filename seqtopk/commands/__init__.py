@@ -1,0 +1,1 @@
+"""Subcommands of the `seqtopk` command line."""
