@@ -1,0 +1,20 @@
+"""vLLM general plugin (entry point group `vllm.general_plugins`).
+
+vLLM calls register() in every process it starts (API server, engine core, workers), so everything here
+must be idempotent and cheap, and must change nothing until the user asks for SeqTopK.
+"""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    # Each feature owns one module with its own install function.
+    from seqtopk.csr import vllm_model  # CSR sparse embedding heads served as pooling models
+
+    vllm_model.register_architectures()
