@@ -1,0 +1,196 @@
+"""SeqTopK selection: which (token, expert) pairs a sequence keeps. Pure torch, no engine imports.
+
+Every engine adapter calls these functions; the routing rule exists here only. Shapes use
+B sequences, T (or L) tokens per sequence, C = cap candidate experts per token (sorted best first).
+
+- `capped_candidates`: each token's top-C experts by the family's selection score.
+- `select_sequence`: the published prefill/training rule. The cut is the (n*K)-th largest capped score
+  over the sequence's n real tokens; exact ties at the cut go to the earlier token, then the better rank.
+- `select_causal`: the streaming rule ("expert cache"). Token t takes each capped expert whose score is at
+  or above the (m_t*K)-th largest capped score among the m_t real tokens up to and including t. A chunk of
+  new tokens is routed against the history of earlier capped scores; one-shot causal prefill, chunked
+  prefill and token-by-token decoding therefore make the same choices.
+
+Both rules keep each token's best `min_experts` experts regardless of the cut. With `exact_budget`, those
+forced experts count toward the budget: the remaining n*(K - min_experts) pairs are chosen among the other
+candidates, so a sequence spends exactly n*K pairs under `select_sequence`.
+Padding tokens (valid == False) take no experts and do not count in n.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+# Above this many (query x pool) comparisons per sequence, counting switches from a broadcast compare to
+# sort + binary search.
+_BROADCAST_LIMIT = 1 << 22
+
+
+def capped_candidates(scores: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`cap` experts per token: (values, ids), each [..., cap], best first."""
+    return torch.topk(scores, cap, dim=-1)
+
+
+def _split_forced(values: torch.Tensor, valid: torch.Tensor, k: int, min_experts: int, exact_budget: bool):
+    """Forced-slot mask, the columns that compete for the cut, and the per-token budget they compete for."""
+    cap = values.shape[-1]
+    forced_cols = min(min_experts, cap)
+    forced = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    if forced_cols:
+        forced[..., :forced_cols] = valid.unsqueeze(-1)
+    first = forced_cols if exact_budget else 0
+    per_token = k - forced_cols if exact_budget else k
+    return forced, first, per_token
+
+
+def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_experts: int = 1,
+                    exact_budget: bool = False) -> torch.Tensor:
+    """Published prefill rule. values: [B, T, C] capped scores, best first. Returns a bool mask [B, T, C]."""
+    batch, tokens, cap = values.shape
+    if valid is None:
+        valid = torch.ones(batch, tokens, dtype=torch.bool, device=values.device)
+    forced, first, per_token = _split_forced(values, valid, k, min_experts, exact_budget)
+    if per_token <= 0 or tokens == 0:
+        return forced
+    compete = values[..., first:].masked_fill(~valid.unsqueeze(-1), NEG_INF)
+    width = compete.shape[-1]
+    flat = compete.reshape(batch, tokens * width)
+    budget = valid.sum(dim=1) * per_token  # [B]
+    threshold = _kth_largest(flat, budget)  # [B, 1]
+    above = flat > threshold
+    at = flat == threshold
+    # Ties at the cut: fill the remaining budget in flat order (earlier token, then better rank).
+    room = budget.unsqueeze(1) - above.sum(dim=1, keepdim=True)
+    take = above | (at & (at.cumsum(dim=1) <= room))
+    take = take.view(batch, tokens, width) & valid.unsqueeze(-1)
+    mask = forced.clone()
+    mask[..., first:] |= take
+    return mask
+
+
+def _kth_largest(flat: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Per row, the budget[b]-th largest value of flat[b] ([B, 1]); +inf where the budget is 0."""
+    batch, width = flat.shape
+    out = torch.full((batch, 1), float("inf"), dtype=flat.dtype, device=flat.device)
+    # kthvalue takes one k for all rows: group rows that share a budget (one group without padding).
+    for b in torch.unique(budget).tolist():
+        if b <= 0:
+            continue
+        rows = (budget == b).nonzero(as_tuple=True)[0]
+        kth = torch.kthvalue(flat.index_select(0, rows), width - b + 1, dim=1).values
+        out.index_copy_(0, rows, kth.unsqueeze(1))
+    return out
+
+
+def count_greater(pool: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """For each query, how many pool values are strictly greater. pool [B, P], queries [B, Q] -> [B, Q]."""
+    if pool.shape[1] == 0:
+        return torch.zeros(queries.shape, dtype=torch.long, device=queries.device)
+    if pool.shape[1] * queries.shape[1] <= _BROADCAST_LIMIT:
+        return (pool.unsqueeze(1) > queries.unsqueeze(2)).sum(dim=2)
+    ascending = torch.sort(pool, dim=1).values
+    not_greater = torch.searchsorted(ascending, queries.contiguous(), right=True)
+    return pool.shape[1] - not_greater
+
+
+def select_causal(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_experts: int = 1,
+                  exact_budget: bool = False, history: torch.Tensor | None = None,
+                  seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Streaming rule for a chunk of new tokens. Returns a bool mask [B, L, C].
+
+    values: [B, L, C] capped scores of the new tokens, best first. valid: [B, L] real (non-pad) tokens.
+    history: [B, S, C] capped scores of earlier tokens of the same sequences (-inf rows for padding), or None.
+    seen: [B] number of real earlier tokens (defaults to the real rows of history, or 0).
+    """
+    batch, length, cap = values.shape
+    if valid is None:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=values.device)
+    forced, first, per_token = _split_forced(values, valid, k, min_experts, exact_budget)
+    if per_token <= 0 or length == 0:
+        return forced
+    if seen is None:
+        seen = torch.zeros(batch, dtype=torch.long, device=values.device)
+        if history is not None and history.shape[1]:
+            seen = torch.isfinite(history[..., 0]).sum(dim=1)
+    compete = values[..., first:].masked_fill(~valid.unsqueeze(-1), NEG_INF)
+    earlier = (history[..., first:].reshape(batch, -1) if history is not None
+               else compete.new_empty(batch, 0))
+    greater = causal_greater_counts(earlier, compete)  # [B, L, W]
+    m = seen.unsqueeze(1) + valid.long().cumsum(dim=1)  # real tokens up to and including each new token
+    take = (greater < (m * per_token).unsqueeze(-1)) & valid.unsqueeze(-1) & torch.isfinite(compete)
+    mask = forced.clone()
+    mask[..., first:] |= take
+    return mask
+
+
+def causal_greater_counts(earlier: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """For each chunk value (t, w): how many values of `earlier` and of chunk tokens <= t are strictly greater.
+
+    earlier: [B, P] values of earlier tokens. chunk: [B, L, W]. Returns [B, L, W] counts.
+    """
+    batch, length, width = chunk.shape
+    queries = chunk.reshape(batch, length * width)
+    total = earlier.shape[1] + length * width
+    if queries.shape[1] * total <= _BROADCAST_LIMIT:  # short chunks (decode steps): compare directly
+        owner = torch.arange(length, device=chunk.device).repeat_interleave(width)
+        causal = owner.unsqueeze(0) <= torch.arange(length, device=chunk.device).unsqueeze(1)  # [L, L*W]
+        beats = (queries.view(batch, 1, 1, -1) > chunk.unsqueeze(-1)) & causal.view(1, length, 1, -1)
+        return count_greater(earlier, queries).view(batch, length, width) + beats.sum(dim=-1)
+    return _bucketed_causal_counts(earlier, chunk)
+
+
+def _bucketed_causal_counts(earlier: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """causal_greater_counts for long chunks in about O(N sqrt N) per sequence instead of O(N^2).
+
+    Sort all N values and cut the sorted order into ~sqrt(N) buckets. A query counts (a) every value in
+    buckets above the one holding the last copy of its value, taken from a per-token prefix histogram, and
+    (b) the values of its own bucket, compared one by one. Both parts only count tokens <= the query's token.
+    """
+    batch, length, width = chunk.shape
+    device = chunk.device
+    queries = chunk.reshape(batch, length * width)
+    pool = torch.cat([earlier, queries], dim=1)  # [B, N]
+    n = pool.shape[1]
+    # owner 0 = earlier tokens, owner t+1 = chunk token t
+    owner = torch.cat([torch.zeros(earlier.shape[1], dtype=torch.long, device=device),
+                       torch.arange(1, length + 1, device=device).repeat_interleave(width)])
+    # Balance the in-bucket comparisons (N * size) against the prefix histogram (L * N / size).
+    size = max(1, int((n / width) ** 0.5))
+    buckets = (n + size - 1) // size
+    sorted_vals, order = torch.sort(pool, dim=1)
+    position_bucket = torch.arange(n, device=device) // size
+    entry_bucket = torch.empty_like(order).scatter_(1, order, position_bucket.expand(batch, n))
+    # hist[b, o, q]: values of owner o in bucket q; prefix over owners, then "strictly above bucket q".
+    hist = torch.zeros(batch, (length + 1) * buckets, dtype=torch.long, device=device)
+    hist.scatter_add_(1, owner * buckets + entry_bucket, torch.ones_like(entry_bucket))
+    upto = hist.view(batch, length + 1, buckets).cumsum(dim=1)
+    above = upto.sum(dim=2, keepdim=True) - upto.cumsum(dim=2)
+    q_owner = torch.arange(1, length + 1, device=device).repeat_interleave(width)
+    last = torch.searchsorted(sorted_vals, queries.contiguous(), right=True) - 1
+    q_bucket = last.clamp(min=0) // size
+    counts = above.view(batch, -1).gather(1, q_owner * buckets + q_bucket)
+    # Values inside the query's own bucket, padded to full buckets with -inf (never greater).
+    padded = buckets * size
+    bucket_vals = torch.full((batch, padded), NEG_INF, dtype=pool.dtype, device=device)
+    bucket_vals[:, :n] = sorted_vals
+    bucket_owner = torch.full((batch, padded), length + 1, dtype=torch.long, device=device)
+    bucket_owner[:, :n] = owner[order]
+    bucket_vals = bucket_vals.view(batch, buckets, size)
+    bucket_owner = bucket_owner.view(batch, buckets, size)
+    step = max(1, _BROADCAST_LIMIT // (size * max(batch, 1)))
+    for lo in range(0, queries.shape[1], step):
+        hi = min(lo + step, queries.shape[1])
+        qb = q_bucket[:, lo:hi]
+        rows = torch.arange(batch, device=device).unsqueeze(1)
+        vals = bucket_vals[rows, qb]  # [B, q, size]
+        owners = bucket_owner[rows, qb]
+        inside = (vals > queries[:, lo:hi, None]) & (owners <= q_owner[lo:hi].view(1, -1, 1))
+        counts[:, lo:hi] += inside.sum(dim=2)
+    return counts.view(batch, length, width)
+
+
+def pack_choice(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Candidate ids with unchosen slots set to -1 (the form engine adapters pass to expert dispatch)."""
+    return ids.masked_fill(~mask, -1)
