@@ -228,7 +228,11 @@ class SeqTopKPatch:
         cache = bound.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None else 0
         valid, seen = self._padding(bound.get("attention_mask"), batch, tokens, past, device)
-        streaming = self.config.decode == "expert_cache"
+        use_cache = bound.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(getattr(self.base, "config", None), "use_cache", True)
+        # History is only needed when a KV cache will carry the sequence on.
+        streaming = self.config.decode == "expert_cache" and (cache is not None or bool(use_cache))
         state = None
         if past == 0:
             state = RoutingState() if streaming else None
