@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from seqtopk.config import ResolvedConfig, SeqTopKConfig
+from seqtopk.engines.hf_dispatch import run_chosen
 from seqtopk.routing import route
 from seqtopk.selection import NEG_INF
 from seqtopk.stats import RoutingStats
@@ -335,15 +336,8 @@ def _bind_experts(experts, original):
     """Run the experts on chosen (token, expert) pairs only; unchosen slots (-1) cost nothing."""
 
     def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
-        unchosen = top_k_index < 0
-        if not bool(unchosen.any()):
+        if args or kwargs or not bool((top_k_index < 0).any()):
             return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        token, slot = (~unchosen).nonzero(as_tuple=True)
-        out = torch.zeros_like(hidden_states)
-        if token.numel() == 0:
-            return out
-        rows = original(hidden_states[token], top_k_index[token, slot].unsqueeze(1),
-                        top_k_weights[token, slot].unsqueeze(1), *args, **kwargs)
-        return out.index_add_(0, token, rows.to(out.dtype))
+        return run_chosen(experts, original, hidden_states, top_k_index, top_k_weights)
 
     return forward
