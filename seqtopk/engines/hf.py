@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from seqtopk.config import ResolvedConfig, SeqTopKConfig
-from seqtopk.engines.hf_dispatch import run_chosen
+from seqtopk.dispatch import plan_pairs, row_count
+from seqtopk.engines.hf_dispatch import run_chosen, run_plan
 from seqtopk.routing import route
 from seqtopk.selection import NEG_INF
 from seqtopk.stats import RoutingStats
@@ -80,6 +81,7 @@ class _Layer:
     cfg: ResolvedConfig
     scoring: object
     saved: dict = field(default_factory=dict)  # module -> its own instance-level forward, if it had one
+    plan: object = None  # the PairPlan of the last routing, consumed by the experts call that follows
 
 
 def _plan_layers(model: torch.nn.Module, config: SeqTopKConfig) -> list[_Layer]:
@@ -195,7 +197,7 @@ class SeqTopKPatch:
             for module in (router, experts):
                 layer.saved[module] = module.__dict__.get("forward")
             router.forward = _bind_router(self, layer, router)
-            experts.forward = _bind_experts(experts, layer.saved[experts] or experts.forward)
+            experts.forward = _bind_experts(layer, experts, layer.saved[experts] or experts.forward)
         self._hooks = [
             self.base.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.base.register_forward_hook(self._after_forward, with_kwargs=True),
@@ -322,6 +324,11 @@ class SeqTopKPatch:
                 values = routed.values.detach().masked_fill(~view.valid.unsqueeze(-1), NEG_INF)
                 view.state.append(layer.index, values)
             self.stats.record(layer.index, routed.ids.view(view.batch, view.tokens, cfg.cap), view.valid)
+        layer.plan = None
+        if cfg.cap > cfg.k:  # with cap == k every real slot is chosen: stock dispatch, bit for bit
+            flat_mask = routed.mask.view(n, cfg.cap)
+            exact = n * cfg.k if rule == "topk" or (rule == "sequence" and cfg.exact_budget) else None
+            layer.plan = plan_pairs(routed.ids, routed.weights, flat_mask, row_count(flat_mask, exact))
         return layer.family.outputs(router, logits, routed.weights, routed.ids)
 
 
@@ -332,12 +339,17 @@ def _bind_router(patch: SeqTopKPatch, layer: _Layer, router):
     return forward
 
 
-def _bind_experts(experts, original):
-    """Run the experts on chosen (token, expert) pairs only; unchosen slots (-1) cost nothing."""
+def _bind_experts(layer: _Layer, experts, original):
+    """Run the experts on chosen (token, expert) rows only; unchosen slots (-1) cost nothing."""
 
     def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
-        if args or kwargs or not bool((top_k_index < 0).any()):
+        plan, layer.plan = layer.plan, None
+        if args or kwargs:
             return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        if plan is not None and plan.tokens == hidden_states.shape[0]:
+            return run_plan(experts, original, hidden_states, plan)
+        if not bool((top_k_index < 0).any()):
+            return original(hidden_states, top_k_index, top_k_weights)
         return run_chosen(experts, original, hidden_states, top_k_index, top_k_weights)
 
     return forward
