@@ -1,13 +1,13 @@
-"""Turn a [N, cap] choice into a list of (token, expert, weight) rows without host syncs. Pure torch.
+"""How chosen (token, expert) pairs reach fixed-width MoE kernels, without padded work or host syncs.
 
-SeqTopK gives each token between min_experts and cap experts. Running every slot would pay for unchosen
-ones; listing the chosen ones with `nonzero` would stall the GPU on a host sync every layer. Instead the
-caller fixes the number of rows R up front:
-- exact budget under the sequence rule (and plain TopK): R = N*k, the exact total, so nothing is padded;
-- small batches (decode steps): R = N*cap, a static bound whose extra rows are weight-0 fillers that cost
-  next to nothing while decoding is bound by reading expert weights;
-- otherwise the exact count, at the cost of one host sync.
-Rows are listed token-major; fillers come last and carry weight 0.
+SeqTopK gives each token between min_experts and cap experts. Two ways, chosen by the size of the step:
+- Large steps (prefill, training): `plan_pairs` lists the chosen slots as R rows of one expert each.
+  R is fixed up front so nothing waits on the GPU: N*k, the exact total, under the sequence rule with an
+  exact budget (and under plain TopK); otherwise the true count, at the cost of one host sync. Rows are
+  token-major; with padding the spare rows come last and carry weight 0.
+- Small steps (decode): `fill_unchosen` keeps the [N, cap] layout and turns each unchosen slot into a
+  weight-0 copy of the token's first expert. Decoding is bound by reading expert weights, and a copy reads
+  no new expert, so this costs neither a kernel nor a sync, where listing rows would cost both.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Below this many slots a step pads to the static bound instead of syncing for the exact count.
+# Steps with at most this many [token, slot] entries take fill_unchosen instead of plan_pairs.
 SMALL_STEP_SLOTS = 4096
 
 
@@ -40,13 +40,24 @@ class PairPlan:
                         tokens=self.tokens, cap=self.cap)
 
 
+@dataclass
+class FilledSlots:
+    ids: torch.Tensor  # [N, cap], every slot a real expert id
+    weights: torch.Tensor  # [N, cap], 0 in unchosen slots
+    tokens: int
+
+
+def fill_unchosen(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> FilledSlots:
+    """[N, cap] ids/weights where unchosen slots repeat the token's first expert at weight 0."""
+    filled = torch.where(mask, ids, ids[:, :1].clamp(min=0))
+    return FilledSlots(ids=filled, weights=weights.masked_fill(~mask, 0), tokens=ids.shape[0])
+
+
 def row_count(mask: torch.Tensor, exact_total: int | None) -> int:
-    """R for a [N, cap] mask: the known exact total, the static bound for small steps, else the true count."""
+    """R for a [N, cap] mask: the known exact total, else the true count (one host sync)."""
     if exact_total is not None:
         return exact_total
-    if mask.numel() <= SMALL_STEP_SLOTS:
-        return mask.numel()
-    return int(mask.sum())  # one host sync
+    return int(mask.sum())
 
 
 def plan_pairs(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, rows: int) -> PairPlan:

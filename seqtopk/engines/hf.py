@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from seqtopk.config import ResolvedConfig, SeqTopKConfig
-from seqtopk.dispatch import plan_pairs, row_count
+from seqtopk.dispatch import SMALL_STEP_SLOTS, FilledSlots, fill_unchosen, plan_pairs, row_count
 from seqtopk.engines.hf_dispatch import run_chosen, run_plan
 from seqtopk.routing import route
 from seqtopk.selection import NEG_INF
@@ -327,8 +327,11 @@ class SeqTopKPatch:
         layer.plan = None
         if cfg.cap > cfg.k:  # with cap == k every real slot is chosen: stock dispatch, bit for bit
             flat_mask = routed.mask.view(n, cfg.cap)
-            exact = n * cfg.k if rule == "topk" or (rule == "sequence" and cfg.exact_budget) else None
-            layer.plan = plan_pairs(routed.ids, routed.weights, flat_mask, row_count(flat_mask, exact))
+            if flat_mask.numel() <= SMALL_STEP_SLOTS:
+                layer.plan = fill_unchosen(routed.ids, routed.weights, flat_mask)
+            else:
+                exact = n * cfg.k if rule == "topk" or (rule == "sequence" and cfg.exact_budget) else None
+                layer.plan = plan_pairs(routed.ids, routed.weights, flat_mask, row_count(flat_mask, exact))
         return layer.family.outputs(router, logits, routed.weights, routed.ids)
 
 
@@ -347,6 +350,8 @@ def _bind_experts(layer: _Layer, experts, original):
         if args or kwargs:
             return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
         if plan is not None and plan.tokens == hidden_states.shape[0]:
+            if isinstance(plan, FilledSlots):
+                return original(hidden_states, plan.ids, plan.weights)
             return run_plan(experts, original, hidden_states, plan)
         if not bool((top_k_index < 0).any()):
             return original(hidden_states, top_k_index, top_k_weights)

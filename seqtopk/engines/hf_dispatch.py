@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from seqtopk.dispatch import PairPlan, combine_rows, plan_pairs, row_count
+from seqtopk.dispatch import SMALL_STEP_SLOTS, PairPlan, combine_rows, fill_unchosen, plan_pairs, row_count
 
 try:  # transformers' grouped GEMM helper (5.x); without it every implementation takes the generic path
     from transformers.integrations.moe import _grouped_linear
@@ -30,6 +30,9 @@ def run_chosen(experts: torch.nn.Module, original, hidden: torch.Tensor, ids: to
                weights: torch.Tensor) -> torch.Tensor:
     """hidden [N, H]; ids [N, C] with -1 in unchosen slots; weights [N, C]. Returns [N, H]."""
     mask = ids >= 0
+    if mask.numel() <= SMALL_STEP_SLOTS:
+        filled = fill_unchosen(ids, weights, mask)
+        return original(hidden, filled.ids, filled.weights)
     plan = plan_pairs(ids, weights, mask, row_count(mask, None))
     return run_plan(experts, original, hidden, plan)
 

@@ -1,0 +1,72 @@
+"""Chosen-pair dispatch: the row plan and the filled slots compute the same MoE output as the stock kernel."""
+
+import pytest
+import torch
+
+import seqtopk
+from seqtopk.dispatch import combine_rows, fill_unchosen, plan_pairs, row_count
+from seqtopk.engines import hf_dispatch
+
+
+def random_choice(tokens, cap, experts, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:cap] for _ in range(tokens)])
+    mask = torch.rand(tokens, cap, generator=gen) < 0.6
+    mask[:, 0] = True
+    weights = torch.rand(tokens, cap, generator=gen) * mask
+    return ids, weights, mask
+
+
+def test_plan_lists_chosen_slots_token_major_with_spare_rows_last():
+    ids = torch.tensor([[3, 1, 2], [0, 2, 1]])
+    weights = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.4, 0.0]])
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    plan = plan_pairs(ids, weights, mask, rows=6)  # 4 chosen + 2 spare rows
+    assert plan.token.tolist()[:4] == [0, 0, 1, 1]
+    assert plan.expert.tolist()[:4] == [3, 2, 0, 2]
+    assert plan.weight.tolist() == pytest.approx([0.5, 0.2, 0.6, 0.4, 0.0, 0.0])
+    rows = torch.arange(6, dtype=torch.float32).unsqueeze(1) + 1  # row r holds value r + 1
+    combined = combine_rows(rows, plan).squeeze(1)
+    assert combined.tolist() == pytest.approx([0.5 * 1 + 0.2 * 2, 0.6 * 3 + 0.4 * 4])
+    assert row_count(mask, None) == 4 and row_count(mask, 6) == 6
+
+
+def test_fill_unchosen_repeats_first_expert_at_zero_weight():
+    ids = torch.tensor([[3, 1, 2]])
+    filled = fill_unchosen(ids, torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([[True, False, True]]))
+    assert filled.ids.tolist() == [[3, 3, 2]] and filled.weights.tolist() == [pytest.approx([0.5, 0.0, 0.2])]
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager", "batched_mm"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_row_plan_matches_the_stock_kernel(load_tiny, family, implementation):
+    model, _ = load_tiny(family)
+    model.set_experts_implementation(implementation)
+    experts = next(m for n, m in model.named_modules() if n.endswith("mlp.experts"))
+    tokens, cap = 300, 4
+    ids, weights, mask = random_choice(tokens, cap, experts.num_experts)
+    hidden = torch.randn(tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        filled = fill_unchosen(ids, weights, mask)
+        reference = experts(hidden, filled.ids, filled.weights)  # stock kernel, unchosen slots weigh 0
+        for rows in (int(mask.sum()), tokens * cap):  # exact count, and a static bound with spare rows
+            plan = plan_pairs(ids, weights, mask, rows)
+            got = hf_dispatch.run_plan(experts, experts.forward, hidden, plan)
+            torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_long_prefill_takes_the_row_plan_and_matches_filled_slots(load_tiny):
+    model, _ = load_tiny("olmoe")
+    x = torch.randint(3, 259, (2, 700), generator=torch.Generator().manual_seed(3))  # 1400 tokens x 4 slots
+    seqtopk.patch(model, exact_budget=True)
+    import seqtopk.engines.hf as hf
+
+    with torch.no_grad():
+        planned = model(x).logits
+        original = hf.SMALL_STEP_SLOTS
+        try:
+            hf.SMALL_STEP_SLOTS = 10**9  # every step now takes fill_unchosen
+            filled = model(x).logits
+        finally:
+            hf.SMALL_STEP_SLOTS = original
+    torch.testing.assert_close(planned, filled, rtol=1e-4, atol=1e-4)
