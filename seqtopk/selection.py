@@ -131,9 +131,12 @@ def causal_greater_counts(earlier: torch.Tensor, chunk: torch.Tensor) -> torch.T
     earlier: [B, P] values of earlier tokens. chunk: [B, L, W]. Returns [B, L, W] counts.
     """
     batch, length, width = chunk.shape
+    if length == 1:  # a decode step: the pool is the history plus the token's own better candidates
+        own = (chunk.unsqueeze(-2) > chunk.unsqueeze(-1)).sum(dim=-1)
+        return own + count_greater(earlier, chunk.view(batch, width)).view(batch, 1, width)
     queries = chunk.reshape(batch, length * width)
     total = earlier.shape[1] + length * width
-    if queries.shape[1] * total <= _BROADCAST_LIMIT:  # short chunks (decode steps): compare directly
+    if queries.shape[1] * total <= _BROADCAST_LIMIT:  # short chunks: compare directly
         owner = torch.arange(length, device=chunk.device).repeat_interleave(width)
         causal = owner.unsqueeze(0) <= torch.arange(length, device=chunk.device).unsqueeze(1)  # [L, L*W]
         beats = (queries.view(batch, 1, 1, -1) > chunk.unsqueeze(-1)) & causal.view(1, length, 1, -1)

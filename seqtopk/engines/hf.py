@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import weakref
 from dataclasses import dataclass, field
 
@@ -30,6 +31,16 @@ from seqtopk.stats import RoutingStats
 logger = logging.getLogger("seqtopk")
 
 _PATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, SeqTopKPatch]" = weakref.WeakKeyDictionary()
+# Experimental: compile the decode-step routing on CUDA (fuses its small kernels).
+_COMPILE_DECODE = os.environ.get("SEQTOPK_COMPILE_DECODE") == "1"
+_COMPILED = None
+
+
+def _compiled_route():
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(route, dynamic=True)
+    return _COMPILED
 
 
 class UnsupportedModelError(ValueError):
@@ -314,8 +325,9 @@ class SeqTopKPatch:
         else:
             rule = "causal" if cfg.decode == "expert_cache" else "topk"
         history = view.state.history.get(layer.index) if (view.state is not None and rule == "causal") else None
-        routed = route(logits, layer.scoring, cfg, view.batch, view.tokens, view.valid, rule,
-                       history=history, seen=view.seen if view.continuing else None)
+        router_fn = _compiled_route() if (view.continuing and logits.is_cuda and _COMPILE_DECODE) else route
+        routed = router_fn(logits, layer.scoring, cfg, view.batch, view.tokens, view.valid, rule,
+                           history=history, seen=view.seen if view.continuing else None)
         if layer.index not in view.routed_layers:
             # Once per forward and layer: gradient-checkpointing recomputation routes again (identically)
             # but must not extend the history or count twice.
@@ -323,7 +335,8 @@ class SeqTopKPatch:
             if view.state is not None:
                 values = routed.values.detach().masked_fill(~view.valid.unsqueeze(-1), NEG_INF)
                 view.state.append(layer.index, values)
-            self.stats.record(layer.index, routed.ids.view(view.batch, view.tokens, cfg.cap), view.valid)
+            self.stats.record(layer.index, routed.mask, view.valid,
+                              ids=routed.ids.view(view.batch, view.tokens, cfg.cap))
         layer.plan = None
         if cfg.cap > cfg.k:  # with cap == k every real slot is chosen: stock dispatch, bit for bit
             flat_mask = routed.mask.view(n, cfg.cap)
