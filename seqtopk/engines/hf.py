@@ -39,7 +39,7 @@ _COMPILED = None
 def _compiled_route():
     global _COMPILED
     if _COMPILED is None:
-        _COMPILED = torch.compile(route, dynamic=True)
+        _COMPILED = torch.compile(route, dynamic=False)
     return _COMPILED
 
 
@@ -134,35 +134,52 @@ class _ForwardView:
     seen: torch.Tensor  # [B] real tokens before this forward (earlier cache positions)
     continuing: bool  # the KV cache already held tokens: route with the streaming rule
     state: "RoutingState | None"
+    start: int = 0  # cache position of the first new token
     routed_layers: set = field(default_factory=set)
 
 
 class RoutingState:
-    """Capped scores of every position routed so far, per layer ([B, S, cap], -inf for padding)."""
+    """Capped scores of every position routed so far, per layer, tied to one KV cache.
+
+    Each layer keeps a preallocated [B, capacity, cap] buffer filled with -inf beyond `length` (padding
+    positions are -inf too, so they never count as greater). Appending writes in place and doubles the
+    capacity when full, so a decode step costs O(1) copies and the shapes routing sees change rarely.
+    """
 
     def __init__(self):
-        self.history: dict[int, torch.Tensor] = {}
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.length = 0
+        self.batch: int | None = None
 
-    @property
-    def length(self) -> int:
-        return next(iter(self.history.values())).shape[1] if self.history else 0
+    def history(self, layer: int) -> torch.Tensor | None:
+        return self.buffers.get(layer)
 
-    @property
-    def batch(self) -> int | None:
-        return next(iter(self.history.values())).shape[0] if self.history else None
-
-    def append(self, layer: int, values: torch.Tensor) -> None:
-        old = self.history.get(layer)
-        self.history[layer] = values if old is None else torch.cat([old, values], dim=1)
+    def append(self, layer: int, values: torch.Tensor, start: int) -> None:
+        """Write values [B, L, cap] at positions start..start+L of this layer's history."""
+        batch, length, cap = values.shape
+        stop = start + length
+        buffer = self.buffers.get(layer)
+        if buffer is None or buffer.shape[1] < stop:
+            grown = torch.full((batch, max(64, 2 * stop), cap), NEG_INF, dtype=values.dtype, device=values.device)
+            if buffer is not None:
+                grown[:, : buffer.shape[1]] = buffer
+            self.buffers[layer] = buffer = grown
+        buffer[:, start:stop] = values
+        self.batch = batch
 
     def truncate(self, length: int) -> None:
-        self.history = {i: h[:, :length] for i, h in self.history.items()}
+        for buffer in self.buffers.values():
+            buffer[:, length:] = NEG_INF
+        self.length = min(self.length, length)
 
     def select(self, rows: torch.Tensor) -> None:
-        self.history = {i: h.index_select(0, rows.to(h.device)) for i, h in self.history.items()}
+        self.buffers = {i: b.index_select(0, rows.to(b.device)) for i, b in self.buffers.items()}
+        self.batch = int(rows.numel())
 
     def repeat_interleave(self, repeats: int) -> None:
-        self.history = {i: h.repeat_interleave(repeats, dim=0) for i, h in self.history.items()}
+        self.buffers = {i: b.repeat_interleave(repeats, dim=0) for i, b in self.buffers.items()}
+        if self.batch is not None:
+            self.batch *= repeats
 
 
 def _follow_cache(cache, state: RoutingState) -> None:
@@ -258,7 +275,9 @@ class SeqTopKPatch:
             state = self._sync_state(state, past, batch)
             if cache is not None and self._states.get(cache) is not state:
                 self._attach(cache, state)
-        self._view = _ForwardView(batch, tokens, valid, seen, continuing=past > 0, state=state)
+        if state is not None:
+            state.length = past + tokens  # the layers of this forward write positions past..past+tokens
+        self._view = _ForwardView(batch, tokens, valid, seen, continuing=past > 0, state=state, start=past)
         return None
 
     def _after_forward(self, module, args, kwargs, output):
@@ -324,7 +343,7 @@ class SeqTopKPatch:
             rule = cfg.prefill
         else:
             rule = "causal" if cfg.decode == "expert_cache" else "topk"
-        history = view.state.history.get(layer.index) if (view.state is not None and rule == "causal") else None
+        history = view.state.history(layer.index) if (view.state is not None and rule == "causal") else None
         router_fn = _compiled_route() if (view.continuing and logits.is_cuda and _COMPILE_DECODE) else route
         routed = router_fn(logits, layer.scoring, cfg, view.batch, view.tokens, view.valid, rule,
                            history=history, seen=view.seen if view.continuing else None)
@@ -334,7 +353,7 @@ class SeqTopKPatch:
             view.routed_layers.add(layer.index)
             if view.state is not None:
                 values = routed.values.detach().masked_fill(~view.valid.unsqueeze(-1), NEG_INF)
-                view.state.append(layer.index, values)
+                view.state.append(layer.index, values, start=view.start)
             self.stats.record(layer.index, routed.mask, view.valid,
                               ids=routed.ids.view(view.batch, view.tokens, cfg.cap))
         layer.plan = None
