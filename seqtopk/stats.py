@@ -87,12 +87,21 @@ class RoutingStats:
         histogram when asked, so recording is three small kernels and no host sync.
         """
         width = self._width
-        if self._histogram is None or self._histogram.device != mask.device:
-            self._histogram = torch.zeros(len(self.layers), width + 1, dtype=torch.long, device=mask.device)
+        self.histogram_row(layer, mask.device)
         bins = torch.where(valid, mask.sum(dim=-1), width).flatten() + layer * (width + 1)
         self._histogram.view(-1).scatter_add_(0, bins, torch.ones_like(bins))
         if self._trace is not None and ids is not None:
             self._pending[layer] = ids.detach()
+
+    @property
+    def tracing(self) -> bool:
+        return self._trace is not None
+
+    def histogram_row(self, layer: int, device) -> torch.Tensor:
+        """This layer's histogram row (bins 0..width-1 experts, then the padding spill bin), for fused kernels."""
+        if self._histogram is None or self._histogram.device != torch.device(device):
+            self._histogram = torch.zeros(len(self.layers), self._width + 1, dtype=torch.long, device=device)
+        return self._histogram[layer]
 
     def end_forward(self, valid: torch.Tensor) -> None:
         """Called once per model forward: closes the trace record of that forward."""

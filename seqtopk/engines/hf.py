@@ -24,23 +24,18 @@ import torch
 from seqtopk.config import ResolvedConfig, SeqTopKConfig
 from seqtopk.dispatch import SMALL_STEP_SLOTS, FilledSlots, fill_unchosen, plan_pairs, row_count
 from seqtopk.engines.hf_dispatch import run_chosen, run_plan
+from seqtopk.kernels import decode_step as fused_decode
 from seqtopk.routing import route
+from seqtopk.scoring import SoftmaxScoring
 from seqtopk.selection import NEG_INF
 from seqtopk.stats import RoutingStats
 
 logger = logging.getLogger("seqtopk")
 
 _PATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, SeqTopKPatch]" = weakref.WeakKeyDictionary()
-# Experimental: compile the decode-step routing on CUDA (fuses its small kernels).
-_COMPILE_DECODE = os.environ.get("SEQTOPK_COMPILE_DECODE") == "1"
-_COMPILED = None
-
-
-def _compiled_route():
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(route, dynamic=False)
-    return _COMPILED
+# One-token decode steps of softmax-scored families run as one fused Triton kernel on CUDA
+# (SEQTOPK_FUSED_DECODE=0 forces the torch path, e.g. to compare the two).
+_FUSED_DECODE = os.environ.get("SEQTOPK_FUSED_DECODE", "1") != "0"
 
 
 class UnsupportedModelError(ValueError):
@@ -154,18 +149,22 @@ class RoutingState:
     def history(self, layer: int) -> torch.Tensor | None:
         return self.buffers.get(layer)
 
-    def append(self, layer: int, values: torch.Tensor, start: int) -> None:
-        """Write values [B, L, cap] at positions start..start+L of this layer's history."""
-        batch, length, cap = values.shape
-        stop = start + length
+    def reserve(self, layer: int, stop: int, batch: int, cap: int, device) -> torch.Tensor:
+        """This layer's buffer, grown (doubling) to hold positions < stop."""
         buffer = self.buffers.get(layer)
         if buffer is None or buffer.shape[1] < stop:
-            grown = torch.full((batch, max(64, 2 * stop), cap), NEG_INF, dtype=values.dtype, device=values.device)
+            grown = torch.full((batch, max(64, 2 * stop), cap), NEG_INF, dtype=torch.float32, device=device)
             if buffer is not None:
                 grown[:, : buffer.shape[1]] = buffer
             self.buffers[layer] = buffer = grown
-        buffer[:, start:stop] = values
         self.batch = batch
+        return buffer
+
+    def append(self, layer: int, values: torch.Tensor, start: int) -> None:
+        """Write values [B, L, cap] at positions start..start+L of this layer's history."""
+        batch, length, cap = values.shape
+        buffer = self.reserve(layer, start + length, batch, cap, values.device)
+        buffer[:, start:start + length] = values
 
     def truncate(self, length: int) -> None:
         for buffer in self.buffers.values():
@@ -344,9 +343,12 @@ class SeqTopKPatch:
         else:
             rule = "causal" if cfg.decode == "expert_cache" else "topk"
         history = view.state.history(layer.index) if (view.state is not None and rule == "causal") else None
-        router_fn = _compiled_route() if (view.continuing and logits.is_cuda and _COMPILE_DECODE) else route
-        routed = router_fn(logits, layer.scoring, cfg, view.batch, view.tokens, view.valid, rule,
-                           history=history, seen=view.seen if view.continuing else None)
+        if (rule == "causal" and view.tokens == 1 and view.state is not None and _FUSED_DECODE
+                and not torch.is_grad_enabled() and isinstance(layer.scoring, SoftmaxScoring)
+                and self.stats.tracing is False and fused_decode.available(logits.device)):
+            return self._route_fused_step(layer, router, logits, view)
+        routed = route(logits, layer.scoring, cfg, view.batch, view.tokens, view.valid, rule,
+                       history=history, seen=view.seen if view.continuing else None)
         if layer.index not in view.routed_layers:
             # Once per forward and layer: gradient-checkpointing recomputation routes again (identically)
             # but must not extend the history or count twice.
@@ -365,6 +367,19 @@ class SeqTopKPatch:
                 exact = n * cfg.k if rule == "topk" or (rule == "sequence" and cfg.exact_budget) else None
                 layer.plan = plan_pairs(routed.ids, routed.weights, flat_mask, row_count(flat_mask, exact))
         return layer.family.outputs(router, logits, routed.weights, routed.ids)
+
+
+    def _route_fused_step(self, layer: _Layer, router, logits: torch.Tensor, view: _ForwardView):
+        """A one-token decode step in a single fused kernel (seqtopk.kernels.decode_step)."""
+        cfg = layer.cfg
+        probs = torch.softmax(logits.float(), dim=-1)
+        history = view.state.reserve(layer.index, view.start + 1, view.batch, cfg.cap, logits.device)
+        ids, weights, mask = fused_decode.decode_step(
+            probs, history, view.start, view.seen, view.valid.reshape(-1), cfg.k, cfg.cap, cfg.min_experts,
+            cfg.exact_budget, layer.scoring.renormalize, self.stats.histogram_row(layer.index, logits.device))
+        view.routed_layers.add(layer.index)
+        layer.plan = FilledSlots(ids=ids, weights=weights, tokens=ids.shape[0])
+        return layer.family.outputs(router, logits, weights, ids.masked_fill(~mask, -1))
 
 
 def _bind_router(patch: SeqTopKPatch, layer: _Layer, router):
