@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and fused.triton 
 
 @pytest.mark.parametrize("exact_budget,min_experts,renormalize", [(False, 1, True), (True, 1, False), (True, 2, True)])
 def test_fused_step_equals_torch_rule(exact_budget, min_experts, renormalize):
-    from seqtopk.scoring import SoftmaxScoring
+    from seqtopk.scoring import Candidates, SoftmaxScoring
     from seqtopk.selection import select_causal
 
     torch.manual_seed(0)
@@ -32,7 +32,7 @@ def test_fused_step_equals_torch_rule(exact_budget, min_experts, renormalize):
     ref_mask = select_causal(values.unsqueeze(1), valid.unsqueeze(1), k, min_experts, exact_budget,
                              history=expected_history[:, :past], seen=seen).squeeze(1)
     assert torch.equal(mask, ref_mask)
-    ref_weights = SoftmaxScoring(renormalize).weights(logits, type("C", (), {"values": values})(), ref_mask)
+    ref_weights = SoftmaxScoring(renormalize).weights(logits, Candidates(values, cand_ids, probs), ref_mask)
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
     assert torch.equal(torch.where(mask, ids, -1), torch.where(ref_mask, cand_ids, -1))
     assert torch.equal(ids[~mask], cand_ids[:, :1].expand_as(cand_ids)[~mask])
