@@ -70,16 +70,13 @@ VARIANTS = ("stock", "seqtopk", "padded", "stock_rows")
 
 def set_variant(model, variant: str, k: int) -> None:
     """stock: the model as shipped. seqtopk: patched (cap k+2, exact budget).
-    padded: the same routing run the straightforward way, every token padded to cap slots whose unchosen
-    ones repeat its first expert at weight 0 (all steps take fill_unchosen).
+    padded: the same routing run the straightforward way: every token keeps cap slots, unchosen ones
+    repeat its first expert at weight 0, through the model's own experts kernel.
     stock_rows: stock TopK routing, experts run through seqtopk's row dispatch (isolates dispatch from routing).
     """
     import seqtopk
-    import seqtopk.engines.hf as hf
-    from seqtopk.dispatch import SMALL_STEP_SLOTS
 
     seqtopk.unpatch(model)
-    hf.SMALL_STEP_SLOTS = 10**12 if variant == "padded" else SMALL_STEP_SLOTS
     for block in model.modules():
         if type(block).__name__ == "OlmoeSparseMoeBlock":
             block.experts.__dict__.pop("forward", None)
@@ -87,17 +84,32 @@ def set_variant(model, variant: str, k: int) -> None:
                 block.experts.forward = _row_dispatch(block.experts)
     if variant in ("seqtopk", "padded"):
         seqtopk.patch(model, k=k, cap=k + 2, exact_budget=True)
+    if variant == "padded":
+        _pad_slots(model)
+
+
+def _pad_slots(model):
+    from seqtopk.engines.hf import require_patch
+
+    for layer in require_patch(model).layers:
+        experts = layer.family.experts(layer.block)
+        stock = type(experts).forward.__get__(experts)
+
+        def forward(hidden, ids, weights, _layer=layer, _stock=stock):
+            _layer.plan = None  # ignore seqtopk's row plan
+            unchosen = ids < 0
+            return _stock(hidden, torch.where(unchosen, ids[:, :1], ids), weights.masked_fill(unchosen, 0))
+
+        experts.forward = forward
 
 
 def _row_dispatch(experts):
-    from seqtopk.dispatch import SMALL_STEP_SLOTS, plan_pairs
+    from seqtopk.dispatch import plan_pairs
     from seqtopk.engines.hf_dispatch import run_plan
 
     original = experts.forward
 
     def forward(hidden, ids, weights):
-        if ids.numel() <= SMALL_STEP_SLOTS:  # decode steps: the stock kernel, as seqtopk does
-            return original(hidden, ids, weights)
         plan = plan_pairs(ids, weights, torch.ones_like(ids, dtype=torch.bool), ids.numel())
         return run_plan(experts, original, hidden, plan)
 

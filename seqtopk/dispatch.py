@@ -1,13 +1,12 @@
-"""How chosen (token, expert) pairs reach fixed-width MoE kernels, without padded work or host syncs.
+"""How chosen (token, expert) pairs reach MoE kernels, without padded work or host syncs. Pure torch.
 
-SeqTopK gives each token between min_experts and cap experts. Two ways, chosen by the size of the step:
-- Large steps (prefill, training): `plan_pairs` lists the chosen slots as R rows of one expert each.
-  R is fixed up front so nothing waits on the GPU: N*k, the exact total, under the sequence rule with an
-  exact budget (and under plain TopK); otherwise the true count, at the cost of one host sync. Rows are
-  token-major; with padding the spare rows come last and carry weight 0.
-- Small steps (decode): `fill_unchosen` keeps the [N, cap] layout and turns each unchosen slot into a
-  weight-0 copy of the token's first expert. Decoding is bound by reading expert weights, and a copy reads
-  no new expert, so this costs neither a kernel nor a sync, where listing rows would cost both.
+SeqTopK gives each token between min_experts and cap experts. `plan_pairs` lists the chosen slots as R
+rows of one expert each, token-major, and fixes R up front so nothing waits on the GPU:
+- N*k, the exact total, under the sequence rule with an exact budget (and under plain TopK);
+- N*cap, a static bound, for small steps (decode): the spare rows carry weight 0 and reuse an expert the
+  step reads anyway, so a grouped GEMM reads no extra expert weights for them;
+- otherwise the true count, at the cost of one host sync.
+`combine_rows` sums the rows back per token in one gather + batched product.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Steps with at most this many [token, slot] entries take fill_unchosen instead of plan_pairs.
+# Steps with at most this many [token, slot] entries use the static bound N*cap instead of a host sync.
 SMALL_STEP_SLOTS = 4096
 
 
@@ -40,25 +39,13 @@ class PairPlan:
                         tokens=self.tokens, cap=self.cap)
 
 
-@dataclass
-class FilledSlots:
-    ids: torch.Tensor  # [N, cap], every slot a real expert id
-    weights: torch.Tensor  # [N, cap], 0 in unchosen slots
-    tokens: int
-
-
-def fill_unchosen(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> FilledSlots:
-    """[N, cap] ids where unchosen slots repeat the token's first expert; weights must be 0 there already
-    (every seqtopk.scoring rule gives unchosen slots weight 0)."""
-    filled = torch.where(mask, ids, ids[:, :1].clamp(min=0))
-    return FilledSlots(ids=filled, weights=weights, tokens=ids.shape[0])
-
-
 def row_count(mask: torch.Tensor, exact_total: int | None) -> int:
-    """R for a [N, cap] mask: the known exact total, else the true count (one host sync)."""
+    """R for a [N, cap] mask: the known exact total, the static bound for small steps, else the true count."""
     if exact_total is not None:
         return exact_total
-    return int(mask.sum())
+    if mask.numel() <= SMALL_STEP_SLOTS:
+        return mask.numel()
+    return int(mask.sum())  # one host sync
 
 
 def plan_pairs(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, rows: int) -> PairPlan:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from seqtopk.config import ResolvedConfig, SeqTopKConfig
-from seqtopk.dispatch import SMALL_STEP_SLOTS, FilledSlots, fill_unchosen, plan_pairs, row_count
+from seqtopk.dispatch import plan_pairs, row_count
 from seqtopk.engines.hf_dispatch import run_chosen, run_plan
 from seqtopk.kernels import decode_step as fused_decode
 from seqtopk.routing import route
@@ -361,11 +361,8 @@ class SeqTopKPatch:
         layer.plan = None
         if cfg.cap > cfg.k:  # with cap == k every real slot is chosen: stock dispatch, bit for bit
             flat_mask = routed.mask.view(n, cfg.cap)
-            if flat_mask.numel() <= SMALL_STEP_SLOTS:
-                layer.plan = fill_unchosen(routed.ids, routed.weights, flat_mask)
-            else:
-                exact = n * cfg.k if rule == "topk" or (rule == "sequence" and cfg.exact_budget) else None
-                layer.plan = plan_pairs(routed.ids, routed.weights, flat_mask, row_count(flat_mask, exact))
+            exact = n * cfg.k if rule == "topk" or (rule == "sequence" and cfg.exact_budget) else None
+            layer.plan = plan_pairs(routed.ids, routed.weights, flat_mask, row_count(flat_mask, exact))
         return layer.family.outputs(router, logits, routed.weights, routed.ids)
 
 
@@ -378,7 +375,7 @@ class SeqTopKPatch:
             probs, history, view.start, view.seen, view.valid.reshape(-1), cfg.k, cfg.cap, cfg.min_experts,
             cfg.exact_budget, layer.scoring.renormalize, self.stats.histogram_row(layer.index, logits.device))
         view.routed_layers.add(layer.index)
-        layer.plan = FilledSlots(ids=ids, weights=weights, tokens=ids.shape[0])
+        layer.plan = plan_pairs(ids, weights, mask, row_count(mask, None))
         return layer.family.outputs(router, logits, weights, ids.masked_fill(~mask, -1))
 
 
@@ -397,8 +394,6 @@ def _bind_experts(layer: _Layer, experts, original):
         if args or kwargs:
             return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
         if plan is not None and plan.tokens == hidden_states.shape[0]:
-            if isinstance(plan, FilledSlots):
-                return original(hidden_states, plan.ids, plan.weights)
             return run_plan(experts, original, hidden_states, plan)
         if not bool((top_k_index < 0).any()):
             return original(hidden_states, top_k_index, top_k_weights)
