@@ -23,7 +23,7 @@ import torch
 
 NEG_INF = float("-inf")
 
-# Above this many (query x pool) comparisons per sequence, counting switches from a broadcast compare to
+# Above this many (query x pool) comparisons in a call, counting switches from a broadcast compare to
 # sort + binary search.
 _BROADCAST_LIMIT = 1 << 22
 
@@ -90,7 +90,7 @@ def count_greater(pool: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """For each query, how many pool values are strictly greater. pool [B, P], queries [B, Q] -> [B, Q]."""
     if pool.shape[1] == 0:
         return torch.zeros(queries.shape, dtype=torch.long, device=queries.device)
-    if pool.shape[1] * queries.shape[1] <= _BROADCAST_LIMIT:
+    if pool.shape[0] * pool.shape[1] * queries.shape[1] <= _BROADCAST_LIMIT:
         return (pool.unsqueeze(1) > queries.unsqueeze(2)).sum(dim=2)
     ascending = torch.sort(pool, dim=1).values
     not_greater = torch.searchsorted(ascending, queries.contiguous(), right=True)
@@ -136,7 +136,7 @@ def causal_greater_counts(earlier: torch.Tensor, chunk: torch.Tensor) -> torch.T
         return own + count_greater(earlier, chunk.view(batch, width)).view(batch, 1, width)
     queries = chunk.reshape(batch, length * width)
     total = earlier.shape[1] + length * width
-    if queries.shape[1] * total <= _BROADCAST_LIMIT:  # short chunks: compare directly
+    if batch * queries.shape[1] * total <= _BROADCAST_LIMIT:  # short chunks: compare directly
         owner = torch.arange(length, device=chunk.device).repeat_interleave(width)
         causal = owner.unsqueeze(0) <= torch.arange(length, device=chunk.device).unsqueeze(1)  # [L, L*W]
         beats = (queries.view(batch, 1, 1, -1) > chunk.unsqueeze(-1)) & causal.view(1, length, 1, -1)
