@@ -25,7 +25,7 @@ NEG_INF = float("-inf")
 
 # Above this many (query x pool) comparisons in a call, counting switches from a broadcast compare to
 # sort + binary search.
-_BROADCAST_LIMIT = 1 << 22
+_BROADCAST_LIMIT = 1 << 24  # 16 MB of booleans
 
 
 def capped_candidates(scores: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
