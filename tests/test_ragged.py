@@ -1,0 +1,124 @@
+"""Packed (ragged) batches route exactly as each sequence would alone, in one shot or chunk by chunk."""
+
+import pytest
+import torch
+
+from seqtopk.ragged import (
+    from_dense,
+    gather_paged,
+    ragged_batch,
+    select_ragged,
+    to_dense,
+    write_paged,
+)
+from seqtopk.selection import select_causal, select_sequence
+
+K, CAP, BLOCK = 2, 4, 4
+
+
+def capped(tokens, seed):
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(tokens, 8, generator=gen) * 2, dim=-1)
+    return torch.topk(probs, CAP, dim=-1).values
+
+
+def layout(query_lens, context_lens, pad=0):
+    starts = torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0).tolist()))
+    seq_lens = torch.tensor(context_lens) + torch.tensor(query_lens)
+    return ragged_batch(starts, seq_lens, int(starts[-1]) + pad, max(query_lens))
+
+
+def test_layout_hand_checked():
+    batch = layout([3, 1, 2], [0, 5, 2], pad=2)
+    assert batch.row.tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
+    assert batch.col.tolist()[:6] == [0, 1, 2, 0, 0, 1]
+    assert batch.real.tolist() == [True] * 6 + [False] * 2
+    assert batch.positions().tolist()[:6] == [0, 1, 2, 5, 2, 3]
+    values = torch.arange(8.0).unsqueeze(-1)
+    dense, valid = to_dense(values, batch, fill=-1.0)
+    assert dense.squeeze(-1).tolist() == [[0, 1, 2], [3, -1, -1], [4, 5, -1]]
+    assert valid.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
+    assert from_dense(dense, batch)[:6].squeeze(-1).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("exact_budget", [False, True])
+def test_packed_step_equals_each_sequence_alone(exact_budget):
+    # Three sequences at different points: a fresh prompt, a decode step, a continued chunk.
+    query, context = [5, 1, 3], [0, 7, 4]
+    full = [capped(q + c, seed=i) for i, (q, c) in enumerate(zip(query, context))]
+    batch = layout(query, context, pad=3)
+    values = torch.cat([seq[c:] for seq, c in zip(full, context)] + [torch.zeros(3, CAP)])
+    width = max(context)
+    history = torch.full((3, width, CAP), float("-inf"))
+    for r, (seq, c) in enumerate(zip(full, context)):
+        history[r, :c] = seq[:c]
+    mask = select_ragged(values, batch, K, 1, exact_budget, history)
+    assert not mask[-3:].any(), "padding tokens take no expert"
+    start = 0
+    for seq, q, c in zip(full, query, context):
+        alone = select_causal(seq.unsqueeze(0), None, K, 1, exact_budget)[0, c:]
+        assert torch.equal(mask[start:start + q], alone)
+        start += q
+
+
+def test_sequence_rule_for_prompt_tokens_then_causal():
+    # A recomputed sequence: 4 prompt tokens routed by the sequence rule, 2 generated ones causally.
+    seq = capped(6, seed=3)
+    batch = layout([6], [0])
+    prompt = torch.tensor([True] * 4 + [False] * 2)
+    mask = select_ragged(seq, batch, K, sequence_rule=prompt)
+    assert torch.equal(mask[:4], select_sequence(seq[:4].unsqueeze(0), None, K)[0])
+    # The generated tokens follow the streaming rule over everything before them.
+    assert torch.equal(mask[4:], select_causal(seq.unsqueeze(0), None, K)[0, 4:])
+
+
+def test_paged_history_chunk_by_chunk_equals_one_shot():
+    # Two sequences sharing one paged store, interleaved in steps of different chunk sizes.
+    lengths = [11, 7]
+    full = [capped(n, seed=10 + i) for i, n in enumerate(lengths)]
+    block_table = torch.tensor([[2, 0, 5], [4, 1, 3]])  # scattered blocks, as a paged cache hands out
+    store = torch.zeros(6 * BLOCK + 1, CAP)
+    chosen = [[], []]
+    done = [0, 0]
+    for step in ([4, 3], [1, 1], [5, 2], [1, 1]):
+        query = [min(s, n - d) for s, n, d in zip(step, lengths, done)]
+        batch = layout(query, done)
+        values = torch.cat([seq[d:d + q] for seq, d, q in zip(full, done, query)])
+        slots = torch.cat([block_table[r, (d + torch.arange(q)) // BLOCK] * BLOCK + (d + torch.arange(q)) % BLOCK
+                           for r, (d, q) in enumerate(zip(done, query))])
+        history = gather_paged(store, block_table, BLOCK, batch.context, max(done))
+        mask = select_ragged(values, batch, K, history=history)
+        write_paged(store, slots, values)
+        start = 0
+        for r, q in enumerate(query):
+            chosen[r].append(mask[start:start + q])
+            start += q
+            done[r] += q
+    for r, seq in enumerate(full):
+        assert torch.equal(torch.cat(chosen[r]), select_causal(seq.unsqueeze(0), None, K)[0])
+
+
+def test_padding_slots_never_reach_history():
+    store = torch.zeros(2 * BLOCK + 1, CAP)
+    write_paged(store, torch.tensor([0, -1, -1]), torch.ones(3, CAP))
+    history = gather_paged(store, torch.tensor([[0, 1]]), BLOCK, torch.tensor([2 * BLOCK]), 2 * BLOCK)
+    assert history[0, 0].eq(1).all() and history[0, 1:].eq(0).all()
+
+
+def test_decode_step_has_no_host_reads():
+    """The decode path compiles as one graph: no .item(), .tolist(), nonzero or data-dependent shapes,
+    which is what CUDA graph capture needs."""
+
+    def decode_step(starts, seq_lens, values, store, block_table, slots):
+        batch = ragged_batch(starts, seq_lens, values.shape[0], 1)
+        history = gather_paged(store, block_table, BLOCK, batch.context, 12)
+        mask = select_ragged(values, batch, K, history=history)
+        write_paged(store, slots, values)
+        return mask
+
+    args = (torch.tensor([0, 1, 2, 3]), torch.tensor([5, 9, 12]), capped(4, seed=1),
+            torch.rand(4 * BLOCK + 1, CAP), torch.tensor([[0, 1, 2], [3, 0, 1], [2, 3, 0]]),
+            torch.tensor([4, 8, 11, -1]))
+    eager = decode_step(*[a.clone() for a in args])
+    compiled = torch.compile(decode_step, fullgraph=True, backend="eager", dynamic=False)
+    assert torch.equal(compiled(*[a.clone() for a in args]), eager)
