@@ -34,8 +34,8 @@ def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, batch: int, tokens
     """Route B*T flattened tokens (sequence-major) of one layer. See seqtopk.selection for the rules."""
     if logits.shape[0] != batch * tokens:
         raise ValueError(f"router got {logits.shape[0]} tokens, expected {batch}x{tokens}")
-    values, ids = scoring.candidates(logits, cfg.cap)
-    values = values.view(batch, tokens, cfg.cap)
+    cand = scoring.candidates(logits, cfg.cap)
+    values = cand.values.view(batch, tokens, cfg.cap)
     if rule == "sequence":
         mask = select_sequence(values, valid, cfg.k, cfg.min_experts, cfg.exact_budget)
     elif rule == "causal":
@@ -48,5 +48,5 @@ def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, batch: int, tokens
     else:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     flat_mask = mask.view(batch * tokens, cfg.cap)
-    weights = scoring.weights(logits, ids, flat_mask)
-    return Routed(values=values, mask=mask, ids=pack_choice(ids, flat_mask), weights=weights)
+    weights = scoring.weights(logits, cand, flat_mask)
+    return Routed(values=values, mask=mask, ids=pack_choice(cand.ids, flat_mask), weights=weights)

@@ -1,19 +1,26 @@
 """Each MoE family's own scoring, split into the part SeqTopK replaces (selection) and the part it keeps.
 
 A scoring object answers three questions for router logits [N, E]:
-- candidates(logits, cap): each token's best `cap` experts (ids) and the scores they compete with across
-  the sequence (values), best first;
+- candidates(logits, cap) -> Candidates: each token's best `cap` experts (ids) and the scores they compete
+  with across the sequence (values), best first, plus the family's scores for the weights (computed once);
 - max_candidates(num_experts): how many experts one token can choose from at all;
-- weights(logits, ids, mask): the combine weights of the chosen slots (0 for unchosen ones), by the family's
-  own convention.
+- weights(logits, candidates, mask): the combine weights of the chosen slots (0 for unchosen ones), by the
+  family's own convention.
 Pure torch; used by the transformers patches and the vLLM adapter alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+
+class Candidates(NamedTuple):
+    values: torch.Tensor  # [N, cap] scores the tokens compete with, best first
+    ids: torch.Tensor  # [N, cap] expert ids
+    scores: torch.Tensor  # [N, E] the family's scores the weights are taken from
 
 
 def _renormalize(weights: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -34,13 +41,13 @@ class SoftmaxScoring:
     def max_candidates(self, num_experts: int) -> int:
         return num_experts
 
-    def candidates(self, logits: torch.Tensor, cap: int):
+    def candidates(self, logits: torch.Tensor, cap: int) -> Candidates:
         probs = torch.softmax(logits.float(), dim=-1)
-        return torch.topk(probs, cap, dim=-1)
+        values, ids = torch.topk(probs, cap, dim=-1)
+        return Candidates(values, ids, probs)
 
-    def weights(self, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(logits.float(), dim=-1)
-        chosen = probs.gather(-1, ids) * mask
+    def weights(self, logits: torch.Tensor, cand: Candidates, mask: torch.Tensor) -> torch.Tensor:
+        chosen = cand.values * mask  # the chosen probabilities themselves
         return _renormalize(chosen) if self.renormalize else chosen
 
 
@@ -66,8 +73,8 @@ class SigmoidGroupScoring:
         choice = scores + self.bias if self.bias is not None else scores
         return scores, choice
 
-    def candidates(self, logits: torch.Tensor, cap: int):
-        _, choice = self._biased(logits)
+    def candidates(self, logits: torch.Tensor, cap: int) -> Candidates:
+        scores, choice = self._biased(logits)
         n, experts = choice.shape
         if self.n_group > 1 and self.topk_group < self.n_group:
             grouped = choice.view(n, self.n_group, experts // self.n_group)
@@ -76,11 +83,11 @@ class SigmoidGroupScoring:
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = choice.masked_fill(~group_mask.repeat_interleave(experts // self.n_group, dim=1),
                                         float("-inf"))
-        return torch.topk(choice, cap, dim=-1)
+        values, ids = torch.topk(choice, cap, dim=-1)
+        return Candidates(values, ids, scores)
 
-    def weights(self, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        scores, _ = self._biased(logits)
-        chosen = scores.gather(-1, ids) * mask
+    def weights(self, logits: torch.Tensor, cand: Candidates, mask: torch.Tensor) -> torch.Tensor:
+        chosen = cand.scores.gather(-1, cand.ids) * mask  # unbiased scores: the bias only selects
         if self.renormalize:
             chosen = _renormalize(chosen, eps=1e-20)
         return chosen * self.scaling
@@ -97,12 +104,12 @@ class ChosenSoftmaxScoring:
     def max_candidates(self, num_experts: int) -> int:
         return num_experts
 
-    def candidates(self, logits: torch.Tensor, cap: int):
+    def candidates(self, logits: torch.Tensor, cap: int) -> Candidates:
         ids = torch.topk(logits, cap, dim=-1).indices
         probs = torch.softmax(logits.float(), dim=-1)
-        return probs.gather(-1, ids), ids
+        return Candidates(probs.gather(-1, ids), ids, logits)
 
-    def weights(self, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        chosen = logits.gather(-1, ids).masked_fill(~mask, float("-inf"))
+    def weights(self, logits: torch.Tensor, cand: Candidates, mask: torch.Tensor) -> torch.Tensor:
+        chosen = logits.gather(-1, cand.ids).masked_fill(~mask, float("-inf"))
         weights = torch.softmax(chosen, dim=-1, dtype=logits.dtype)
         return torch.nan_to_num(weights, nan=0.0)  # a token with nothing chosen: all -inf -> NaN -> 0

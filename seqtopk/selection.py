@@ -34,15 +34,22 @@ def capped_candidates(scores: torch.Tensor, cap: int) -> tuple[torch.Tensor, tor
 
 
 def _split_forced(values: torch.Tensor, valid: torch.Tensor, k: int, min_experts: int, exact_budget: bool):
-    """Forced-slot mask, the columns that compete for the cut, and the per-token budget they compete for."""
-    cap = values.shape[-1]
-    forced_cols = min(min_experts, cap)
-    forced = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-    if forced_cols:
-        forced[..., :forced_cols] = valid.unsqueeze(-1)
+    """Columns every real token keeps, the first column that competes for the cut, and its per-token budget."""
+    forced_cols = min(min_experts, values.shape[-1])
+    forced = valid.unsqueeze(-1).expand(*valid.shape, forced_cols)
     first = forced_cols if exact_budget else 0
     per_token = k - forced_cols if exact_budget else k
     return forced, first, per_token
+
+
+def _assemble(forced: torch.Tensor, first: int, take: torch.Tensor) -> torch.Tensor:
+    """Full [.., cap] mask from the forced columns and the competing columns starting at `first`."""
+    if first:  # the competing columns are exactly the non-forced ones
+        return torch.cat([forced, take], dim=-1)
+    if forced.shape[-1]:
+        take = take.clone()
+        take[..., : forced.shape[-1]] |= forced
+    return take
 
 
 def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_experts: int = 1,
@@ -53,32 +60,38 @@ def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, mi
         valid = torch.ones(batch, tokens, dtype=torch.bool, device=values.device)
     forced, first, per_token = _split_forced(values, valid, k, min_experts, exact_budget)
     if per_token <= 0 or tokens == 0:
-        return forced
+        return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
     compete = values[..., first:].masked_fill(~valid.unsqueeze(-1), NEG_INF)
     width = compete.shape[-1]
     flat = compete.reshape(batch, tokens * width)
     budget = valid.sum(dim=1) * per_token  # [B]
     threshold = _kth_largest(flat, budget)  # [B, 1]
-    above = flat > threshold
-    at = flat == threshold
-    # Ties at the cut: fill the remaining budget in flat order (earlier token, then better rank).
-    room = budget.unsqueeze(1) - above.sum(dim=1, keepdim=True)
-    take = above | (at & (at.cumsum(dim=1) <= room))
+    take = flat >= threshold
+    excess = take.sum(dim=1) - budget
+    if bool((excess > 0).any()):
+        # Exact ties straddle the cut: keep the earliest of them (earlier token, then better rank).
+        above = flat > threshold
+        at = flat == threshold
+        room = budget.unsqueeze(1) - above.sum(dim=1, keepdim=True)
+        take = above | (at & (at.cumsum(dim=1) <= room))
     take = take.view(batch, tokens, width) & valid.unsqueeze(-1)
-    mask = forced.clone()
-    mask[..., first:] |= take
-    return mask
+    return _assemble(forced, first, take)
 
 
 def _kth_largest(flat: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """Per row, the budget[b]-th largest value of flat[b] ([B, 1]); +inf where the budget is 0."""
     batch, width = flat.shape
+    budgets = budget.tolist()
+    if len(set(budgets)) == 1:  # no padding: one call for the whole batch
+        if budgets[0] <= 0:
+            return torch.full((batch, 1), float("inf"), dtype=flat.dtype, device=flat.device)
+        return torch.kthvalue(flat, width - budgets[0] + 1, dim=1, keepdim=True).values
     out = torch.full((batch, 1), float("inf"), dtype=flat.dtype, device=flat.device)
-    # kthvalue takes one k for all rows: group rows that share a budget (one group without padding).
-    for b in torch.unique(budget).tolist():
+    # kthvalue takes one k for all rows: group rows that share a budget.
+    for b in sorted(set(budgets)):
         if b <= 0:
             continue
-        rows = (budget == b).nonzero(as_tuple=True)[0]
+        rows = torch.tensor([i for i, x in enumerate(budgets) if x == b], device=flat.device)
         kth = torch.kthvalue(flat.index_select(0, rows), width - b + 1, dim=1).values
         out.index_copy_(0, rows, kth.unsqueeze(1))
     return out
@@ -109,7 +122,7 @@ def select_causal(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_
         valid = torch.ones(batch, length, dtype=torch.bool, device=values.device)
     forced, first, per_token = _split_forced(values, valid, k, min_experts, exact_budget)
     if per_token <= 0 or length == 0:
-        return forced
+        return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
     if seen is None:
         seen = torch.zeros(batch, dtype=torch.long, device=values.device)
         if history is not None and history.shape[1]:
@@ -120,9 +133,7 @@ def select_causal(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_
     greater = causal_greater_counts(earlier, compete)  # [B, L, W]
     m = seen.unsqueeze(1) + valid.long().cumsum(dim=1)  # real tokens up to and including each new token
     take = (greater < (m * per_token).unsqueeze(-1)) & valid.unsqueeze(-1) & torch.isfinite(compete)
-    mask = forced.clone()
-    mask[..., first:] |= take
-    return mask
+    return _assemble(forced, first, take)
 
 
 def causal_greater_counts(earlier: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,349 @@
+"""transformers adapter: SeqTopK routing inside HF MoE models, in place and reversibly.
+
+transformers flattens a batch to [B*T, H] before the router and passes no attention mask to MoE blocks, so
+this adapter recovers the sequence view at the model's forward (a pre-hook on the base model reads input
+shape, attention mask and KV cache) and hands it to each patched router. Three instance-level changes per
+MoE layer, all undone by unpatch:
+- router.forward: the family's own logits, then seqtopk.routing.route (the one routing rule);
+- experts.forward: unchosen slots (-1) are dropped before the experts run, so compute follows the real
+  number of (token, expert) pairs instead of cap slots per token;
+- streaming state: the capped scores of every token routed so far, per layer, tied to the KV-cache object
+  (a new cache starts a new state; beam reordering, batch selection and cropping follow the cache).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from seqtopk.config import ResolvedConfig, SeqTopKConfig
+from seqtopk.routing import route
+from seqtopk.selection import NEG_INF
+from seqtopk.stats import RoutingStats
+
+logger = logging.getLogger("seqtopk")
+
+_PATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, SeqTopKPatch]" = weakref.WeakKeyDictionary()
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no MoE layer seqtopk can patch."""
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+
+def find_patch(model) -> "SeqTopKPatch | None":
+    return _PATCHES.get(model)
+
+
+def require_patch(model) -> "SeqTopKPatch":
+    found = find_patch(model)
+    if found is None:
+        raise ValueError("this model is not patched: call seqtopk.patch(model) first")
+    return found
+
+
+def patch_model(model: torch.nn.Module, config: SeqTopKConfig) -> torch.nn.Module:
+    """Validate `config` against every MoE layer of `model`, then (re)install SeqTopK routing."""
+    layers = _plan_layers(model, config)  # raises before anything is touched
+    previous = _PATCHES.pop(model, None)
+    if previous is not None:
+        previous.remove()
+    patch = SeqTopKPatch(model, config, layers)
+    patch.install()
+    _PATCHES[model] = patch
+    return model
+
+
+def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
+    found = _PATCHES.pop(model, None)
+    if found is not None:
+        found.remove()
+    return model
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Layer:
+    index: int
+    name: str
+    block: torch.nn.Module
+    family: object
+    cfg: ResolvedConfig
+    scoring: object
+    saved: dict = field(default_factory=dict)  # module -> its own instance-level forward, if it had one
+
+
+def _plan_layers(model: torch.nn.Module, config: SeqTopKConfig) -> list[_Layer]:
+    from seqtopk.patches import family_for_block, supported_summary
+
+    if not isinstance(config, SeqTopKConfig):
+        raise TypeError("config must be a SeqTopKConfig")
+    layers: list[_Layer] = []
+    for name, module in model.named_modules():
+        family = family_for_block(module)
+        if family is None:
+            continue
+        if family.unsupported:
+            raise UnsupportedModelError(f"{name}: {family.unsupported}. Supported families: {supported_summary()}.")
+        router = family.router(module)
+        scoring = family.scoring(router)
+        num_experts = family.num_experts(module)
+        cfg = config.resolve(family.top_k(module), scoring.max_candidates(num_experts), where=name)
+        layers.append(_Layer(index=len(layers), name=name, block=module, family=family, cfg=cfg, scoring=scoring))
+    if not layers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no MoE layer seqtopk can patch. Supported families: {supported_summary()}. "
+            "To add one, write patches/<family>.py defining FAMILY (router attribute, logits, scoring, outputs) "
+            "and list it in patches/__init__.py FAMILY_MODULES."
+        )
+    return layers
+
+
+# ------------------------------------------------------------------------------------ per-forward view
+
+
+@dataclass
+class _ForwardView:
+    """The sequence structure of the current model forward, as the routers need it."""
+
+    batch: int
+    tokens: int
+    valid: torch.Tensor  # [B, T] real tokens
+    seen: torch.Tensor  # [B] real tokens before this forward (earlier cache positions)
+    continuing: bool  # the KV cache already held tokens: route with the streaming rule
+    state: "RoutingState | None"
+    routed_layers: set = field(default_factory=set)
+
+
+class RoutingState:
+    """Capped scores of every position routed so far, per layer ([B, S, cap], -inf for padding)."""
+
+    def __init__(self):
+        self.history: dict[int, torch.Tensor] = {}
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.history.values())).shape[1] if self.history else 0
+
+    @property
+    def batch(self) -> int | None:
+        return next(iter(self.history.values())).shape[0] if self.history else None
+
+    def append(self, layer: int, values: torch.Tensor) -> None:
+        old = self.history.get(layer)
+        self.history[layer] = values if old is None else torch.cat([old, values], dim=1)
+
+    def truncate(self, length: int) -> None:
+        self.history = {i: h[:, :length] for i, h in self.history.items()}
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.history = {i: h.index_select(0, rows.to(h.device)) for i, h in self.history.items()}
+
+    def repeat_interleave(self, repeats: int) -> None:
+        self.history = {i: h.repeat_interleave(repeats, dim=0) for i, h in self.history.items()}
+
+
+def _follow_cache(cache, state: RoutingState) -> None:
+    """Make batch-reordering calls on `cache` apply to `state` too (beam search, contrastive search)."""
+    for method, action in (("reorder_cache", state.select), ("batch_select_indices", state.select),
+                           ("batch_repeat_interleave", state.repeat_interleave)):
+        original = getattr(cache, method, None)
+        if original is None:
+            continue
+        original = getattr(original, "_seqtopk_original", original)
+
+        def follow(arg, _original=original, _action=action):
+            _original(arg)
+            _action(arg)
+
+        follow._seqtopk_original = original
+        setattr(cache, method, follow)
+
+
+# ---------------------------------------------------------------------------------------------- patch
+
+
+class SeqTopKPatch:
+    def __init__(self, model: torch.nn.Module, config: SeqTopKConfig, layers: list[_Layer]):
+        self.model = model
+        self.config = config
+        self.layers = layers
+        self.base = getattr(model, "base_model", model)
+        self.stats = RoutingStats([l.name for l in layers], [l.cfg.k for l in layers], [l.cfg.cap for l in layers])
+        self._states: "weakref.WeakKeyDictionary[object, RoutingState]" = weakref.WeakKeyDictionary()
+        self._view: _ForwardView | None = None
+        self._pending: RoutingState | None = None
+        self._hooks = []
+        self._signature = inspect.signature(self.base.forward)
+        self._warned: set[str] = set()
+
+    # -- install / remove
+
+    def install(self) -> None:
+        for layer in self.layers:
+            router = layer.family.router(layer.block)
+            experts = layer.family.experts(layer.block)
+            for module in (router, experts):
+                layer.saved[module] = module.__dict__.get("forward")
+            router.forward = _bind_router(self, layer, router)
+            experts.forward = _bind_experts(experts, layer.saved[experts] or experts.forward)
+        self._hooks = [
+            self.base.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            self.base.register_forward_hook(self._after_forward, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for layer in self.layers:
+            for module, own_forward in layer.saved.items():
+                if own_forward is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = own_forward
+            layer.saved = {}
+        self._view = None
+
+    # -- model-level hooks
+
+    def _before_forward(self, module, args, kwargs):
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        inputs = bound.get("input_ids")
+        if inputs is None:
+            inputs = bound.get("inputs_embeds")
+        if inputs is None:
+            self._view = None
+            return None
+        batch, tokens = int(inputs.shape[0]), int(inputs.shape[1])
+        device = inputs.device
+        cache = bound.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        valid, seen = self._padding(bound.get("attention_mask"), batch, tokens, past, device)
+        use_cache = bound.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(getattr(self.base, "config", None), "use_cache", True)
+        # History is only needed when a KV cache will carry the sequence on.
+        streaming = self.config.decode == "expert_cache" and (cache is not None or bool(use_cache))
+        state = None
+        if past == 0:
+            state = RoutingState() if streaming else None
+            self._pending = state
+            if cache is not None and state is not None:
+                self._attach(cache, state)
+        elif streaming:
+            state = self._states.get(cache) if cache is not None else None
+            state = self._sync_state(state, past, batch)
+            if cache is not None and self._states.get(cache) is not state:
+                self._attach(cache, state)
+        self._view = _ForwardView(batch, tokens, valid, seen, continuing=past > 0, state=state)
+        return None
+
+    def _after_forward(self, module, args, kwargs, output):
+        view = self._view
+        if self._pending is not None:
+            cache = getattr(output, "past_key_values", None)
+            if cache is not None and cache not in self._states:
+                self._attach(cache, self._pending)
+            self._pending = None
+        if view is not None:
+            self.stats.end_forward(view.valid)
+        # The view is kept (not cleared) so that gradient-checkpointing recomputation in backward routes
+        # exactly as the forward did; the next forward replaces it.
+        return None
+
+    def _padding(self, mask, batch: int, tokens: int, past: int, device):
+        if mask is None or mask.dim() != 2:
+            if mask is not None:
+                self._warn_once("mask", "attention_mask is not 2D; seqtopk treats every token as real")
+            valid = torch.ones(batch, tokens, dtype=torch.bool, device=device)
+            return valid, torch.full((batch,), past, dtype=torch.long, device=device)
+        mask = mask.to(device)
+        valid = mask[:, -tokens:].bool()
+        seen = mask[:, :-tokens].long().sum(dim=1) if mask.shape[1] > tokens else torch.zeros(
+            batch, dtype=torch.long, device=device)
+        return valid, seen
+
+    def _attach(self, cache, state: RoutingState) -> None:
+        self._states[cache] = state
+        _follow_cache(cache, state)
+
+    def _sync_state(self, state: RoutingState | None, past: int, batch: int) -> RoutingState:
+        if state is None:
+            self._warn_once("nostate", "continuing a KV cache that seqtopk did not route; the streaming rule "
+                            "starts its history at the new tokens")
+            return RoutingState()
+        if state.batch is not None and state.batch != batch:
+            self._warn_once("batch", "the batch size changed under a KV cache; restarting the routing history")
+            return RoutingState()
+        if state.length > past:  # the cache was cropped (assisted decoding, stop rollback)
+            state.truncate(past)
+        elif state.length < past:
+            self._warn_once("short", "the KV cache holds tokens seqtopk did not route; their scores are missing")
+        return state
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("seqtopk: %s", message)
+
+    # -- routing of one layer
+
+    def route_layer(self, layer: _Layer, router, hidden: torch.Tensor):
+        logits = layer.family.logits(router, hidden)
+        view = self._view
+        n = logits.shape[0]
+        if view is None or view.batch * view.tokens != n:
+            # Called outside a model forward (e.g. the block on its own): one sequence, no streaming state.
+            view = _ForwardView(1, n, torch.ones(1, n, dtype=torch.bool, device=logits.device),
+                                torch.zeros(1, dtype=torch.long, device=logits.device), False, None)
+        cfg = layer.cfg
+        if not view.continuing:
+            rule = cfg.prefill
+        else:
+            rule = "causal" if cfg.decode == "expert_cache" else "topk"
+        history = view.state.history.get(layer.index) if (view.state is not None and rule == "causal") else None
+        routed = route(logits, layer.scoring, cfg, view.batch, view.tokens, view.valid, rule,
+                       history=history, seen=view.seen if view.continuing else None)
+        if layer.index not in view.routed_layers:
+            # Once per forward and layer: gradient-checkpointing recomputation routes again (identically)
+            # but must not extend the history or count twice.
+            view.routed_layers.add(layer.index)
+            if view.state is not None:
+                values = routed.values.detach().masked_fill(~view.valid.unsqueeze(-1), NEG_INF)
+                view.state.append(layer.index, values)
+            self.stats.record(layer.index, routed.ids.view(view.batch, view.tokens, cfg.cap), view.valid)
+        return layer.family.outputs(router, logits, routed.weights, routed.ids)
+
+
+def _bind_router(patch: SeqTopKPatch, layer: _Layer, router):
+    def forward(hidden_states, *args, **kwargs):
+        return patch.route_layer(layer, router, hidden_states)
+
+    return forward
+
+
+def _bind_experts(experts, original):
+    """Run the experts on chosen (token, expert) pairs only; unchosen slots (-1) cost nothing."""
+
+    def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        unchosen = top_k_index < 0
+        if not bool(unchosen.any()):
+            return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        token, slot = (~unchosen).nonzero(as_tuple=True)
+        out = torch.zeros_like(hidden_states)
+        if token.numel() == 0:
+            return out
+        rows = original(hidden_states[token], top_k_index[token, slot].unsqueeze(1),
+                        top_k_weights[token, slot].unsqueeze(1), *args, **kwargs)
+        return out.index_add_(0, token, rows.to(out.dtype))
+
+    return forward

@@ -1,0 +1,124 @@
+"""Routing statistics: how many experts each token received, per layer.
+
+Counters stay on the model's device and are updated without host syncs; numbers are read only when asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RoutingStatsSnapshot:
+    """Accumulated routing statistics. Lists are indexed like `layers`."""
+
+    layers: list[str]
+    k: list[int]
+    tokens: list[int]  # real (non-padding) tokens routed
+    assignments: list[int]  # (token, expert) pairs chosen
+    histogram: list[list[int]]  # histogram[l][j]: tokens that received j experts in layer l
+
+    @property
+    def experts_per_token(self) -> list[float]:
+        return [a / t if t else 0.0 for a, t in zip(self.assignments, self.tokens)]
+
+    @property
+    def mean_experts_per_token(self) -> float:
+        tokens = sum(self.tokens)
+        return sum(self.assignments) / tokens if tokens else 0.0
+
+    def as_dict(self) -> dict:
+        return {"layers": self.layers, "k": self.k, "tokens": self.tokens, "assignments": self.assignments,
+                "histogram": self.histogram, "experts_per_token": self.experts_per_token}
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<28} {'k':>3} {'tokens':>8} {'experts/token':>14}  histogram (0,1,2,... experts)"]
+        for i, name in enumerate(self.layers):
+            lines.append(f"{name:<28} {self.k[i]:>3} {self.tokens[i]:>8} {self.experts_per_token[i]:>14.3f}  "
+                         f"{self.histogram[i]}")
+        lines.append(f"{'all layers':<28} {'':>3} {sum(self.tokens):>8} {self.mean_experts_per_token:>14.3f}")
+        return "\n".join(lines)
+
+
+@dataclass
+class TraceRecord:
+    """One forward: chosen expert ids [layers, B, T, cap] (-1 = unchosen) and which tokens were real [B, T]."""
+
+    ids: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def experts_per_token(self) -> torch.Tensor:
+        return (self.ids >= 0).sum(dim=-1)  # [layers, B, T]
+
+
+@dataclass
+class RoutingTrace:
+    forwards: list[TraceRecord] = field(default_factory=list)
+
+    def experts_per_token(self) -> torch.Tensor:
+        """[layers, B, total tokens] over all recorded forwards (they must share a batch size)."""
+        return torch.cat([r.experts_per_token for r in self.forwards], dim=2)
+
+    def valid(self) -> torch.Tensor:
+        return torch.cat([r.valid for r in self.forwards], dim=1)
+
+
+class RoutingStats:
+    """Per-layer counters for one patched model."""
+
+    def __init__(self, layers: list[str], ks: list[int], caps: list[int]):
+        self.layers = list(layers)
+        self.ks = list(ks)
+        self._width = max(caps) + 1
+        self._trace: RoutingTrace | None = None
+        self._pending: dict[int, torch.Tensor] = {}
+        self._counters: torch.Tensor | None = None  # [layers, 2 + width]: tokens, assignments, histogram
+
+    def reset(self) -> None:
+        self._counters = None
+
+    def record(self, layer: int, ids: torch.Tensor, valid: torch.Tensor) -> None:
+        """ids: [B, T, cap] with -1 in unchosen slots; valid: [B, T] real tokens."""
+        per_token = (ids >= 0).sum(dim=-1)
+        if self._counters is None or self._counters.device != ids.device:
+            self._counters = torch.zeros(len(self.layers), 2 + self._width, dtype=torch.long, device=ids.device)
+        row = self._counters[layer]
+        weight = valid.long()
+        row[0] += weight.sum()
+        row[1] += (per_token * weight).sum()
+        row[2:].scatter_add_(0, per_token.flatten(), weight.flatten())
+        if self._trace is not None:
+            self._pending[layer] = ids.detach()
+
+    def end_forward(self, valid: torch.Tensor) -> None:
+        """Called once per model forward: closes the trace record of that forward."""
+        if self._trace is None or not self._pending:
+            return
+        ids = torch.stack([self._pending[i] for i in sorted(self._pending)])
+        self._trace.forwards.append(TraceRecord(ids=ids.cpu(), valid=valid.detach().cpu()))
+        self._pending = {}
+
+    def start_trace(self) -> RoutingTrace:
+        self._trace = RoutingTrace()
+        self._pending = {}
+        return self._trace
+
+    def stop_trace(self) -> None:
+        self._trace = None
+        self._pending = {}
+
+    def snapshot(self) -> RoutingStatsSnapshot:
+        if self._counters is None:
+            counters = [[0] * (2 + self._width) for _ in self.layers]
+        else:
+            counters = self._counters.cpu().tolist()
+        return RoutingStatsSnapshot(
+            layers=self.layers,
+            k=self.ks,
+            tokens=[c[0] for c in counters],
+            assignments=[c[1] for c in counters],
+            histogram=[c[2:] for c in counters],
+        )

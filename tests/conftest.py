@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny offline checkpoints (built once per test session) and the shared data location."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROUTED_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "granitemoe"]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_root):
+    """tiny_checkpoint(family, **config_overrides) -> directory of a tiny random MoE checkpoint."""
+    from seqtopk.tiny import cached_checkpoint
+
+    def get(family: str, **overrides):
+        return cached_checkpoint(family, tiny_root, **overrides)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def load_tiny(tiny_checkpoint):
+    """load_tiny(family) -> (fresh fp32 model in eval mode, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(family: str, **overrides):
+        path = tiny_checkpoint(family, **overrides)
+        return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """Path to ../shared/data; skips the test with a clear message when the data is absent."""
+    from seqtopk.shared import shared_root
+
+    root = shared_root() / "data"
+    if not root.is_dir():
+        pytest.skip(f"shared evaluation data not found at {root} (set SEQTOPK_SHARED to its parent)")
+    return root
