@@ -18,6 +18,9 @@ def register() -> None:
     _registered = True
     # Each feature owns one module with its own install function; a feature whose module is not part of
     # this build is skipped.
+    from seqtopk.engines import vllm_routing  # SeqTopK routing, switched on per server
+
+    vllm_routing.install()
     if importlib.util.find_spec("seqtopk.csr") is not None:
         from seqtopk.csr import vllm_model  # CSR sparse embedding heads served as pooling models
 

@@ -1,0 +1,112 @@
+"""Per-request routing state in vLLM: paged alongside the KV cache, so vLLM's own bookkeeping keys it.
+
+Each MoE layer keeps the capped scores of every token it routed in a store with one row per KV-cache slot
+(`num_blocks * block_size`, plus a scratch row for padding). A token's scores go to the slot its keys and
+values go to (`slot_mapping`); a request's history is read back through its block table, up to its
+context length. So the state of a request
+- is created with its first token and grows with its KV cache, whatever row the request has in the batch;
+- is released when vLLM frees the request's blocks (finished, aborted or preempted);
+- continues across chunked prefill and decode steps (a chunk is routed against the history before it);
+- is recomputed with the KV cache after preemption (recompute replays the same causal choices);
+- is shared with prefix-cached blocks, whose scores are a function of the prefix under the causal rule
+  (under prefill="sequence" the plugin switches prefix caching off).
+
+Each step's layout (rows, contexts, slots, which tokens are prompt) is read once per forward from the
+attention metadata of one full-attention layer and from the model runner's prompt lengths.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from seqtopk.ragged import RaggedBatch, gather_paged, ragged_batch
+
+
+@dataclass
+class Step:
+    batch: RaggedBatch
+    block_table: torch.Tensor
+    block_size: int
+    slots: torch.Tensor  # [N] KV slot of each token, -1 for padding
+    history_width: int  # longest context in the step (host int)
+    generated: torch.Tensor  # [N] tokens past the prompt (sampled ones)
+    prompt: torch.Tensor  # [N] real prompt tokens
+    sequence_rule: torch.Tensor | None  # [N] tokens routed by the sequence rule, or None
+    req_ids: list[str]
+
+    def history(self, store: torch.Tensor) -> torch.Tensor | None:
+        if self.history_width == 0:
+            return None
+        return gather_paged(store, self.block_table, self.block_size, self.batch.context, self.history_width)
+
+
+class _Source:
+    """Where steps are read from: set up with the KV cache (see vllm_worker)."""
+
+    runner = None  # weakref to the model runner
+    layer_name: str | None = None  # an attention layer of the full-attention KV cache group
+    block_size = 0
+    prefill_rule = "sequence"
+    last_context = None
+    last_step: Step | None = None
+
+
+def attach(runner, layer_name: str, block_size: int, prefill_rule: str) -> None:
+    _Source.runner = weakref.ref(runner)
+    _Source.layer_name = layer_name
+    _Source.block_size = block_size
+    _Source.prefill_rule = prefill_rule
+    _Source.last_context = None
+    _Source.last_step = None
+
+
+def current_step(num_tokens: int) -> Step | None:
+    """The layout of the running forward, or None when it routes no request (profiling, warm-up)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if _Source.layer_name is None or not is_forward_context_available():
+        return None
+    context = get_forward_context()
+    if context is _Source.last_context:
+        return _Source.last_step
+    step = _read_step(context, num_tokens)
+    _Source.last_context, _Source.last_step = context, step
+    return step
+
+
+def _read_step(context, num_tokens: int) -> Step | None:
+    metadata = context.attn_metadata
+    if not isinstance(metadata, dict) or _Source.layer_name not in metadata:
+        return None  # no attention metadata: a dummy forward with no requests (list form: DBO, refused)
+    runner = _Source.runner()
+    input_batch = runner.input_batch
+    rows = input_batch.num_reqs
+    if rows == 0:
+        return None  # warm-up / capture forwards carry dummy metadata but no requests
+    md = metadata[_Source.layer_name]
+    for name in ("query_start_loc", "seq_lens", "block_table", "slot_mapping"):
+        if not hasattr(md, name):
+            raise RuntimeError(f"SeqTopK needs `{name}` in the attention metadata, which "
+                               f"{type(md).__name__} lacks; this attention backend is not supported")
+    seq_lens = md.seq_lens[:rows]
+    max_query = int(getattr(md, "max_query_len", num_tokens))
+    batch = ragged_batch(md.query_start_loc, seq_lens, num_tokens, max_query)
+    if max_query == 1:  # decode-only step: every row's context is its length minus the new token
+        width = int(md.max_seq_len) - 1 if hasattr(md, "max_seq_len") else int(seq_lens.max()) - 1
+    else:
+        width = int(batch.context.max())  # prefill steps may read the device
+    slots = torch.full((num_tokens,), -1, dtype=torch.long, device=seq_lens.device)
+    given = md.slot_mapping[:num_tokens]
+    slots[: given.shape[0]] = given
+    prompt_lens = torch.from_numpy(input_batch.num_prompt_tokens[:rows]).to(seq_lens.device, non_blocking=True)
+    prompt = (batch.positions() < prompt_lens[batch.row]) & batch.real
+    generated = batch.real & ~prompt
+    sequence_rule = None
+    if _Source.prefill_rule == "sequence" and max_query > 1:
+        sequence_rule = prompt & (batch.context[batch.row] == 0)
+    return Step(batch=batch, block_table=md.block_table, block_size=_Source.block_size, slots=slots,
+                history_width=max(width, 0), generated=generated, prompt=prompt,
+                sequence_rule=sequence_rule, req_ids=list(input_batch.req_ids[:rows]))
