@@ -12,7 +12,7 @@ context length. So the state of a request
   (under prefill="sequence" the plugin switches prefix caching off).
 
 Each step's layout (rows, contexts, slots, which tokens are prompt) is read once per forward from the
-attention metadata of one full-attention layer and from the model runner's prompt lengths.
+model runner's step buffers, with the block table and slot mapping of one full-attention KV cache group.
 """
 
 from __future__ import annotations
@@ -47,17 +47,15 @@ class _Source:
     """Where steps are read from: set up with the KV cache (see vllm_worker)."""
 
     runner = None  # weakref to the model runner
-    layer_name: str | None = None  # an attention layer of the full-attention KV cache group
-    block_size = 0
+    group: int | None = None  # index of the full-attention KV cache group whose block table we follow
     prefill_rule = "sequence"
     last_context = None
     last_step: Step | None = None
 
 
-def attach(runner, layer_name: str, block_size: int, prefill_rule: str) -> None:
+def attach(runner, group: int, prefill_rule: str) -> None:
     _Source.runner = weakref.ref(runner)
-    _Source.layer_name = layer_name
-    _Source.block_size = block_size
+    _Source.group = group
     _Source.prefill_rule = prefill_rule
     _Source.last_context = None
     _Source.last_step = None
@@ -67,7 +65,7 @@ def current_step(num_tokens: int) -> Step | None:
     """The layout of the running forward, or None when it routes no request (profiling, warm-up)."""
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
-    if _Source.layer_name is None or not is_forward_context_available():
+    if _Source.group is None or not is_forward_context_available():
         return None
     context = get_forward_context()
     if context is _Source.last_context:
@@ -78,35 +76,28 @@ def current_step(num_tokens: int) -> Step | None:
 
 
 def _read_step(context, num_tokens: int) -> Step | None:
-    metadata = context.attn_metadata
-    if not isinstance(metadata, dict) or _Source.layer_name not in metadata:
-        return None  # no attention metadata: a dummy forward with no requests (list form: DBO, refused)
+    # The model runner's persistent step buffers (filled before each forward, the same ones its attention
+    # metadata is built from) serve every attention backend alike, MLA included.
     runner = _Source.runner()
     input_batch = runner.input_batch
     rows = input_batch.num_reqs
-    if rows == 0:
-        return None  # warm-up / capture forwards carry dummy metadata but no requests
-    md = metadata[_Source.layer_name]
-    for name in ("query_start_loc", "seq_lens", "block_table", "slot_mapping"):
-        if not hasattr(md, name):
-            raise RuntimeError(f"SeqTopK needs `{name}` in the attention metadata, which "
-                               f"{type(md).__name__} lacks; this attention backend is not supported")
-    seq_lens = md.seq_lens[:rows]
-    max_query = int(getattr(md, "max_query_len", num_tokens))
-    batch = ragged_batch(md.query_start_loc, seq_lens, num_tokens, max_query)
-    if max_query == 1:  # decode-only step: every row's context is its length minus the new token
-        width = int(md.max_seq_len) - 1 if hasattr(md, "max_seq_len") else int(seq_lens.max()) - 1
-    else:
-        width = int(batch.context.max())  # prefill steps may read the device
-    slots = torch.full((num_tokens,), -1, dtype=torch.long, device=seq_lens.device)
-    given = md.slot_mapping[:num_tokens]
-    slots[: given.shape[0]] = given
-    prompt_lens = torch.from_numpy(input_batch.num_prompt_tokens[:rows]).to(seq_lens.device, non_blocking=True)
+    if rows == 0 or isinstance(context.attn_metadata, list):
+        return None  # warm-up / profiling forwards on dummy tokens carry no request (list form: DBO)
+    table = input_batch.block_table[_Source.group]
+    device = runner.seq_lens.device
+    starts_host = runner.query_start_loc.cpu[: rows + 1]
+    max_query = int((starts_host[1:] - starts_host[:-1]).max())
+    batch = ragged_batch(runner.query_start_loc.gpu[: rows + 1], runner.seq_lens[:rows], num_tokens, max_query)
+    # Longest context, from host copies (no device read): a decode row's context is its length minus one.
+    longest = int(runner.optimistic_seq_lens_cpu[:rows].max())
+    width = longest - 1 if max_query == 1 else int(batch.context.max())  # prefill steps may read the device
+    slots = torch.where(batch.real, table.slot_mapping.gpu[:num_tokens].long(), -1)
+    prompt_lens = input_batch.num_prompt_tokens_cpu_tensor[:rows].to(device, non_blocking=True)
     prompt = (batch.positions() < prompt_lens[batch.row]) & batch.real
     generated = batch.real & ~prompt
     sequence_rule = None
     if _Source.prefill_rule == "sequence" and max_query > 1:
         sequence_rule = prompt & (batch.context[batch.row] == 0)
-    return Step(batch=batch, block_table=md.block_table, block_size=_Source.block_size, slots=slots,
-                history_width=max(width, 0), generated=generated, prompt=prompt,
+    return Step(batch=batch, block_table=table.get_device_tensor(rows), block_size=table.block_size,
+                slots=slots, history_width=max(width, 0), generated=generated, prompt=prompt,
                 sequence_rule=sequence_rule, req_ids=list(input_batch.req_ids[:rows]))

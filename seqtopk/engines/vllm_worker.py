@@ -87,13 +87,12 @@ def attach_state(runner, kv_cache_config) -> None:
         raise RuntimeError("SeqTopK keeps its routing state next to a full-attention KV cache, which this "
                            "model does not have")
     index, group = groups[0]
-    block_size = runner._kernel_block_sizes[index]
     slots = kv_cache_config.num_blocks * group.kv_cache_spec.block_size
     for name, layer in layers.items():
         router = layer.router
         router.layer_name = name
         router.store = torch.zeros(slots + 1, router.cfg.cap, dtype=torch.float32, device=runner.device)
-    vllm_state.attach(runner, group.layer_names[0], block_size, settings.prefill)
+    vllm_state.attach(runner, index, settings.prefill)
     routers = [layer.router for layer in layers.values()]
     state_bytes = 4 * routers[0].cfg.cap
     kv_bytes = group.kv_cache_spec.page_size_bytes // group.kv_cache_spec.block_size
