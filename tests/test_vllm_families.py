@@ -46,7 +46,8 @@ def test_same_expert_choices_as_transformers(family, vllm_root, vllm_helpers):
         prefix_caching = llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
         llm.collective_rpc("seqtopk_trace", args=(True,))
         outputs = [llm.generate(TokensPrompt(prompt_token_ids=PROMPT), greedy)[0] for _ in range(2)]
-        first, second = vllm_helpers.traced_choices(llm.collective_rpc("seqtopk_trace", args=(False,))[0])
+        routed = vllm_helpers.traced_choices(llm.collective_rpc("seqtopk_trace", args=(False,))[0])
+    first, second = routed.values()
     generated = list(outputs[0].outputs[0].token_ids)
     assert list(outputs[1].outputs[0].token_ids) == generated
     # The last sampled token is never fed back, so the model saw PROMPT + generated[:-1].

@@ -58,15 +58,16 @@ def engine(path, seqtopk: dict | None = None, **kwargs):
         del llm
 
 
-def traced_choices(records: list) -> list[dict]:
-    """Trace records (collective_rpc("seqtopk_trace", args=(False,))) -> per request, in order of arrival,
-    {layer: {position: sorted expert ids}}."""
+def traced_choices(records: list) -> dict:
+    """Trace records (collective_rpc("seqtopk_trace", args=(False,))) -> {engine request id: {layer:
+    {position: sorted expert ids}}} in order of arrival. Engine ids extend the output's request_id
+    ("3" -> "3-1a2b...")."""
     out: dict = {}
     for record in records:
         for row, position, ids in zip(record["row"], record["position"], record["ids"]):
             req = record["req_ids"][row]
             out.setdefault(req, {}).setdefault(record["layer"], {})[position] = sorted(i for i in ids if i >= 0)
-    return list(out.values())
+    return out
 
 
 @pytest.fixture(scope="session")

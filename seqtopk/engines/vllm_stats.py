@@ -17,6 +17,8 @@ import torch
 logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
 
 _trace: list | None = None
+# Bytes per token over all layers, and the paged stores' total size; filled when the KV cache is set up.
+MEMORY: dict = {}
 _last_log = [time.monotonic()]
 
 
@@ -43,10 +45,10 @@ def record(router, step, mask: torch.Tensor, ids: torch.Tensor) -> None:
 
 
 def snapshot() -> dict:
-    """Experts per token so far: {"layers": [...], "prompt": [...], "generated": [...], "tokens": {...}}."""
+    """Experts per token so far, per layer (None before any token), token counts, and MEMORY."""
     from seqtopk.engines.vllm_router import ROUTERS
 
-    out = {"layers": [], "prompt": [], "generated": [], "prompt_tokens": 0, "generated_tokens": 0}
+    out = {"layers": [], "prompt": [], "generated": [], "prompt_tokens": 0, "generated_tokens": 0, **MEMORY}
     for router in ROUTERS:
         counts = router.counts.tolist() if router.counts is not None else [0, 0, 0, 0]
         out["layers"].append(router.layer_name)

@@ -61,7 +61,7 @@ def attach_state(runner, kv_cache_config) -> None:
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from seqtopk.engines import vllm_state
+    from seqtopk.engines import vllm_state, vllm_stats
     from seqtopk.engines.vllm_router import SeqTopKRouter
     from seqtopk.engines.vllm_settings import active
 
@@ -96,6 +96,11 @@ def attach_state(runner, kv_cache_config) -> None:
     routers = [layer.router for layer in layers.values()]
     state_bytes = 4 * routers[0].cfg.cap
     kv_bytes = group.kv_cache_spec.page_size_bytes // group.kv_cache_spec.block_size
+    vllm_stats.MEMORY.update(
+        state_bytes_per_token=sum(4 * r.cfg.cap for r in routers),
+        kv_bytes_per_token=sum(g.kv_cache_spec.page_size_bytes // g.kv_cache_spec.block_size * len(g.layer_names)
+                               for g in kv_cache_config.kv_cache_groups),
+        store_bytes=sum(r.store.numel() * r.store.element_size() for r in routers))
     logger.info("SeqTopK routing on %d MoE layer(s) (%s ... %s): %s; routing state %d B/token/layer next to "
                 "%d B/token/layer of KV cache (%.2f%%)", len(routers), routers[0].layer_name,
                 routers[-1].layer_name, describe(routers[0].cfg), state_bytes, kv_bytes,
