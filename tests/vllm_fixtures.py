@@ -93,7 +93,7 @@ def serving_engine(vllm_root):
 
     path = vllm_checkpoint("qwen3_moe", vllm_root)
     with engine(path, SETTINGS, block_size=32, num_gpu_blocks_override=SERVING_BLOCKS,
-                max_model_len=SERVING_BLOCKS * 32, disable_log_stats=False) as llm:
+                max_model_len=(SERVING_BLOCKS - 1) * 32, disable_log_stats=False) as llm:  # block 0 is vLLM's
         yield llm
 
 

