@@ -91,12 +91,16 @@ def select_ragged(values: torch.Tensor, batch: RaggedBatch, k: int, min_experts:
     Padding tokens get no expert.
     """
     dense, valid = to_dense(values, batch)
-    mask = select_causal(dense, valid, k, min_experts, exact_budget, history, seen=batch.context)
-    if sequence_rule is not None and batch.max_query > 1:
-        flagged, _ = to_dense(sequence_rule.unsqueeze(-1).float(), batch, fill=0.0)
-        flagged = flagged.squeeze(-1) > 0
-        whole = select_sequence(dense, valid & flagged, k, min_experts, exact_budget)
-        mask = torch.where(flagged.unsqueeze(-1), whole, mask)
+    if sequence_rule is None or batch.max_query == 1:  # a 1-token chunk: both rules agree
+        mask = select_causal(dense, valid, k, min_experts, exact_budget, history, seen=batch.context)
+        return from_dense(mask, batch) & batch.real.unsqueeze(-1)
+    flagged, _ = to_dense(sequence_rule.unsqueeze(-1).float(), batch, fill=0.0)
+    flagged = flagged.squeeze(-1) > 0
+    mask = select_sequence(dense, valid & flagged, k, min_experts, exact_budget)
+    rest = valid & ~flagged
+    if bool(rest.any()):  # prefill steps may read the device; a step of fresh prompts skips the causal pass
+        causal = select_causal(dense, valid, k, min_experts, exact_budget, history, seen=batch.context)
+        mask = torch.where(flagged.unsqueeze(-1), mask, causal)
     return from_dense(mask, batch) & batch.real.unsqueeze(-1)
 
 
