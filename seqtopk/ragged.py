@@ -89,7 +89,40 @@ def select_ragged(values: torch.Tensor, batch: RaggedBatch, k: int, min_experts:
     `sequence_rule` ([N] bool: the prompt tokens of rows that start in this step) are routed instead by
     the published sequence rule over the flagged tokens of their row, as one-shot prefill does.
     Padding tokens get no expert.
+
+    A step that mixes one-token rows (decode) with longer chunks (prefill) routes the two groups
+    separately, so decode rows are not padded to the longest chunk; that split reads the chunk lengths on
+    the host, which only prefill steps do.
     """
+    if batch.max_query > 1:
+        query = batch.query.tolist()
+        single = [r for r, q in enumerate(query) if q == 1]
+        if single and len(single) < len(query):
+            chunked = [r for r, q in enumerate(query) if q > 1]
+            mask = torch.zeros_like(values, dtype=torch.bool)
+            for rows in (single, chunked):
+                sub, tokens, index = _row_subset(batch, rows, max(query[r] for r in rows))
+                sub_history = history[index] if history is not None else None
+                sub_rule = sequence_rule[tokens] if sequence_rule is not None else None
+                mask[tokens] = _select_dense(values[tokens], sub, k, min_experts, exact_budget, sub_history,
+                                             sub_rule)
+            return mask
+    return _select_dense(values, batch, k, min_experts, exact_budget, history, sequence_rule)
+
+
+def _row_subset(batch: RaggedBatch, rows: list[int], max_query: int):
+    """The real tokens of some rows as their own batch: (batch, token indices [n], row indices [r])."""
+    index = torch.tensor(rows, device=batch.row.device)
+    renumber = torch.full((batch.rows,), -1, dtype=torch.long, device=index.device)
+    renumber[index] = torch.arange(len(rows), device=index.device)
+    tokens = torch.nonzero(batch.real & (renumber[batch.row] >= 0)).squeeze(1)
+    sub = RaggedBatch(row=renumber[batch.row[tokens]], col=batch.col[tokens],
+                      real=torch.ones_like(tokens, dtype=torch.bool), context=batch.context[index],
+                      query=batch.query[index], max_query=max_query)
+    return sub, tokens, index
+
+
+def _select_dense(values, batch, k, min_experts, exact_budget, history, sequence_rule) -> torch.Tensor:
     dense, valid = to_dense(values, batch)
     if sequence_rule is None or batch.max_query == 1:  # a 1-token chunk: both rules agree
         mask = select_causal(dense, valid, k, min_experts, exact_budget, history, seen=batch.context)
@@ -104,21 +137,25 @@ def select_ragged(values: torch.Tensor, batch: RaggedBatch, k: int, min_experts:
     return from_dense(mask, batch) & batch.real.unsqueeze(-1)
 
 
-def gather_paged(store: torch.Tensor, block_table: torch.Tensor, block_size: int, context: torch.Tensor,
-                 width: int) -> torch.Tensor:
-    """History of each row from paged storage: [R, width, C], -inf at positions >= the row's context.
+def history_slots(block_table: torch.Tensor, block_size: int, context: torch.Tensor, width: int,
+                  num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row's history lives in paged storage: (slot [R, width], live [R, width]).
 
-    store: [slots, C] with slot = block_id * block_size + offset, as a paged KV cache addresses tokens.
-    block_table: [R, max_blocks] block ids of each row.
+    Slots follow a paged KV cache: slot = block_id * block_size + offset, block ids from block_table
+    [R, max_blocks]. Positions at or past a row's context are not live (their slot is clamped, unread).
+    The same slots serve every layer of a step, so engines compute them once per step.
     """
     rows = context.shape[0]
-    position = torch.arange(width, device=store.device)
+    position = torch.arange(width, device=block_table.device)
     block = (position // block_size).clamp(max=block_table.shape[1] - 1)
     slot = block_table[:rows].long().gather(1, block.unsqueeze(0).expand(rows, width)) * block_size
-    slot = (slot + position % block_size).clamp(0, store.shape[0] - 1)
-    history = store[slot]
-    live = position.unsqueeze(0) < context.unsqueeze(1)
-    return history.masked_fill(~live.unsqueeze(-1), NEG_INF)
+    slot = (slot + position % block_size).clamp(0, num_slots - 1)
+    return slot, position.unsqueeze(0) < context.unsqueeze(1)
+
+
+def gather_paged(store: torch.Tensor, slot: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """History of each row from paged storage ([slots, C]): [R, width, C], -inf where not live."""
+    return store[slot].masked_fill(~live.unsqueeze(-1), NEG_INF)
 
 
 def write_paged(store: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:

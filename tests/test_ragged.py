@@ -6,6 +6,7 @@ import torch
 from seqtopk.ragged import (
     from_dense,
     gather_paged,
+    history_slots,
     ragged_batch,
     select_ragged,
     to_dense,
@@ -86,7 +87,7 @@ def test_paged_history_chunk_by_chunk_equals_one_shot():
         values = torch.cat([seq[d:d + q] for seq, d, q in zip(full, done, query)])
         slots = torch.cat([block_table[r, (d + torch.arange(q)) // BLOCK] * BLOCK + (d + torch.arange(q)) % BLOCK
                            for r, (d, q) in enumerate(zip(done, query))])
-        history = gather_paged(store, block_table, BLOCK, batch.context, max(done))
+        history = gather_paged(store, *history_slots(block_table, BLOCK, batch.context, max(done), len(store)))
         mask = select_ragged(values, batch, K, history=history)
         write_paged(store, slots, values)
         start = 0
@@ -101,7 +102,8 @@ def test_paged_history_chunk_by_chunk_equals_one_shot():
 def test_padding_slots_never_reach_history():
     store = torch.zeros(2 * BLOCK + 1, CAP)
     write_paged(store, torch.tensor([0, -1, -1]), torch.ones(3, CAP))
-    history = gather_paged(store, torch.tensor([[0, 1]]), BLOCK, torch.tensor([2 * BLOCK]), 2 * BLOCK)
+    history = gather_paged(store, *history_slots(torch.tensor([[0, 1]]), BLOCK, torch.tensor([2 * BLOCK]),
+                                                 2 * BLOCK, len(store)))
     assert history[0, 0].eq(1).all() and history[0, 1:].eq(0).all()
 
 
@@ -111,7 +113,7 @@ def test_decode_step_has_no_host_reads():
 
     def decode_step(starts, seq_lens, values, store, block_table, slots):
         batch = ragged_batch(starts, seq_lens, values.shape[0], 1)
-        history = gather_paged(store, block_table, BLOCK, batch.context, 12)
+        history = gather_paged(store, *history_slots(block_table, BLOCK, batch.context, 12, len(store)))
         mask = select_ragged(values, batch, K, history=history)
         write_paged(store, slots, values)
         return mask
@@ -122,3 +124,22 @@ def test_decode_step_has_no_host_reads():
     eager = decode_step(*[a.clone() for a in args])
     compiled = torch.compile(decode_step, fullgraph=True, backend="eager", dynamic=False)
     assert torch.equal(compiled(*[a.clone() for a in args]), eager)
+
+
+def test_mixed_step_routes_decode_rows_apart_from_prefill_rows():
+    # Decode rows next to a long fresh prompt give the same choices as each sequence alone.
+    query, context = [1, 9, 1, 4], [6, 0, 3, 2]
+    full = [capped(q + c, seed=20 + i) for i, (q, c) in enumerate(zip(query, context))]
+    batch = layout(query, context, pad=2)
+    values = torch.cat([seq[c:] for seq, c in zip(full, context)] + [torch.zeros(2, CAP)])
+    history = torch.full((4, max(context), CAP), float("-inf"))
+    for r, (seq, c) in enumerate(zip(full, context)):
+        history[r, :c] = seq[:c]
+    fresh = torch.zeros(values.shape[0], dtype=torch.bool)
+    fresh[1:10] = True  # the prompt of row 1 starts here: the sequence rule
+    mask = select_ragged(values, batch, K, history=history, sequence_rule=fresh)
+    starts = [0, 1, 10, 11]
+    for r, (seq, q, c) in enumerate(zip(full, query, context)):
+        rule = select_sequence if r == 1 else (lambda v, *a: select_causal(v, *a)[:, c:])
+        assert torch.equal(mask[starts[r]:starts[r] + q], rule(seq.unsqueeze(0), None, K)[0])
+    assert not mask[-2:].any()

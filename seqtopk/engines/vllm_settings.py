@@ -81,6 +81,15 @@ def prepare_engine_args(args, logger) -> SeqTopKConfig | None:
             logger.info("SeqTopK: prefix caching switched off: under prefill='sequence' a prompt's routing, "
                         "and so its KV cache, depends on later tokens (use prefill='causal' to keep it)")
             args.enable_prefix_caching = False
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() and not args.enforce_eager:
+        # CUDA graphs replay kernels without running Python, but each step's routing layout (rows, contexts,
+        # prompt lengths) is read in Python before the routing kernels run; a replay would route with the
+        # layout captured at graph-capture time. The routing math itself has no host syncs on decode.
+        logger.info("SeqTopK: CUDA graphs switched off (--enforce-eager): the per-step routing layout is "
+                    "prepared in Python, which graph replay would skip")
+        args.enforce_eager = True
     args.additional_config = {**(args.additional_config or {}), KEY: config.to_dict()}
     args.worker_extension_cls = WORKER_EXTENSION
     return config

@@ -22,25 +22,22 @@ from dataclasses import dataclass
 
 import torch
 
-from seqtopk.ragged import RaggedBatch, gather_paged, ragged_batch
+from seqtopk.engines import vllm_stats
+from seqtopk.ragged import RaggedBatch, gather_paged, history_slots, ragged_batch
 
 
 @dataclass
 class Step:
     batch: RaggedBatch
-    block_table: torch.Tensor
-    block_size: int
     slots: torch.Tensor  # [N] KV slot of each token, -1 for padding
-    history_width: int  # longest context in the step (host int)
+    history_at: tuple | None  # (slot [R, width], live [R, width]) of the rows' earlier tokens, or None
     generated: torch.Tensor  # [N] tokens past the prompt (sampled ones)
     prompt: torch.Tensor  # [N] real prompt tokens
     sequence_rule: torch.Tensor | None  # [N] tokens routed by the sequence rule, or None
     req_ids: list[str]
 
     def history(self, store: torch.Tensor) -> torch.Tensor | None:
-        if self.history_width == 0:
-            return None
-        return gather_paged(store, self.block_table, self.block_size, self.batch.context, self.history_width)
+        return gather_paged(store, *self.history_at) if self.history_at is not None else None
 
 
 class _Source:
@@ -48,14 +45,16 @@ class _Source:
 
     runner = None  # weakref to the model runner
     group: int | None = None  # index of the full-attention KV cache group whose block table we follow
+    num_slots = 0  # rows of each layer's store (KV slots + one scratch row)
     prefill_rule = "sequence"
     last_context = None
     last_step: Step | None = None
 
 
-def attach(runner, group: int, prefill_rule: str) -> None:
+def attach(runner, group: int, num_slots: int, prefill_rule: str) -> None:
     _Source.runner = weakref.ref(runner)
     _Source.group = group
+    _Source.num_slots = num_slots
     _Source.prefill_rule = prefill_rule
     _Source.last_context = None
     _Source.last_step = None
@@ -98,6 +97,10 @@ def _read_step(context, num_tokens: int) -> Step | None:
     sequence_rule = None
     if _Source.prefill_rule == "sequence" and max_query > 1:
         sequence_rule = prompt & (batch.context[batch.row] == 0)
-    return Step(batch=batch, block_table=table.get_device_tensor(rows), block_size=table.block_size,
-                slots=slots, history_width=max(width, 0), generated=generated, prompt=prompt,
-                sequence_rule=sequence_rule, req_ids=list(input_batch.req_ids[:rows]))
+    history_at = None
+    if width > 0:
+        history_at = history_slots(table.get_device_tensor(rows), table.block_size, batch.context, width,
+                                   _Source.num_slots)
+    return Step(batch=batch, slots=slots, history_at=history_at, generated=generated, prompt=prompt,
+                sequence_rule=sequence_rule,
+                req_ids=list(input_batch.req_ids[:rows]) if vllm_stats.tracing() else [])

@@ -73,6 +73,10 @@ def log_line() -> None:
                 _mean(stats["generated"]), stats["generated_tokens"], per_layer)
 
 
+def tracing() -> bool:
+    return _trace is not None
+
+
 def start_trace() -> None:
     global _trace
     _trace = []

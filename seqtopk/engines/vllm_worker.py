@@ -92,7 +92,7 @@ def attach_state(runner, kv_cache_config) -> None:
         router = layer.router
         router.layer_name = name
         router.store = torch.zeros(slots + 1, router.cfg.cap, dtype=torch.float32, device=runner.device)
-    vllm_state.attach(runner, index, settings.prefill)
+    vllm_state.attach(runner, index, slots + 1, settings.prefill)
     routers = [layer.router for layer in layers.values()]
     state_bytes = 4 * routers[0].cfg.cap
     kv_bytes = group.kv_cache_spec.page_size_bytes // group.kv_cache_spec.block_size
