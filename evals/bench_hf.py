@@ -5,8 +5,9 @@ Phases, each at the same per-token budget k (SeqTopK with exact_budget, so prefi
 - decode throughput (generated tokens/s of greedy generate with a KV cache);
 - selection step (per-token torch.topk vs SeqTopK's capped top-k + sequence cut, same score tensor);
 - expert compute vs assignments (pairs actually run through the experts).
-A third variant, "padded", is the straightforward implementation SeqTopK is measured against: every token
-gets cap slots and unchosen ones are filled with a duplicate expert at weight 0 (safe, but they cost compute).
+Two more variants: "padded", the straightforward implementation (every token gets cap slots, unchosen ones
+filled with a duplicate expert at weight 0: safe, but they cost compute), and "stock_rows", stock TopK routed
+through seqtopk's row dispatch, which separates the cost of the routing rule from that of the dispatch.
 
     python evals/bench_hf.py                       # CPU, small OLMoE-like shape
     python evals/bench_hf.py --shape olmoe --device cuda   # OLMoE-1B-7B shape on a GPU (bf16)
@@ -64,32 +65,55 @@ def build_model(shape: dict, device: str):
     return model
 
 
-def pad_unchosen(model):
-    """The straightforward baseline: unchosen slots run a duplicate of the token's best expert at weight 0."""
+VARIANTS = ("stock", "seqtopk", "padded", "stock_rows")
+
+
+def set_variant(model, variant: str, k: int) -> None:
+    """stock: the model as shipped. seqtopk: patched (cap k+2, exact budget).
+    padded: the same routing run the straightforward way: every token keeps cap slots, unchosen ones
+    repeat its first expert at weight 0, through the model's own experts kernel.
+    stock_rows: stock TopK routing, experts run through seqtopk's row dispatch (isolates dispatch from routing).
+    """
+    import seqtopk
+
+    seqtopk.unpatch(model)
+    for block in model.modules():
+        if type(block).__name__ == "OlmoeSparseMoeBlock":
+            block.experts.__dict__.pop("forward", None)
+            if variant == "stock_rows":
+                block.experts.forward = _row_dispatch(block.experts)
+    if variant in ("seqtopk", "padded"):
+        seqtopk.patch(model, k=k, cap=k + 2, exact_budget=True)
+    if variant == "padded":
+        _pad_slots(model)
+
+
+def _pad_slots(model):
     from seqtopk.engines.hf import require_patch
 
     for layer in require_patch(model).layers:
         experts = layer.family.experts(layer.block)
-        compact = experts.forward
+        stock = type(experts).forward.__get__(experts)
 
-        def padded(hidden, ids, weights, _compact=compact):
+        def forward(hidden, ids, weights, _layer=layer, _stock=stock):
+            _layer.plan = None  # ignore seqtopk's row plan
             unchosen = ids < 0
-            return _compact(hidden, torch.where(unchosen, ids[:, :1], ids), weights.masked_fill(unchosen, 0))
+            return _stock(hidden, torch.where(unchosen, ids[:, :1], ids), weights.masked_fill(unchosen, 0))
 
-        experts.forward = padded
-
-
-VARIANTS = ("stock", "seqtopk", "padded")
+        experts.forward = forward
 
 
-def set_variant(model, variant: str, k: int) -> None:
-    import seqtopk
+def _row_dispatch(experts):
+    from seqtopk.dispatch import plan_pairs
+    from seqtopk.engines.hf_dispatch import run_plan
 
-    seqtopk.unpatch(model)
-    if variant != "stock":
-        seqtopk.patch(model, k=k, cap=k + 2, exact_budget=True)
-        if variant == "padded":
-            pad_unchosen(model)
+    original = experts.forward
+
+    def forward(hidden, ids, weights):
+        plan = plan_pairs(ids, weights, torch.ones_like(ids, dtype=torch.bool), ids.numel())
+        return run_plan(experts, original, hidden, plan)
+
+    return forward
 
 
 def bench_model(model, shape, device, reps):
@@ -128,33 +152,40 @@ def bench_model(model, shape, device, reps):
         rates = {v: tokens / statistics.median(times[phase][v]) for v in VARIANTS}
         out[phase] = {"tokens_per_s": rates, "ratio_seqtopk_vs_stock": rates["seqtopk"] / rates["stock"],
                       "ratio_padded_vs_stock": rates["padded"] / rates["stock"],
+                      "ratio_seqtopk_vs_stock_rows": rates["seqtopk"] / rates["stock_rows"],
                       "batch": b if phase == "prefill" else db, "tokens": t if phase == "prefill" else n_new}
     out["assignments"] = measure_assignments(model, k, prefill_ids)
     return out
 
 
 def measure_assignments(model, k, prefill_ids):
-    """(token, expert) rows that actually run through the experts, per token, for each variant."""
+    """(token, expert) rows that actually run through the experts per token, for each variant (prefill)."""
+    from seqtopk.engines import hf_dispatch
+
     blocks = [m for m in model.modules() if type(m).__name__ == "OlmoeSparseMoeBlock"]
     experts_cls = type(blocks[0].experts)
-    original = experts_cls.forward
+    original_forward, original_grouped = experts_cls.forward, hf_dispatch._grouped
     counted = {"rows": 0}
 
-    def counting(self, hidden, ids, weights, *args, **kwargs):
+    def counting_forward(self, hidden, ids, weights, *args, **kwargs):  # stock kernel and filled slots
         counted["rows"] += ids.numel()
-        return original(self, hidden, ids, weights, *args, **kwargs)
+        return original_forward(self, hidden, ids, weights, *args, **kwargs)
 
-    experts_cls.forward = counting  # patched before each variant is installed, so every path is counted
+    def counting_grouped(experts, hidden, plan):  # seqtopk's row plan
+        counted["rows"] += plan.token.numel()
+        return original_grouped(experts, hidden, plan)
+
+    experts_cls.forward, hf_dispatch._grouped = counting_forward, counting_grouped
     result = {}
     try:
         for variant in VARIANTS:
-            set_variant(model, variant, k)
+            set_variant(model, variant, k)  # installed after the counters, so every path is counted
             counted["rows"] = 0
             with torch.no_grad():
                 model(prefill_ids, use_cache=False)
             result[variant] = counted["rows"] / (prefill_ids.numel() * len(blocks))
     finally:
-        experts_cls.forward = original
+        experts_cls.forward, hf_dispatch._grouped = original_forward, original_grouped
         set_variant(model, "stock", k)
     return {"expert_rows_per_token": result, "budget_per_token": k}
 
@@ -197,17 +228,18 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = ["prefill", "decode"]
-    seq = [result[p]["ratio_seqtopk_vs_stock"] for p in labels]
-    pad = [result[p]["ratio_padded_vs_stock"] for p in labels]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    bars = [("ratio_seqtopk_vs_stock", "SeqTopK / stock TopK"),
+            ("ratio_padded_vs_stock", "SeqTopK padded (baseline) / stock"),
+            ("ratio_seqtopk_vs_stock_rows", "SeqTopK / TopK with the same dispatch")]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     xs = range(len(labels))
-    ax1.bar([x - 0.2 for x in xs], seq, width=0.4, label="SeqTopK (compact)")
-    ax1.bar([x + 0.2 for x in xs], pad, width=0.4, label="SeqTopK padded (baseline)")
+    for i, (key, name) in enumerate(bars):
+        ax1.bar([x + (i - 1) * 0.27 for x in xs], [result[p][key] for p in labels], width=0.27, label=name)
     ax1.axhline(1.0, color="k", lw=0.8)
     ax1.axhline(0.98, color="r", ls="--", lw=0.8, label="target 0.98")
     ax1.set_xticks(list(xs), labels)
     ax1.set_ylabel("throughput / stock TopK")
-    ax1.set_ylim(0, 1.2)
+    ax1.set_ylim(0, 1.5)
     ax1.legend(loc="lower right", fontsize=8)
     sel = result["selection"]["ms"]
     ax2.bar(list(sel), list(sel.values()), color=["gray", "C0", "C2"])
@@ -245,9 +277,9 @@ def main() -> None:
     plot(result, out.with_suffix(".png"))
     for phase in ("prefill", "decode"):
         r = result[phase]
-        print(f"{phase}: stock {r['tokens_per_s']['stock']:.1f} tok/s, seqtopk {r['tokens_per_s']['seqtopk']:.1f} "
-              f"(ratio {r['ratio_seqtopk_vs_stock']:.3f}), padded {r['tokens_per_s']['padded']:.1f} "
-              f"(ratio {r['ratio_padded_vs_stock']:.3f})")
+        print(f"{phase}: " + ", ".join(f"{v} {r['tokens_per_s'][v]:.1f} tok/s" for v in VARIANTS)
+              + f"; seqtopk/stock {r['ratio_seqtopk_vs_stock']:.3f}, padded/stock {r['ratio_padded_vs_stock']:.3f}, "
+              f"seqtopk/stock_rows {r['ratio_seqtopk_vs_stock_rows']:.3f}")
     s = result["selection"]
     print(f"selection: topk {s['ms']['topk']:.3f} ms, seqtopk {s['ms']['seqtopk_sequence']:.3f} ms "
           f"(x{s['ratio_sequence_vs_topk']:.2f}), causal {s['ms']['seqtopk_causal']:.3f} ms (x{s['ratio_causal_vs_topk']:.2f})")

@@ -61,40 +61,29 @@ def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, mi
     forced, first, per_token = _split_forced(values, valid, k, min_experts, exact_budget)
     if per_token <= 0 or tokens == 0:
         return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
-    compete = values[..., first:].masked_fill(~valid.unsqueeze(-1), NEG_INF)
+    compete = values[..., first:]
     width = compete.shape[-1]
+    # A padding token offers `per_token` slots at +inf and the rest at -inf: the (T*per_token)-th largest
+    # of a row is then the (n*per_token)-th largest of its n real tokens, one static k for every row
+    # (no host sync to learn how much padding each row has).
+    pad_fill = torch.full((width,), NEG_INF, dtype=values.dtype, device=values.device)
+    pad_fill[:per_token] = float("inf")
+    compete = torch.where(valid.unsqueeze(-1), compete, pad_fill)
     flat = compete.reshape(batch, tokens * width)
-    budget = valid.sum(dim=1) * per_token  # [B]
-    threshold = _kth_largest(flat, budget)  # [B, 1]
-    take = flat >= threshold
-    excess = take.sum(dim=1) - budget
-    if bool((excess > 0).any()):
-        # Exact ties straddle the cut: keep the earliest of them (earlier token, then better rank).
-        above = flat > threshold
-        at = flat == threshold
-        room = budget.unsqueeze(1) - above.sum(dim=1, keepdim=True)
+    budget = tokens * per_token
+    threshold = torch.kthvalue(flat, flat.shape[1] - budget + 1, dim=1, keepdim=True).values
+    above = flat > threshold
+    at = flat == threshold
+    room = budget - above.sum(dim=1, keepdim=True)
+    if flat.is_cuda:  # ties at the cut resolved without a host sync
         take = above | (at & (at.cumsum(dim=1) <= room))
+    elif bool((at.sum(dim=1, keepdim=True) > room).any()):
+        # Exact ties straddle the cut: keep the earliest of them (earlier token, then better rank).
+        take = above | (at & (at.cumsum(dim=1) <= room))
+    else:
+        take = above | at
     take = take.view(batch, tokens, width) & valid.unsqueeze(-1)
     return _assemble(forced, first, take)
-
-
-def _kth_largest(flat: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """Per row, the budget[b]-th largest value of flat[b] ([B, 1]); +inf where the budget is 0."""
-    batch, width = flat.shape
-    budgets = budget.tolist()
-    if len(set(budgets)) == 1:  # no padding: one call for the whole batch
-        if budgets[0] <= 0:
-            return torch.full((batch, 1), float("inf"), dtype=flat.dtype, device=flat.device)
-        return torch.kthvalue(flat, width - budgets[0] + 1, dim=1, keepdim=True).values
-    out = torch.full((batch, 1), float("inf"), dtype=flat.dtype, device=flat.device)
-    # kthvalue takes one k for all rows: group rows that share a budget.
-    for b in sorted(set(budgets)):
-        if b <= 0:
-            continue
-        rows = torch.tensor([i for i, x in enumerate(budgets) if x == b], device=flat.device)
-        kth = torch.kthvalue(flat.index_select(0, rows), width - b + 1, dim=1).values
-        out.index_copy_(0, rows, kth.unsqueeze(1))
-    return out
 
 
 def count_greater(pool: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -142,9 +131,12 @@ def causal_greater_counts(earlier: torch.Tensor, chunk: torch.Tensor) -> torch.T
     earlier: [B, P] values of earlier tokens. chunk: [B, L, W]. Returns [B, L, W] counts.
     """
     batch, length, width = chunk.shape
+    if length == 1:  # a decode step: the pool is the history plus the token's own better candidates
+        own = (chunk.unsqueeze(-2) > chunk.unsqueeze(-1)).sum(dim=-1)
+        return own + count_greater(earlier, chunk.view(batch, width)).view(batch, 1, width)
     queries = chunk.reshape(batch, length * width)
     total = earlier.shape[1] + length * width
-    if queries.shape[1] * total <= _BROADCAST_LIMIT:  # short chunks (decode steps): compare directly
+    if queries.shape[1] * total <= _BROADCAST_LIMIT:  # short chunks: compare directly
         owner = torch.arange(length, device=chunk.device).repeat_interleave(width)
         causal = owner.unsqueeze(0) <= torch.arange(length, device=chunk.device).unsqueeze(1)  # [L, L*W]
         beats = (queries.view(batch, 1, 1, -1) > chunk.unsqueeze(-1)) & causal.view(1, length, 1, -1)

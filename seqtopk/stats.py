@@ -75,23 +75,33 @@ class RoutingStats:
         self._width = max(caps) + 1
         self._trace: RoutingTrace | None = None
         self._pending: dict[int, torch.Tensor] = {}
-        self._counters: torch.Tensor | None = None  # [layers, 2 + width]: tokens, assignments, histogram
+        self._histogram: torch.Tensor | None = None  # [layers, width + 1]: tokens per expert count, + padding
 
     def reset(self) -> None:
-        self._counters = None
+        self._histogram = None
 
-    def record(self, layer: int, ids: torch.Tensor, valid: torch.Tensor) -> None:
-        """ids: [B, T, cap] with -1 in unchosen slots; valid: [B, T] real tokens."""
-        per_token = (ids >= 0).sum(dim=-1)
-        if self._counters is None or self._counters.device != ids.device:
-            self._counters = torch.zeros(len(self.layers), 2 + self._width, dtype=torch.long, device=ids.device)
-        row = self._counters[layer]
-        weight = valid.long()
-        row[0] += weight.sum()
-        row[1] += (per_token * weight).sum()
-        row[2:].scatter_add_(0, per_token.flatten(), weight.flatten())
-        if self._trace is not None:
+    def record(self, layer: int, mask: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """mask: [B, T, cap] chosen slots; valid: [B, T] real tokens; ids (traces only): [B, T, cap], -1 unchosen.
+
+        One histogram row per layer; padding lands in a spill bin. Tokens and assignments are read off the
+        histogram when asked, so recording is three small kernels and no host sync.
+        """
+        width = self._width
+        self.histogram_row(layer, mask.device)
+        bins = torch.where(valid, mask.sum(dim=-1), width).flatten() + layer * (width + 1)
+        self._histogram.view(-1).scatter_add_(0, bins, torch.ones_like(bins))
+        if self._trace is not None and ids is not None:
             self._pending[layer] = ids.detach()
+
+    @property
+    def tracing(self) -> bool:
+        return self._trace is not None
+
+    def histogram_row(self, layer: int, device) -> torch.Tensor:
+        """This layer's histogram row (bins 0..width-1 experts, then the padding spill bin), for fused kernels."""
+        if self._histogram is None or self._histogram.device != torch.device(device):
+            self._histogram = torch.zeros(len(self.layers), self._width + 1, dtype=torch.long, device=device)
+        return self._histogram[layer]
 
     def end_forward(self, valid: torch.Tensor) -> None:
         """Called once per model forward: closes the trace record of that forward."""
@@ -111,14 +121,15 @@ class RoutingStats:
         self._pending = {}
 
     def snapshot(self) -> RoutingStatsSnapshot:
-        if self._counters is None:
-            counters = [[0] * (2 + self._width) for _ in self.layers]
+        width = self._width
+        if self._histogram is None:
+            histogram = [[0] * width for _ in self.layers]
         else:
-            counters = self._counters.cpu().tolist()
+            histogram = [row[:width] for row in self._histogram.cpu().tolist()]
         return RoutingStatsSnapshot(
             layers=self.layers,
             k=self.ks,
-            tokens=[c[0] for c in counters],
-            assignments=[c[1] for c in counters],
-            histogram=[c[2:] for c in counters],
+            tokens=[sum(row) for row in histogram],
+            assignments=[sum(j * n for j, n in enumerate(row)) for row in histogram],
+            histogram=histogram,
         )

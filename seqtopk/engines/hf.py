@@ -15,19 +15,27 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from seqtopk.config import ResolvedConfig, SeqTopKConfig
+from seqtopk.dispatch import plan_pairs, row_count
+from seqtopk.engines.hf_dispatch import run_chosen, run_plan
+from seqtopk.kernels import decode_step as fused_decode
 from seqtopk.routing import route
+from seqtopk.scoring import SoftmaxScoring
 from seqtopk.selection import NEG_INF
 from seqtopk.stats import RoutingStats
 
 logger = logging.getLogger("seqtopk")
 
 _PATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, SeqTopKPatch]" = weakref.WeakKeyDictionary()
+# One-token decode steps of softmax-scored families run as one fused Triton kernel on CUDA
+# (SEQTOPK_FUSED_DECODE=0 forces the torch path, e.g. to compare the two).
+_FUSED_DECODE = os.environ.get("SEQTOPK_FUSED_DECODE", "1") != "0"
 
 
 class UnsupportedModelError(ValueError):
@@ -79,6 +87,7 @@ class _Layer:
     cfg: ResolvedConfig
     scoring: object
     saved: dict = field(default_factory=dict)  # module -> its own instance-level forward, if it had one
+    plan: object = None  # the PairPlan of the last routing, consumed by the experts call that follows
 
 
 def _plan_layers(model: torch.nn.Module, config: SeqTopKConfig) -> list[_Layer]:
@@ -120,35 +129,56 @@ class _ForwardView:
     seen: torch.Tensor  # [B] real tokens before this forward (earlier cache positions)
     continuing: bool  # the KV cache already held tokens: route with the streaming rule
     state: "RoutingState | None"
+    start: int = 0  # cache position of the first new token
     routed_layers: set = field(default_factory=set)
 
 
 class RoutingState:
-    """Capped scores of every position routed so far, per layer ([B, S, cap], -inf for padding)."""
+    """Capped scores of every position routed so far, per layer, tied to one KV cache.
+
+    Each layer keeps a preallocated [B, capacity, cap] buffer filled with -inf beyond `length` (padding
+    positions are -inf too, so they never count as greater). Appending writes in place and doubles the
+    capacity when full, so a decode step costs O(1) copies and the shapes routing sees change rarely.
+    """
 
     def __init__(self):
-        self.history: dict[int, torch.Tensor] = {}
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.length = 0
+        self.batch: int | None = None
 
-    @property
-    def length(self) -> int:
-        return next(iter(self.history.values())).shape[1] if self.history else 0
+    def history(self, layer: int) -> torch.Tensor | None:
+        return self.buffers.get(layer)
 
-    @property
-    def batch(self) -> int | None:
-        return next(iter(self.history.values())).shape[0] if self.history else None
+    def reserve(self, layer: int, stop: int, batch: int, cap: int, device) -> torch.Tensor:
+        """This layer's buffer, grown (doubling) to hold positions < stop."""
+        buffer = self.buffers.get(layer)
+        if buffer is None or buffer.shape[1] < stop:
+            grown = torch.full((batch, max(64, 2 * stop), cap), NEG_INF, dtype=torch.float32, device=device)
+            if buffer is not None:
+                grown[:, : buffer.shape[1]] = buffer
+            self.buffers[layer] = buffer = grown
+        self.batch = batch
+        return buffer
 
-    def append(self, layer: int, values: torch.Tensor) -> None:
-        old = self.history.get(layer)
-        self.history[layer] = values if old is None else torch.cat([old, values], dim=1)
+    def append(self, layer: int, values: torch.Tensor, start: int) -> None:
+        """Write values [B, L, cap] at positions start..start+L of this layer's history."""
+        batch, length, cap = values.shape
+        buffer = self.reserve(layer, start + length, batch, cap, values.device)
+        buffer[:, start:start + length] = values
 
     def truncate(self, length: int) -> None:
-        self.history = {i: h[:, :length] for i, h in self.history.items()}
+        for buffer in self.buffers.values():
+            buffer[:, length:] = NEG_INF
+        self.length = min(self.length, length)
 
     def select(self, rows: torch.Tensor) -> None:
-        self.history = {i: h.index_select(0, rows.to(h.device)) for i, h in self.history.items()}
+        self.buffers = {i: b.index_select(0, rows.to(b.device)) for i, b in self.buffers.items()}
+        self.batch = int(rows.numel())
 
     def repeat_interleave(self, repeats: int) -> None:
-        self.history = {i: h.repeat_interleave(repeats, dim=0) for i, h in self.history.items()}
+        self.buffers = {i: b.repeat_interleave(repeats, dim=0) for i, b in self.buffers.items()}
+        if self.batch is not None:
+            self.batch *= repeats
 
 
 def _follow_cache(cache, state: RoutingState) -> None:
@@ -194,7 +224,7 @@ class SeqTopKPatch:
             for module in (router, experts):
                 layer.saved[module] = module.__dict__.get("forward")
             router.forward = _bind_router(self, layer, router)
-            experts.forward = _bind_experts(experts, layer.saved[experts] or experts.forward)
+            experts.forward = _bind_experts(layer, experts, layer.saved[experts] or experts.forward)
         self._hooks = [
             self.base.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.base.register_forward_hook(self._after_forward, with_kwargs=True),
@@ -244,7 +274,9 @@ class SeqTopKPatch:
             state = self._sync_state(state, past, batch)
             if cache is not None and self._states.get(cache) is not state:
                 self._attach(cache, state)
-        self._view = _ForwardView(batch, tokens, valid, seen, continuing=past > 0, state=state)
+        if state is not None:
+            state.length = past + tokens  # the layers of this forward write positions past..past+tokens
+        self._view = _ForwardView(batch, tokens, valid, seen, continuing=past > 0, state=state, start=past)
         return None
 
     def _after_forward(self, module, args, kwargs, output):
@@ -310,7 +342,11 @@ class SeqTopKPatch:
             rule = cfg.prefill
         else:
             rule = "causal" if cfg.decode == "expert_cache" else "topk"
-        history = view.state.history.get(layer.index) if (view.state is not None and rule == "causal") else None
+        history = view.state.history(layer.index) if (view.state is not None and rule == "causal") else None
+        if (rule == "causal" and view.tokens == 1 and view.state is not None and _FUSED_DECODE
+                and not torch.is_grad_enabled() and isinstance(layer.scoring, SoftmaxScoring)
+                and self.stats.tracing is False and fused_decode.available(logits.device)):
+            return self._route_fused_step(layer, router, logits, view)
         routed = route(logits, layer.scoring, cfg, view.batch, view.tokens, view.valid, rule,
                        history=history, seen=view.seen if view.continuing else None)
         if layer.index not in view.routed_layers:
@@ -318,10 +354,29 @@ class SeqTopKPatch:
             # but must not extend the history or count twice.
             view.routed_layers.add(layer.index)
             if view.state is not None:
-                values = routed.values.detach().masked_fill(~view.valid.unsqueeze(-1), NEG_INF)
-                view.state.append(layer.index, values)
-            self.stats.record(layer.index, routed.ids.view(view.batch, view.tokens, cfg.cap), view.valid)
+                values = torch.where(view.valid.unsqueeze(-1), routed.values.detach(), NEG_INF)
+                view.state.append(layer.index, values, start=view.start)
+            self.stats.record(layer.index, routed.mask, view.valid,
+                              ids=routed.ids.view(view.batch, view.tokens, cfg.cap))
+        layer.plan = None
+        if cfg.cap > cfg.k:  # with cap == k every real slot is chosen: stock dispatch, bit for bit
+            flat_mask = routed.mask.view(n, cfg.cap)
+            exact = n * cfg.k if rule == "topk" or (rule == "sequence" and cfg.exact_budget) else None
+            layer.plan = plan_pairs(routed.ids, routed.weights, flat_mask, row_count(flat_mask, exact))
         return layer.family.outputs(router, logits, routed.weights, routed.ids)
+
+
+    def _route_fused_step(self, layer: _Layer, router, logits: torch.Tensor, view: _ForwardView):
+        """A one-token decode step in a single fused kernel (seqtopk.kernels.decode_step)."""
+        cfg = layer.cfg
+        probs = torch.softmax(logits.float(), dim=-1)
+        history = view.state.reserve(layer.index, view.start + 1, view.batch, cfg.cap, logits.device)
+        ids, weights, mask = fused_decode.decode_step(
+            probs, history, view.start, view.seen, view.valid.reshape(-1), cfg.k, cfg.cap, cfg.min_experts,
+            cfg.exact_budget, layer.scoring.renormalize, self.stats.histogram_row(layer.index, logits.device))
+        view.routed_layers.add(layer.index)
+        layer.plan = plan_pairs(ids, weights, mask, row_count(mask, None))
+        return layer.family.outputs(router, logits, weights, ids.masked_fill(~mask, -1))
 
 
 def _bind_router(patch: SeqTopKPatch, layer: _Layer, router):
@@ -331,19 +386,17 @@ def _bind_router(patch: SeqTopKPatch, layer: _Layer, router):
     return forward
 
 
-def _bind_experts(experts, original):
-    """Run the experts on chosen (token, expert) pairs only; unchosen slots (-1) cost nothing."""
+def _bind_experts(layer: _Layer, experts, original):
+    """Run the experts on chosen (token, expert) rows only; unchosen slots (-1) cost nothing."""
 
     def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
-        unchosen = top_k_index < 0
-        if not bool(unchosen.any()):
+        plan, layer.plan = layer.plan, None
+        if args or kwargs:
             return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        token, slot = (~unchosen).nonzero(as_tuple=True)
-        out = torch.zeros_like(hidden_states)
-        if token.numel() == 0:
-            return out
-        rows = original(hidden_states[token], top_k_index[token, slot].unsqueeze(1),
-                        top_k_weights[token, slot].unsqueeze(1), *args, **kwargs)
-        return out.index_add_(0, token, rows.to(out.dtype))
+        if plan is not None and plan.tokens == hidden_states.shape[0]:
+            return run_plan(experts, original, hidden_states, plan)
+        if not bool((top_k_index < 0).any()):
+            return original(hidden_states, top_k_index, top_k_weights)
+        return run_chosen(experts, original, hidden_states, top_k_index, top_k_weights)
 
     return forward
