@@ -143,3 +143,44 @@ def test_mixed_step_routes_decode_rows_apart_from_prefill_rows():
         rule = select_sequence if r == 1 else (lambda v, *a: select_causal(v, *a)[:, c:])
         assert torch.equal(mask[starts[r]:starts[r] + q], rule(seq.unsqueeze(0), None, K)[0])
     assert not mask[-2:].any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graph capture)")
+def test_decode_step_captures_and_replays_in_a_cuda_graph():
+    """Capture fails on any host sync; replay with new step data in the same buffers must match eager."""
+    device = "cuda"
+
+    def step_data(seed):
+        gen = torch.Generator().manual_seed(seed)
+        seq_lens = torch.randint(2, 13, (3,), generator=gen)
+        return dict(starts=torch.tensor([0, 1, 2, 3]), seq_lens=seq_lens, values=capped(4, seed=seed),
+                    store=torch.rand(4 * BLOCK + 1, CAP, generator=gen),
+                    block_table=torch.stack([torch.randperm(4, generator=gen)[:3] for _ in range(3)]),
+                    slots=torch.tensor([1, 6, 13, -1]))
+
+    def decode_step(d):
+        batch = ragged_batch(d["starts"], d["seq_lens"], d["values"].shape[0], 1)
+        history = gather_paged(d["store"], *history_slots(d["block_table"], BLOCK, batch.context, 12,
+                                                          d["store"].shape[0]))
+        mask = select_ragged(d["values"], batch, K, history=history)
+        write_paged(d["store"], d["slots"], d["values"])
+        return mask
+
+    buffers = {k: v.to(device) for k, v in step_data(0).items()}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode_step({k: v.clone() for k, v in buffers.items()})  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decode_step(buffers)
+    for seed in (1, 2, 3):
+        fresh = step_data(seed)
+        for name, value in fresh.items():
+            buffers[name].copy_(value)
+        graph.replay()
+        expected_store = fresh["store"].clone()
+        expected = decode_step({**fresh, "store": expected_store})
+        assert torch.equal(captured.cpu(), expected)
+        assert torch.equal(buffers["store"].cpu(), expected_store)
