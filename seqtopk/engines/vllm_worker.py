@@ -47,15 +47,15 @@ def _install() -> None:
     if getattr(original, "seqtopk_wrapped", False):
         return
 
-    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
-        original(self, kv_cache_config, *args, **kwargs)
-        attach_state(self, kv_cache_config)
+    def initialize_kv_cache(self, kv_cache_config, is_profiling=False, *args, **kwargs):
+        original(self, kv_cache_config, is_profiling, *args, **kwargs)
+        attach_state(self, kv_cache_config, log=not is_profiling)
 
     initialize_kv_cache.seqtopk_wrapped = True
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache
 
 
-def attach_state(runner, kv_cache_config) -> None:
+def attach_state(runner, kv_cache_config, log: bool = True) -> None:
     """Check every MoE layer, allocate its paged routing state, and log what runs SeqTopK."""
     import torch
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
@@ -101,6 +101,8 @@ def attach_state(runner, kv_cache_config) -> None:
         kv_bytes_per_token=sum(g.kv_cache_spec.page_size_bytes // g.kv_cache_spec.block_size * len(g.layer_names)
                                for g in kv_cache_config.kv_cache_groups),
         store_bytes=sum(r.store.numel() * r.store.element_size() for r in routers))
+    if not log:  # a profiling set-up: the real one follows
+        return
     logger.info("SeqTopK routing on %d MoE layer(s) (%s ... %s): %s; routing state %d B/token/layer next to "
                 "%d B/token/layer of KV cache (%.2f%%)", len(routers), routers[0].layer_name,
                 routers[-1].layer_name, describe(routers[0].cfg), state_bytes, kv_bytes,
