@@ -63,6 +63,7 @@ def test_bad_settings_are_refused_before_any_model_is_touched(engine_args, bad, 
     ({"enable_expert_parallel": True}, "expert parallelism"),
     ({"enable_eplb": True}, "expert parallelism"),
     ({"speculative_config": {"method": "ngram"}}, "speculative decoding"),
+    ({"enable_dbo": True}, "dual-batch overlap"),
     ({"worker_extension_cls": "my.Extension"}, "worker-extension-cls"),
 ])
 def test_configurations_seqtopk_cannot_honour_stop_start_up(engine_args, option, message):

@@ -63,6 +63,8 @@ def prepare_engine_args(args, logger) -> SeqTopKConfig | None:
                         "one engine and was not verified across data-parallel ranks")
     if args.enable_expert_parallel or args.enable_eplb:
         problems.append("expert parallelism / EPLB: the routed ids would be remapped across ranks")
+    if args.enable_dbo:
+        problems.append("dual-batch overlap (--enable-dbo): a step's layout is read once per forward")
     if args.speculative_config:
         problems.append("speculative decoding: draft and verify steps were not verified with SeqTopK")
     if args.worker_extension_cls and args.worker_extension_cls != WORKER_EXTENSION:
