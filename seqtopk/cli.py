@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "seqtopk.commands.demo",
     "seqtopk.commands.tiny",
+    "seqtopk.commands.vllm_cpu_metadata",
     "seqtopk.commands.lm_eval",
 )
 

