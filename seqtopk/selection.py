@@ -87,7 +87,11 @@ def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, mi
 
 
 def count_greater(pool: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """For each query, how many pool values are strictly greater. pool [B, P], queries [B, Q] -> [B, Q]."""
+    """For each query, how many pool values are strictly greater. pool [B, P], queries [B, Q] -> [B, Q].
+
+    Compares every pair in one broadcast while that stays small (decode steps: a few candidates against
+    the history); otherwise sorts the pool and binary-searches the queries in it.
+    """
     if pool.shape[1] == 0:
         return torch.zeros(queries.shape, dtype=torch.long, device=queries.device)
     if pool.shape[0] * pool.shape[1] * queries.shape[1] <= _BROADCAST_LIMIT:

@@ -134,10 +134,12 @@ def test_bucketed_counts_match_brute_force_with_ties():
         assert torch.equal(_bucketed_causal_counts(earlier, chunk), expected)
 
 
-def test_count_greater_sorted_path_matches_broadcast():
+@pytest.mark.parametrize("pool_size,queries_size", [(3000, 6000), (3000, 10), (50, 40)])
+def test_count_greater_paths_match_brute_force(pool_size, queries_size):
     torch.manual_seed(5)
-    pool = (torch.rand(2, 3000) * 50).round()
-    queries = (torch.rand(2, 6000) * 50).round()  # 36M comparisons: takes the sort + search path
+    pool = (torch.rand(2, pool_size) * 50).round()  # coarse values: many exact ties
+    pool[0, :7] = -INF
+    queries = (torch.rand(2, queries_size) * 50).round()
     expected = torch.stack([(pool[b][None, :] > queries[b][:, None]).sum(-1) for b in range(2)])
     assert torch.equal(count_greater(pool, queries), expected)
 
