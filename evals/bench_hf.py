@@ -255,9 +255,12 @@ def main() -> None:
     parser.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="JSON path (default evals/results/hf_bench_<device>.json)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"building {args.shape} model on {args.device} ({device_name})", flush=True)
     model = build_model(shape, args.device)
@@ -266,7 +269,7 @@ def main() -> None:
     result = {"shape": args.shape, "device": args.device, "device_name": device_name,
               "torch": torch.__version__, "transformers": transformers.__version__,
               "experts_implementation": getattr(model.config, "_experts_implementation", None),
-              "config": {k: v for k, v in shape.items()}, "reps": args.reps,
+              "config": {k: v for k, v in shape.items()}, "reps": args.reps, "threads": torch.get_num_threads(),
               "settings": {"k": shape["num_experts_per_tok"], "cap": shape["num_experts_per_tok"] + 2,
                            "exact_budget": True, "prefill": "sequence", "decode": "expert_cache"}}
     result.update(bench_model(model, shape, args.device, args.reps))

@@ -3,9 +3,10 @@
 SeqTopK gives each token between min_experts and cap experts. `plan_pairs` lists the chosen slots as R
 rows of one expert each, token-major, and fixes R up front so nothing waits on the GPU:
 - N*k, the exact total, under the sequence rule with an exact budget (and under plain TopK);
-- N*cap, a static bound, for small steps (decode): the spare rows carry weight 0 and reuse an expert the
-  step reads anyway, so a grouped GEMM reads no extra expert weights for them;
-- otherwise the true count, at the cost of one host sync.
+- N*cap, a static bound, for small steps (decode) on an accelerator: the spare rows carry weight 0 and
+  reuse an expert the step reads anyway, so a grouped GEMM reads no extra expert weights for them, and
+  the GPU never waits on a host sync;
+- otherwise the true count: one host sync, which costs nothing on the CPU, where rows cost real compute.
 `combine_rows` sums the rows back per token in one gather + batched product.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Steps with at most this many [token, slot] entries use the static bound N*cap instead of a host sync.
+# Accelerator steps with at most this many [token, slot] entries use the static bound N*cap.
 SMALL_STEP_SLOTS = 4096
 
 
@@ -40,12 +41,13 @@ class PairPlan:
 
 
 def row_count(mask: torch.Tensor, exact_total: int | None) -> int:
-    """R for a [N, cap] mask: the known exact total, the static bound for small steps, else the true count."""
+    """R for a [N, cap] mask: the known exact total; on an accelerator, the static bound for small steps;
+    else the true count (a host sync, free on the CPU, where spare rows would cost real compute)."""
     if exact_total is not None:
         return exact_total
-    if mask.numel() <= SMALL_STEP_SLOTS:
+    if mask.device.type != "cpu" and mask.numel() <= SMALL_STEP_SLOTS:
         return mask.numel()
-    return int(mask.sum())  # one host sync
+    return int(mask.sum())
 
 
 def plan_pairs(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, rows: int) -> PairPlan:
