@@ -5,8 +5,10 @@ switching routing on without fine-tuning was slightly worse. At a scale this mac
 1. pretrain a tiny OLMoE-style model (byte-level, 16 experts) with stock TopK;
 2. from that checkpoint, fine-tune the same number of steps with stock TopK (control) and with SeqTopK;
 3. evaluate held-out loss (last 10% of the text, never trained on) for: the pretrained model, the TopK
-   fine-tune, SeqTopK switched on without fine-tuning, and the SeqTopK fine-tune, each at its measured
-   experts per token. SeqTopK is evaluated with the causal rule (no information from later tokens).
+   fine-tune, SeqTopK switched on without fine-tuning, the SeqTopK fine-tune (published defaults: the
+   minimum of one expert comes on top of the budget), and a SeqTopK fine-tune held to exactly T*k pairs
+   (exact budget, no minimum) for a comparison at equal compute; each with its measured experts per
+   token. SeqTopK is evaluated with the causal rule (no information from later tokens).
 Repeated for k=2 and k=1. Writes evals/results/repro_tiny_finetune.json and .png.
 
     python evals/repro_tiny_finetune.py [--pretrain-steps 400] [--finetune-steps 150]
@@ -102,12 +104,14 @@ def run_budget(k, train_ids, test_ids, args):
     switched.load_state_dict(state)
     seqtopk.patch(switched, cap=k + 2, prefill="causal")
     evaluate("SeqTopK switched on", switched)
-    tuned = build_model(k)
-    tuned.load_state_dict(state)
-    seqtopk.patch(tuned, cap=k + 2)  # the published (sequence) rule while training
-    train(tuned, train_ids, args.finetune_steps, 1e-3, 1, f"finetune SeqTopK k={k}")
-    seqtopk.patch(tuned, cap=k + 2, prefill="causal")  # honest evaluation
-    evaluate("SeqTopK fine-tune", tuned)
+    for name, settings in (("SeqTopK fine-tune", {}),
+                           ("SeqTopK fine-tune, exact T*k", {"exact_budget": True, "min_experts": 0})):
+        tuned = build_model(k)
+        tuned.load_state_dict(state)
+        seqtopk.patch(tuned, cap=k + 2, **settings)  # the published (sequence) rule while training
+        train(tuned, train_ids, args.finetune_steps, 1e-3, 1, f"{name} k={k}")
+        seqtopk.patch(tuned, cap=k + 2, prefill="causal", **settings)  # honest evaluation
+        evaluate(name, tuned)
     return {"pretrain_final_loss": sum(pre_losses[-20:]) / 20, "results": rows}
 
 
@@ -122,7 +126,7 @@ def plot(result, path: Path) -> None:
     for ax, (k, data) in zip(axes, result["budgets"].items()):
         names = list(data["results"])
         losses = [data["results"][n]["held_out_loss"] for n in names]
-        ax.bar(range(len(names)), losses, color=["gray", "C0", "C1", "C2"])
+        ax.bar(range(len(names)), losses, color=["gray", "C0", "C1", "C2", "C3"][: len(names)])
         ax.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=8)
         low = min(losses)
         ax.set_ylim(low - 0.1, max(losses) + 0.05)
