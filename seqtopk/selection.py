@@ -33,13 +33,17 @@ def capped_candidates(scores: torch.Tensor, cap: int) -> tuple[torch.Tensor, tor
     return torch.topk(scores, cap, dim=-1)
 
 
-def _split_forced(values: torch.Tensor, valid: torch.Tensor, k: int, min_experts: int, exact_budget: bool):
-    """Columns every real token keeps, the first column that competes for the cut, and its per-token budget."""
+def _split_forced(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_experts: int,
+                  exact_budget: bool):
+    """Real tokens (all, if valid is None), the columns every real token keeps, the first column that
+    competes for the cut, and the per-token budget it competes for."""
+    if valid is None:
+        valid = torch.ones(values.shape[:2], dtype=torch.bool, device=values.device)
     forced_cols = min(min_experts, values.shape[-1])
     forced = valid.unsqueeze(-1).expand(*valid.shape, forced_cols)
     first = forced_cols if exact_budget else 0
     per_token = k - forced_cols if exact_budget else k
-    return forced, first, per_token
+    return valid, forced, first, per_token
 
 
 def _assemble(forced: torch.Tensor, first: int, take: torch.Tensor) -> torch.Tensor:
@@ -56,9 +60,7 @@ def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, mi
                     exact_budget: bool = False) -> torch.Tensor:
     """Published prefill rule. values: [B, T, C] capped scores, best first. Returns a bool mask [B, T, C]."""
     batch, tokens, cap = values.shape
-    if valid is None:
-        valid = torch.ones(batch, tokens, dtype=torch.bool, device=values.device)
-    forced, first, per_token = _split_forced(values, valid, k, min_experts, exact_budget)
+    valid, forced, first, per_token = _split_forced(values, valid, k, min_experts, exact_budget)
     if per_token <= 0 or tokens == 0:
         return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
     compete = values[..., first:]
@@ -111,9 +113,7 @@ def select_causal(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_
     seen: [B] number of real earlier tokens (defaults to the real rows of history, or 0).
     """
     batch, length, cap = values.shape
-    if valid is None:
-        valid = torch.ones(batch, length, dtype=torch.bool, device=values.device)
-    forced, first, per_token = _split_forced(values, valid, k, min_experts, exact_budget)
+    valid, forced, first, per_token = _split_forced(values, valid, k, min_experts, exact_budget)
     if per_token <= 0 or length == 0:
         return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
     if seen is None:
