@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "seqtopk.commands.demo",
     "seqtopk.commands.tiny",
+    "seqtopk.csr.cli",
 )
 
 
