@@ -61,7 +61,7 @@ def main() -> int:
     parser.add_argument("--ks", default="2,4,8,16,32")
     parser.add_argument("--methods", default="csr,csrv2,csrv2-ft", help="comma-separated: csr, csrv2, csrv2-ft")
     parser.add_argument("--finetune-ks", default="2,8", help="k values that also get csrv2-ft (backbone fine-tuning)")
-    parser.add_argument("--steps", type=int, default=2000, help="head training steps")
+    parser.add_argument("--steps", type=int, default=1500, help="head training steps")
     parser.add_argument("--finetune-steps", type=int, default=200)
     parser.add_argument("--tasks", default="scifact,stsb,sickr,banking77")
     parser.add_argument("--seed", type=int, default=0)

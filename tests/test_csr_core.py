@@ -137,6 +137,7 @@ def test_k_anneal_schedule():
     assert k_at_step(3, 10, 100, 2) == round(100 - 98 * 3 / 7)
     config = TrainConfig(k=2, method="csrv2", k_init=1000)
     assert config.k_start(hidden=1536) == 384  # capped at hidden/4
+    assert TrainConfig(k=2, method="csrv2").k_start(1536) == 64 and TrainConfig(k=32, method="csrv2").k_start(1536) == 384
     assert TrainConfig(k=2, method="csr").k_start(1536) == 2
     assert TrainConfig(k=2, method="csrv2").supervised and not TrainConfig(k=2).supervised
 

@@ -111,7 +111,7 @@ def test_csrv2_backbone_finetuning_changes_the_saved_backbone():
     out = scratch_dir() / "csrv2-ft"
     config = TrainConfig(k=4, method="csrv2", max_steps=10, batch_size=32, finetune_steps=2, finetune_batch_size=4, data=[str(tiny_training_file())])
     summary = train_head(default_backbone(), out, config, progress=False)
-    assert summary["backbone_finetuned"] and summary["config"]["k_start"] == 384
+    assert summary["backbone_finetuned"] and summary["config"]["k_start"] == 128
     tuned = load_safetensors(str(out / "model.safetensors"))
     original = load_safetensors(str(default_backbone() / "model.safetensors"))
     name = "encoder.layer.0.attention.self.query.weight"

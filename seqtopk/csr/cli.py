@@ -37,7 +37,7 @@ def _add_train(commands) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="pairs per head training step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden-multiple", type=int, default=4, help="hidden size = this x backbone dimension")
-    p.add_argument("--k-init", type=int, default=None, help="csrv2: first k of the anneal (default and cap: hidden/4)")
+    p.add_argument("--k-init", type=int, default=None, help="csrv2: first k of the anneal (default 32 x k, capped at hidden/4)")
     p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=None,
                    help="supervised contrastive with labels (default: on for csrv2, off for csr)")
     p.add_argument("--finetune-steps", type=int, default=0, help="csrv2: end-to-end backbone fine-tuning steps after the head")
