@@ -178,3 +178,21 @@ def test_tiny_head_learns_to_reconstruct():
         loss.backward()
         optimiser.step()
     assert parts["mse_k"] < 0.5 * first
+
+
+def test_heldout_split_and_batches():
+    from seqtopk.csr.batches import epoch_batches, split_heldout
+    from seqtopk.csr.data import TrainingSet
+
+    rng = np.random.default_rng(0)
+    pairs = np.array([[2 * i, 2 * i + 1] for i in range(50)])
+    a = TrainingSet("a", [f"a{i}" for i in range(100)], np.arange(100) // 2, pairs, heldout=["a-dev", "a3"])
+    b = TrainingSet("b", [f"b{i}" for i in range(60)], np.arange(60) % 3)
+    split = split_heldout([a, b], 0.2, rng)
+    assert "a-dev" in split.heldout_texts and not set(split.heldout_texts) & set(split.texts)
+    assert 0 < len(split.heldout_texts) - 1 < 60  # about 20% of 160 texts, plus the dev text
+    for anchors, positives, labels in epoch_batches(split, 16, rng):
+        assert len({split.texts[i][0] for i in np.concatenate([anchors, positives])}) == 1  # one dataset per batch
+        owner = a if split.texts[anchors[0]][0] == "a" else b
+        original = {t: lab for t, lab in zip(owner.texts, owner.labels)}
+        assert [original[split.texts[i]] for i in anchors] == list(labels) == [original[split.texts[i]] for i in positives]

@@ -92,12 +92,12 @@ def test_jsonl_with_misnamed_label_key_is_an_error_not_silently_unlabelled(capsy
 
 def test_supervised_batches_carry_the_dataset_labels():
     """The labels that reach the supervised contrastive loss are the dataset's, pair by pair."""
+    from seqtopk.csr.batches import Split, epoch_batches
     from seqtopk.csr.data import load_file
-    from seqtopk.csr.train import epoch_batches
 
     training = load_file(tiny_training_file())
     rng = np.random.default_rng(0)
-    for anchors, positives, labels in epoch_batches([training], [0], 32, rng):
+    for anchors, positives, labels in epoch_batches(Split([training], []), 32, rng):
         assert np.array_equal(labels, training.labels[anchors])
         assert np.array_equal(training.labels[anchors], training.labels[positives])
 

@@ -17,6 +17,7 @@ def evaluate_heads(heads: list[Path], tasks: list[str], use_cache: bool = True) 
     from seqtopk.csr.mteb_models import CSRHeadModel, run_tasks
     from seqtopk.csr.mteb_tasks import local_tasks
 
+    local_tasks(tasks)  # unknown task names fail here, before any model is loaded
     rows = []
     for head in heads:
         summary = training_summary(head)

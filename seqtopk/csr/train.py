@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from seqtopk.csr.data import TrainingSet, load_training_sets
+from seqtopk.csr.batches import Split, epoch_batches, split_heldout
+from seqtopk.csr.data import load_training_sets
 from seqtopk.csr.losses import LossWeights
 
 METHODS = ("csr", "csrv2")
@@ -86,49 +87,6 @@ def k_at_step(step: int, total_steps: int, k_start: int, k_final: int, anneal_fr
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: held-out split and batches
-
-
-@dataclass
-class Split:
-    train: list[TrainingSet]
-    heldout_texts: list[str]
-
-
-def split_heldout(sets: list[TrainingSet], fraction: float, rng: np.random.Generator) -> Split:
-    """Hold out a fraction of every set's texts (pairs touching them are dropped) for dead-latent counts,
-    plus each set's own held-out texts (dev splits, unjudged documents), minus any text trained on."""
-    train, heldout = [], []
-    for s in sets:
-        out = rng.random(len(s.texts)) < fraction
-        heldout.extend(t for t, o in zip(s.texts, out) if o)
-        keep = np.flatnonzero(~out)
-        remap = -np.ones(len(s.texts), dtype=np.int64)
-        remap[keep] = np.arange(len(keep))
-        pairs = None
-        if s.pairs is not None:
-            pairs = remap[s.pairs]
-            pairs = pairs[(pairs >= 0).all(axis=1)]
-        train.append(TrainingSet(s.name, [s.texts[i] for i in keep], s.labels[keep], pairs))
-        heldout.extend(s.heldout)
-    trained_on = {t for s in train for t in s.texts}
-    return Split(train, [t for t in dict.fromkeys(heldout) if t not in trained_on])
-
-
-def epoch_batches(sets: list[TrainingSet], offsets: list[int], batch_size: int, rng: np.random.Generator):
-    """One epoch of single-dataset batches: (global anchor rows, global positive rows, labels), shuffled."""
-    batches = []
-    for s, offset in zip(sets, offsets):
-        pairs = s.sample_pairs(rng)
-        pairs = pairs[rng.permutation(len(pairs))]
-        for start in range(0, len(pairs) - 1, batch_size):
-            chunk = pairs[start : start + batch_size]
-            if len(chunk) >= 2:
-                batches.append((chunk[:, 0] + offset, chunk[:, 1] + offset, s.labels[chunk[:, 0]]))
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-# ----------------------------------------------------------------------------------------------------
 # Loss on one batch
 
 
@@ -185,8 +143,7 @@ def train_head(backbone: Path, out: Path, config: TrainConfig, overwrite: bool =
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     split = split_heldout(sets, config.heldout_fraction, rng)
-    texts = [t for s in split.train for t in s.texts]
-    offsets = list(np.cumsum([0] + [len(s.texts) for s in split.train])[:-1])
+    texts = split.texts
 
     cached = CachedBackbone(backbone)
     embeddings = torch.from_numpy(cached.encode(texts + split.heldout_texts, desc="backbone embeddings"))
@@ -202,7 +159,7 @@ def train_head(backbone: Path, out: Path, config: TrainConfig, overwrite: bool =
     history, step = [], 0
     bar = tqdm(total=config.max_steps, desc=f"{config.method} head k={config.k}", disable=not progress)
     while step < config.max_steps:
-        for anchors, positives, labels in epoch_batches(split.train, offsets, config.batch_size, rng):
+        for anchors, positives, labels in epoch_batches(split, config.batch_size, rng):
             if step >= config.max_steps:
                 break
             k = k_at_step(step, config.max_steps, k_start, config.k, config.anneal_fraction)
@@ -290,12 +247,11 @@ def _finetune(model, head, split: Split, config: TrainConfig, rng, progress: boo
             {"params": head.parameters(), "lr": config.finetune_lr * 10},
         ]
     )
-    texts = [t for s in split.train for t in s.texts]
-    offsets = list(np.cumsum([0] + [len(s.texts) for s in split.train])[:-1])
+    texts = split.texts
     history, step = [], 0
     bar = tqdm(total=config.finetune_steps, desc=f"backbone fine-tuning k={config.k}", disable=not progress)
     while step < config.finetune_steps:
-        for anchors, positives, labels in epoch_batches(split.train, offsets, config.finetune_batch_size, rng):
+        for anchors, positives, labels in epoch_batches(split, config.finetune_batch_size, rng):
             if step >= config.finetune_steps:
                 break
             features = model.preprocess([texts[i] for i in anchors] + [texts[i] for i in positives])
