@@ -8,6 +8,16 @@ import sys
 from pathlib import Path
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Append "(default: X)" unless the help already states its default or there is none to state."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" not in text and action.default is not None and action.default is not False and action.default != argparse.SUPPRESS:
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_parser(sub) -> None:
     csr = sub.add_parser("csr", help="CSR / CSRv2 sparse embedding heads: train, evaluate", description=__doc__)
     commands = csr.add_subparsers(dest="csr_command", metavar="ACTION", required=True)
@@ -22,7 +32,7 @@ def _add_train(commands) -> None:
         description="Fit a CSR (or CSRv2) head on a dense sentence-transformers backbone. The head is trained on "
         "cached backbone embeddings; --finetune-steps adds CSRv2 end-to-end backbone fine-tuning. Data comes from "
         "the train splits under ../shared/data (override the location with $SEQTOPK_SHARED).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpWithDefaults,
     )
     p.add_argument("--backbone", type=Path, default=None, help="sentence-transformers model folder (default: offline all-MiniLM-L6-v2)")
     p.add_argument("--k", type=int, required=True, help="active latents per embedding")
@@ -33,15 +43,15 @@ def _add_train(commands) -> None:
         help="training data, repeatable: scifact, stsb, sick, banking77 (train splits) or a JSONL file of "
         '{"anchor","positive"} pairs or {"text","label"} rows (default: the four shared train splits)',
     )
-    p.add_argument("--max-steps", type=int, default=3000, help="head training steps on cached embeddings")
+    p.add_argument("--max-steps", type=int, default=2000, help="head training steps on cached embeddings")
     p.add_argument("--batch-size", type=int, default=256, help="pairs per head training step")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the head")
     p.add_argument("--hidden-multiple", type=int, default=4, help="hidden size = this x backbone dimension")
     p.add_argument("--k-init", type=int, default=None, help="csrv2: first k of the anneal (default 32 x k, capped at hidden/4)")
     p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=None,
                    help="supervised contrastive with labels (default: on for csrv2, off for csr)")
     p.add_argument("--finetune-steps", type=int, default=0, help="csrv2: end-to-end backbone fine-tuning steps after the head")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split, batches and initialisation")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_train)
@@ -53,7 +63,7 @@ def _add_eval(commands) -> None:
         help="MTEB scores of saved heads on SciFact, STS-B, SICK-R and Banking77 built from ../shared/data",
         description="Run MTEB (offline) on tasks built from ../shared/data for each head folder and print a JSON "
         "summary with the main scores and the held-out dead-latent fraction recorded at training time.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpWithDefaults,
     )
     p.add_argument("heads", nargs="+", type=Path, metavar="HEAD_DIR")
     p.add_argument("--tasks", default="scifact,stsb,sickr,banking77", help="comma-separated: scifact, stsb, sickr, banking77")

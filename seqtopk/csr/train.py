@@ -31,7 +31,7 @@ class TrainConfig:
     k: int
     method: str = "csr"
     hidden_multiple: int = 4  # hidden size = this x backbone dimension (published: 4)
-    max_steps: int = 3000
+    max_steps: int = 2000
     batch_size: int = 256  # pairs per step on cached embeddings
     lr: float = 1e-3
     k_init: int | None = None  # CSRv2 annealing start; default 32 x k, capped at hidden/4
