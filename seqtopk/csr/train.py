@@ -220,18 +220,12 @@ def _assemble(backbone, head):
 
 
 def _encode_dense(model, texts: list[str]):
-    """Backbone embeddings through a (fine-tuned) SparseEncoder's dense modules."""
+    """Backbone embeddings through a (fine-tuned) SparseEncoder's dense modules (length-sorted batches)."""
     import torch
+    from sentence_transformers import SentenceTransformer
 
-    dense = list(model)[:-1]
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(texts), 64):
-            features = model.preprocess(texts[start : start + 64])
-            for module in dense:
-                features = module(features)
-            out.append(features["sentence_embedding"])
-    return torch.cat(out) if out else torch.zeros(0, model[-1].input_dim)
+    dense = SentenceTransformer(modules=list(model)[:-1], device="cpu")
+    return dense.encode(texts, batch_size=64, convert_to_tensor=True, show_progress_bar=False).float() if texts else torch.zeros(0, model[-1].input_dim)
 
 
 def _finetune(model, head, split: Split, config: TrainConfig, rng, progress: bool) -> list[dict]:
