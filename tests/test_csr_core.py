@@ -196,3 +196,19 @@ def test_heldout_split_and_batches():
         owner = a if split.texts[anchors[0]][0] == "a" else b
         original = {t: lab for t, lab in zip(owner.texts, owner.labels)}
         assert [original[split.texts[i]] for i in anchors] == list(labels) == [original[split.texts[i]] for i in positives]
+
+
+def test_only_the_contrastive_term_reaches_a_finetuned_backbone():
+    from dataclasses import replace
+
+    from seqtopk.csr.train import batch_loss
+
+    torch.manual_seed(0)
+    head = CSRSparseAutoEncoder(8, 32, k=4, k_aux=8).train()
+    config = TrainConfig(k=4)
+    for weight, reaches in ((0.0, False), (1.0, True)):
+        x = F.normalize(torch.randn(16, 8), dim=-1).requires_grad_()  # stands for a backbone's output
+        loss, _ = batch_loss(head, x, 8, np.arange(8), 4, replace(config, weights=replace(config.weights, contrastive=weight)))
+        loss.backward()
+        assert (x.grad is not None and x.grad.abs().sum() > 0) == reaches
+        head.zero_grad()

@@ -91,21 +91,30 @@ def k_at_step(step: int, total_steps: int, k_start: int, k_final: int, anneal_fr
 
 
 def batch_loss(head, x, n_pairs: int, labels, k: int, config: TrainConfig):
-    """Total loss and its parts for a batch whose rows are [anchors; positives] dense embeddings."""
+    """Total loss and its parts for a batch whose rows are [anchors; positives] dense embeddings.
+
+    Reconstruction sees the embeddings detached, so when the backbone is fine-tuned only the contrastive
+    term reaches it; otherwise the backbone could make its embeddings easier to reconstruct from k
+    latents at the expense of what they mean.
+    """
     import torch
 
     from seqtopk.csr.losses import info_nce, reconstruction_terms, supervised_contrastive
+    from seqtopk.csr.sparse_coding import topk_relu
 
     head.k = k
-    features = head({"sentence_embedding": x})
+    target = x.detach()
+    features = head({"sentence_embedding": target})
     codes = features["sentence_embedding"]
     aux = features["csr_codes_aux"]
     parts = reconstruction_terms(
-        x,
+        target,
         head.decode_codes(codes),
         head.decode_codes(features["csr_codes_4k"]),
         None if aux is None else aux @ head.encoder.weight,
     )
+    if x.requires_grad:  # backbone fine-tuning: the same codes, computed from the live embeddings
+        codes = topk_relu(head.pre_activations(x), k)
     w = config.weights
     if config.supervised:
         both = torch.as_tensor(np.concatenate([labels, labels]), device=codes.device)
