@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from seqtopk.csr.sparse_index import CodeStatistics, InvertedIndex, SparseRows, synthetic_corpus
 
@@ -39,13 +40,17 @@ def test_synthetic_corpus_follows_the_head_statistics():
         assert set(docs.values[docs.indices == latent].tolist()) <= observed
 
 
-def test_inverted_index_search_is_exact():
+@pytest.mark.parametrize("use_numba", [False, True])
+def test_inverted_index_search_is_exact(use_numba):
     docs = SparseRows.from_dense(_real_like_codes(n=3000, dim=96, k=6, seed=2)).l2_normalized()
     queries = SparseRows.from_dense(_real_like_codes(n=20, dim=96, k=6, seed=3))
-    index = InvertedIndex(docs)
-    brute = queries.to_dense() @ docs.to_dense().T
-    for i in range(queries.n_rows):
-        ids, scores = index.search(*queries.row(i), k=10)
-        np.testing.assert_allclose(scores, np.sort(brute[i])[::-1][:10], rtol=1e-5)
-        np.testing.assert_allclose(brute[i][ids], scores, rtol=1e-5)
+    index = InvertedIndex(docs, use_numba=use_numba)
+    if use_numba and index._kernel is None:
+        pytest.skip("numba is not installed")
+    brute = queries.to_dense().astype(np.float64) @ docs.to_dense().T.astype(np.float64)
+    for _ in range(2):  # the compiled path reuses its accumulator: a second pass must give the same answers
+        for i in range(queries.n_rows):
+            ids, scores = index.search(*queries.row(i), k=10)
+            np.testing.assert_allclose(scores, np.sort(brute[i])[::-1][:10], rtol=1e-5)
+            np.testing.assert_allclose(brute[i][ids], scores, rtol=1e-5)
     assert index.nbytes == docs.indices.size * 8 + 97 * 8
