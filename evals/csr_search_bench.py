@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -211,7 +212,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     entries = [{"name": "dense exact (numpy)", **result["dense"]}, *result["sparse"]]
-    names = [e["name"].replace(": ", ":\n").replace(" n_postings", "\nn_postings") for e in entries]
+    names = [textwrap.fill(e["name"], 20) for e in entries]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in ((axes[0], "latency_ms_mean", "mean query latency (ms)"), (axes[1], "index_bytes", "index memory (MiB)")):
         values = [e[key] / (2**20 if key == "index_bytes" else 1) for e in entries]
