@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "seqtopk.commands.tiny",
     "seqtopk.commands.vllm_cpu_metadata",
     "seqtopk.commands.lm_eval",
+    "seqtopk.csr.cli",
 )
 
 
