@@ -147,3 +147,21 @@ def test_count_greater_paths_match_brute_force(pool_size, queries_size):
 def test_pack_choice_marks_unchosen_slots():
     ids = torch.tensor([[3, 1, 0]])
     assert pack_choice(ids, torch.tensor([[True, False, True]])).tolist() == [[3, -1, 0]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU selection path)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_sequence_cut_equals_cpu_with_ties_padding_and_signed_zeros(dtype):
+    gen = torch.Generator().manual_seed(3)
+    values = torch.rand(3, 40, 6, generator=gen).round(decimals=1)  # many exact ties
+    values[0, 5:9] = values[0, 4]  # repeated tokens
+    values[1, :, -2:] = float("-inf")  # fewer finite candidates than the cap
+    values[2, 10:20] = torch.where(torch.rand(10, 6, generator=gen) < 0.5, -0.0, 0.0)
+    values = values.sort(dim=-1, descending=True).values.to(dtype)
+    valid = torch.ones(3, 40, dtype=torch.bool)
+    valid[1, :7] = False  # left padding
+    valid[2, 31:] = False  # right padding
+    for k, min_experts, exact in [(2, 1, True), (2, 0, False), (3, 1, False)]:
+        cpu = select_sequence(values.float(), valid, k, min_experts, exact)
+        gpu = select_sequence(values.cuda(), valid.cuda(), k, min_experts, exact)
+        assert torch.equal(gpu.cpu(), cpu), (k, min_experts, exact)
