@@ -1,6 +1,6 @@
 """Shared helpers for the CSR tests: the shared-data skip and one tiny head trained once per test session.
 
-Imported by tests/test_csr_*.py (kept out of conftest.py, which the project lead owns).
+Imported by tests/test_csr_*.py.
 """
 
 from __future__ import annotations

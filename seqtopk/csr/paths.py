@@ -2,35 +2,25 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-# The data sits beside the repository (../shared) so that it is never copied into it.
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_ENV = "SEQTOPK_SHARED"
-CACHE_ENV = "SEQTOPK_CACHE"
+from seqtopk.shared import shared_path, shared_root
+from seqtopk.tiny import default_cache_dir
 
 
 def shared_dir() -> Path:
-    """The shared folder (holding data/), from $SEQTOPK_SHARED or ../shared next to the repository."""
-    return Path(os.environ.get(SHARED_ENV) or _REPO_ROOT.parent / "shared").expanduser()
+    """The shared folder (holding data/): $SEQTOPK_SHARED, or ../shared beside the repository."""
+    return shared_root()
 
 
 def data_dir(name: str) -> Path:
     """One dataset folder under shared/data; raises FileNotFoundError saying how to point at it."""
-    path = shared_dir() / "data" / name
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"dataset folder {path} not found; put the shared data at ../shared/data next to the "
-            f"repository or set {SHARED_ENV}=/path/to/shared"
-        )
-    return path
+    return shared_path("data", name)
 
 
 def cache_dir(*parts: str) -> Path:
     """A folder under $SEQTOPK_CACHE (default ~/.cache/seqtopk), created on demand."""
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "seqtopk").expanduser()
-    path = root.joinpath(*parts)
+    path = default_cache_dir().expanduser().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
