@@ -57,3 +57,14 @@ def epoch_batches(split: Split, batch_size: int, rng: np.random.Generator) -> li
             if len(chunk) >= 2:
                 batches.append((chunk[:, 0] + offset, chunk[:, 1] + offset, s.labels[chunk[:, 0]]))
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def training_batches(split: Split, batch_size: int, steps: int, rng: np.random.Generator):
+    """`steps` batches of `epoch_batches`, drawing as many shuffled epochs as that takes."""
+    done = 0
+    while done < steps:
+        for batch in epoch_batches(split, batch_size, rng):
+            if done >= steps:
+                return
+            yield batch
+            done += 1

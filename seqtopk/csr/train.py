@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seqtopk.csr.batches import Split, epoch_batches, split_heldout
+from seqtopk.csr.batches import Split, split_heldout, training_batches
 from seqtopk.csr.data import load_training_sets
 from seqtopk.csr.losses import LossWeights
 
@@ -165,23 +165,20 @@ def train_head(backbone: Path, out: Path, config: TrainConfig, overwrite: bool =
     _initialise(head, train_x)
     head.train()
     optimiser = torch.optim.Adam(head.parameters(), lr=config.lr)
-    history, step = [], 0
+    history = []
     bar = tqdm(total=config.max_steps, desc=f"{config.method} head k={config.k}", disable=not progress)
-    while step < config.max_steps:
-        for anchors, positives, labels in epoch_batches(split, config.batch_size, rng):
-            if step >= config.max_steps:
-                break
-            k = k_at_step(step, config.max_steps, k_start, config.k, config.anneal_fraction)
-            x = torch.cat([train_x[anchors], train_x[positives]])
-            loss, parts = batch_loss(head, x, len(anchors), labels, k, config)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            step += 1
-            if step % 50 == 0 or step == config.max_steps:
-                history.append({"step": step, "k": k, "loss": float(loss.detach()), **parts})
-                bar.set_postfix(k=k, loss=f"{float(loss.detach()):.3f}", dead=int(head.dead_mask().sum()))
-            bar.update(1)
+    batches = training_batches(split, config.batch_size, config.max_steps, rng)
+    for step, (anchors, positives, labels) in enumerate(batches, start=1):
+        k = k_at_step(step - 1, config.max_steps, k_start, config.k, config.anneal_fraction)
+        x = torch.cat([train_x[anchors], train_x[positives]])
+        loss, parts = batch_loss(head, x, len(anchors), labels, k, config)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 50 == 0 or step == config.max_steps:
+            history.append({"step": step, "k": k, "loss": float(loss.detach()), **parts})
+            bar.set_postfix(k=k, loss=f"{float(loss.detach()):.3f}", dead=int(head.dead_mask().sum()))
+        bar.update(1)
     bar.close()
     head.k = config.k
 
@@ -251,24 +248,21 @@ def _finetune(model, head, split: Split, config: TrainConfig, rng, progress: boo
         ]
     )
     texts = split.texts
-    history, step = [], 0
+    history = []
     bar = tqdm(total=config.finetune_steps, desc=f"backbone fine-tuning k={config.k}", disable=not progress)
-    while step < config.finetune_steps:
-        for anchors, positives, labels in epoch_batches(split, config.finetune_batch_size, rng):
-            if step >= config.finetune_steps:
-                break
-            features = model.preprocess([texts[i] for i in anchors] + [texts[i] for i in positives])
-            for module in dense:
-                features = module(features)
-            loss, parts = batch_loss(head, features["sentence_embedding"], len(anchors), labels, config.k, config)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            step += 1
-            if step % 10 == 0 or step == config.finetune_steps:
-                history.append({"step": config.max_steps + step, "k": config.k, "loss": float(loss.detach()), **parts})
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            bar.update(1)
+    batches = training_batches(split, config.finetune_batch_size, config.finetune_steps, rng)
+    for step, (anchors, positives, labels) in enumerate(batches, start=1):
+        features = model.preprocess([texts[i] for i in anchors] + [texts[i] for i in positives])
+        for module in dense:
+            features = module(features)
+        loss, parts = batch_loss(head, features["sentence_embedding"], len(anchors), labels, config.k, config)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 10 == 0 or step == config.finetune_steps:
+            history.append({"step": config.max_steps + step, "k": config.k, "loss": float(loss.detach()), **parts})
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        bar.update(1)
     bar.close()
     model.eval()
     return history
