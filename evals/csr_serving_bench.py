@@ -61,7 +61,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from seqtopk.csr.paths import default_backbone
-    from seqtopk.csr.vllm_server import VLLMServer
+    from seqtopk.engines.vllm_server import VLLMServer
 
     backbone = args.backbone or default_backbone()
     texts = bench_texts(args.texts)
@@ -72,7 +72,7 @@ def main() -> int:
     flags = ("--dtype", args.dtype, "--max-num-seqs", str(args.batch * args.concurrency))
 
     print("starting the dense and the head server ...", flush=True)
-    with VLLMServer(backbone, *flags, log=logs / "csr_bench_dense.log") as dense, VLLMServer(args.head, *flags, log=logs / "csr_bench_head.log") as head:
+    with VLLMServer.pooling(backbone, *flags, log=logs / "csr_bench_dense.log") as dense, VLLMServer.pooling(args.head, *flags, log=logs / "csr_bench_head.log") as head:
         runs = {"dense /v1/embeddings": (dense, "/v1/embeddings", embed_body), "head /v1/embeddings": (head, "/v1/embeddings", embed_body),
                 "head /pooling sparse": (head, "/pooling", sparse_body)}
         for server, path, body in runs.values():  # warm-up

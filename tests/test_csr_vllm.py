@@ -20,11 +20,11 @@ TEXTS = [
 
 @pytest.fixture(scope="session")
 def server():
-    from seqtopk.csr.vllm_server import VLLMServer
+    from seqtopk.engines.vllm_server import VLLMServer
 
     head = tiny_head()
     # float32: vLLM would otherwise downcast the float32 checkpoint to float16 on CPU.
-    with VLLMServer(head, "--dtype", "float32", "--max-num-seqs", "16", log=scratch_dir() / "vllm-server.log") as running:
+    with VLLMServer.pooling(head, "--dtype", "float32", "--max-num-seqs", "16", log=scratch_dir() / "vllm-server.log") as running:
         yield running
 
 

@@ -10,15 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from seqtopk.engines.vllm_server import VLLMServer
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of host memory for the KV cache
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
@@ -108,86 +105,17 @@ def vllm_alias(tmp_path_factory):
     return target
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, url: str, log: Path, process: subprocess.Popen):
-        self.url, self.log, self.process = url, log, process
-
-    def post(self, route: str, body: dict, timeout: float = 60):
-        request = urllib.request.Request(self.url + route, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        return urllib.request.urlopen(request, timeout=timeout)
-
-    def json(self, route: str, body: dict) -> dict:
-        with self.post(route, body) as response:
-            return json.loads(response.read())
-
-    def stream(self, route: str, body: dict, max_events: int | None = None) -> list[dict]:
-        """Server-sent events of a streaming request; stops (closing the connection) after max_events."""
-        events = []
-        with self.post(route, {**body, "stream": True}) as response:
-            for raw in response:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                events.append(json.loads(line[6:]))
-                if max_events is not None and len(events) >= max_events:
-                    break
-        return events
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for_log(self, needle: str, timeout: float = 30) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log_text()
-            if needle in text:
-                return text
-            time.sleep(0.5)
-        raise AssertionError(f"{needle!r} not in the server log within {timeout}s")
-
-
 @pytest.fixture(scope="session")
 def api_server(vllm_root, vllm_alias, tmp_path_factory):
     """`vllm serve` on 127.0.0.1 with SeqTopK on (via --additional-config), logging routing stats every second."""
     from seqtopk.tiny import cached_checkpoint
 
     path = cached_checkpoint("qwen3_moe", vllm_root)
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "SEQTOPK_LOG_INTERVAL": "1",
+    env = {"SEQTOPK_LOG_INTERVAL": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(vllm_alias), os.environ.get("PYTHONPATH")]))}
     vllm_cli = Path(sys.executable).with_name("vllm")
-    command = [str(vllm_cli), "serve", str(path), "--host", "127.0.0.1", "--port", str(port),
-               "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "16",
-               "--additional-config", json.dumps({"seqtopk": SETTINGS})]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", log, process)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {process.returncode}:\n{server.log_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(server.url + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"vllm serve not healthy after 240 s:\n{server.log_text()[-4000:]}")
-                time.sleep(1)
+    command = [str(vllm_cli), "serve", str(path), "--dtype", "float32", "--max-model-len", "256",
+               "--max-num-seqs", "16", "--additional-config", json.dumps({"seqtopk": SETTINGS})]
+    with VLLMServer(command, log=log, env=env) as server:
         yield server
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
