@@ -9,9 +9,11 @@ switching routing on without fine-tuning was slightly worse. At a scale this mac
    minimum of one expert comes on top of the budget), and a SeqTopK fine-tune held to exactly T*k pairs
    (exact budget, no minimum) for a comparison at equal compute; each with its measured experts per
    token. SeqTopK is evaluated with the causal rule (no information from later tokens).
-Repeated for k=2 and k=1. Writes evals/results/repro_tiny_finetune.json and .png.
+Repeated for k=2 and k=1, and for each seed (model init and batch order). Reports the mean and spread
+over seeds, and each SeqTopK fine-tune's paired difference from the TopK fine-tune of the same seed.
+Writes evals/results/repro_tiny_finetune.json and .png.
 
-    python evals/repro_tiny_finetune.py [--pretrain-steps 400] [--finetune-steps 150]
+    python evals/repro_tiny_finetune.py [--pretrain-steps 400] [--finetune-steps 150] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -85,20 +87,21 @@ def experts_per_token(model, ids) -> float:
     return seqtopk.routing_stats(model).mean_experts_per_token
 
 
-def run_budget(k, train_ids, test_ids, args):
-    base = build_model(k)
-    pre_losses = train(base, train_ids, args.pretrain_steps, 3e-3, 0, f"pretrain k={k}")
+def run_budget(k, seed, train_ids, test_ids, args):
+    """One pretrain + fine-tunes for budget k. Seed s: model init s, pretrain batches 2s, fine-tune batches 2s+1."""
+    base = build_model(k, seed)
+    pre_losses = train(base, train_ids, args.pretrain_steps, 3e-3, 2 * seed, f"pretrain k={k} seed={seed}")
     state = {n: t.clone() for n, t in base.state_dict().items()}
     rows = {}
 
     def evaluate(name, model):
         rows[name] = {"held_out_loss": held_out_loss(model, test_ids), "experts_per_token": experts_per_token(model, test_ids)}
-        print(f"k={k} {name:<28} loss {rows[name]['held_out_loss']:.4f}  experts/token {rows[name]['experts_per_token']:.3f}")
+        print(f"k={k} seed={seed} {name:<28} loss {rows[name]['held_out_loss']:.4f}  experts/token {rows[name]['experts_per_token']:.3f}")
 
     evaluate("pretrained (TopK)", base)
     topk = build_model(k)
     topk.load_state_dict(state)
-    train(topk, train_ids, args.finetune_steps, 1e-3, 1, f"finetune TopK k={k}")
+    train(topk, train_ids, args.finetune_steps, 1e-3, 2 * seed + 1, f"finetune TopK k={k}")
     evaluate("TopK fine-tune", topk)
     switched = build_model(k)
     switched.load_state_dict(state)
@@ -109,10 +112,32 @@ def run_budget(k, train_ids, test_ids, args):
         tuned = build_model(k)
         tuned.load_state_dict(state)
         seqtopk.patch(tuned, cap=k + 2, **settings)  # the published (sequence) rule while training
-        train(tuned, train_ids, args.finetune_steps, 1e-3, 1, f"{name} k={k}")
+        train(tuned, train_ids, args.finetune_steps, 1e-3, 2 * seed + 1, f"{name} k={k}")
         seqtopk.patch(tuned, cap=k + 2, prefill="causal", **settings)  # honest evaluation
         evaluate(name, tuned)
     return {"pretrain_final_loss": sum(pre_losses[-20:]) / 20, "results": rows}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and sample std over seeds per variant, plus each fine-tune's paired difference from TopK's."""
+    def stats(values):
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        return mean, std
+
+    results = {}
+    for name in runs[0]["results"]:
+        losses = [r["results"][name]["held_out_loss"] for r in runs]
+        experts = [r["results"][name]["experts_per_token"] for r in runs]
+        mean, std = stats(losses)
+        results[name] = {"held_out_loss": mean, "held_out_loss_std": std, "held_out_loss_per_seed": losses,
+                         "experts_per_token": sum(experts) / len(experts)}
+        if name.startswith("SeqTopK fine-tune"):
+            diffs = [r["results"][name]["held_out_loss"] - r["results"]["TopK fine-tune"]["held_out_loss"] for r in runs]
+            d_mean, d_std = stats(diffs)
+            results[name].update(minus_topk_finetune=d_mean, minus_topk_finetune_std=d_std,
+                                 minus_topk_finetune_per_seed=diffs)
+    return {"pretrain_final_loss": sum(r["pretrain_final_loss"] for r in runs) / len(runs), "results": results}
 
 
 def plot(result, path: Path) -> None:
@@ -126,7 +151,8 @@ def plot(result, path: Path) -> None:
     for ax, (k, data) in zip(axes, result["budgets"].items()):
         names = list(data["results"])
         losses = [data["results"][n]["held_out_loss"] for n in names]
-        ax.bar(range(len(names)), losses, color=["gray", "C0", "C1", "C2", "C3"][: len(names)])
+        spread = [data["results"][n].get("held_out_loss_std", 0.0) for n in names]
+        ax.bar(range(len(names)), losses, yerr=spread, capsize=3, color=["gray", "C0", "C1", "C2", "C3"][: len(names)])
         ax.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=8)
         low = min(losses)
         ax.set_ylim(low - 0.1, max(losses) + 0.05)
@@ -134,7 +160,8 @@ def plot(result, path: Path) -> None:
         ax.set_title(f"k={k}")
         for i, n in enumerate(names):
             ax.text(i, losses[i], f"{data['results'][n]['experts_per_token']:.2f} e/t", ha="center", va="bottom", fontsize=8)
-    fig.suptitle("tiny OLMoE-style MoE on tinyshakespeare: TopK vs SeqTopK fine-tune (e/t = experts per token)")
+    fig.suptitle("tiny OLMoE-style MoE on tinyshakespeare: TopK vs SeqTopK fine-tune, mean and std over seeds "
+                 "(e/t = experts per token)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -144,6 +171,7 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=400)
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--budgets", default="2,1")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; results report mean and spread")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "repro_tiny_finetune.json"))
     args = parser.parse_args()
     text = shared_path("data", "tinyshakespeare", "input.txt").read_text()
@@ -156,8 +184,11 @@ def main() -> None:
                         "held_out_tokens": int(len(test_ids)), "cap": "k+2",
                         "training_rule": "sequence", "evaluation_rule": "causal"},
               "budgets": {}}
+    seeds = [int(x) for x in args.seeds.split(",")]
+    result["setup"]["seeds"] = seeds
     for k in [int(b) for b in args.budgets.split(",")]:
-        result["budgets"][str(k)] = run_budget(k, train_ids, test_ids, args)
+        runs = [run_budget(k, seed, train_ids, test_ids, args) for seed in seeds]
+        result["budgets"][str(k)] = summarise(runs)
     result["seconds"] = round(time.time() - start, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
