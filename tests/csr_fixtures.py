@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from seqtopk.csr.paths import shared_dir
+from seqtopk.shared import shared_root
 
-HAS_SHARED_DATA = (shared_dir() / "data" / "banking77" / "train.csv").is_file()
+HAS_SHARED_DATA = (shared_root() / "data" / "banking77" / "train.csv").is_file()
 needs_shared_data = pytest.mark.skipif(
-    not HAS_SHARED_DATA, reason=f"shared data not found at {shared_dir() / 'data'} (set SEQTOPK_SHARED to its parent folder)"
+    not HAS_SHARED_DATA, reason=f"shared data not found at {shared_root() / 'data'} (set SEQTOPK_SHARED to its parent folder)"
 )
 TINY_K = 8
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from seqtopk.csr.paths import cache_dir
 
+
 def text_key(text: str) -> bytes:
     return hashlib.sha1(text.encode("utf-8")).digest()
 
@@ -43,8 +44,9 @@ def max_seq_length(path: Path) -> int | None:
     """sentence_bert_config.json's max_seq_length, else the tokenizer's model_max_length."""
     for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
         file = Path(path) / name
-        if file.is_file() and json.loads(file.read_text()).get(key):
-            return int(json.loads(file.read_text())[key])
+        value = json.loads(file.read_text()).get(key) if file.is_file() else None
+        if value:
+            return int(value)
     return None
 
 

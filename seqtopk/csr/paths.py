@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from seqtopk.shared import shared_path, shared_root
+from seqtopk.shared import shared_path
 from seqtopk.tiny import default_cache_dir
-
-
-def shared_dir() -> Path:
-    """The shared folder (holding data/): $SEQTOPK_SHARED, or ../shared beside the repository."""
-    return shared_root()
 
 
 def data_dir(name: str) -> Path:
