@@ -104,8 +104,8 @@ def _pad_slots(model):
 
 
 def _row_dispatch(experts):
-    from seqtopk.dispatch import plan_pairs
-    from seqtopk.engines.hf_dispatch import run_plan
+    from seqtopk.routing.dispatch import plan_pairs
+    from seqtopk.engines.hf.experts import run_plan
 
     original = experts.forward
 
@@ -160,7 +160,7 @@ def bench_model(model, shape, device, reps):
 
 def measure_assignments(model, k, prefill_ids):
     """(token, expert) rows that actually run through the experts per token, for each variant (prefill)."""
-    from seqtopk.engines import hf_dispatch
+    from seqtopk.engines.hf import experts as hf_dispatch
 
     blocks = [m for m in model.modules() if type(m).__name__ == "OlmoeSparseMoeBlock"]
     experts_cls = type(blocks[0].experts)
@@ -191,7 +191,7 @@ def measure_assignments(model, k, prefill_ids):
 
 
 def bench_selection(shape, device, reps):
-    from seqtopk.selection import capped_candidates, select_causal, select_sequence
+    from seqtopk.routing.rules import capped_candidates, select_causal, select_sequence
 
     k, e = shape["num_experts_per_tok"], shape["num_experts"]
     b, t = shape["prefill"]

@@ -76,7 +76,7 @@ def main() -> int:
     import vllm
     from vllm import LLM
 
-    from seqtopk.tiny import cached_checkpoint
+    from seqtopk.testing.tiny import cached_checkpoint
 
     path = cached_checkpoint("qwen3_moe", **SHAPE)
     k = SHAPE["num_experts_per_tok"]

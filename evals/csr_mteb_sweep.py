@@ -30,7 +30,7 @@ TASK_LABELS = {
 
 
 def head_config(method: str, k: int, args):
-    from seqtopk.csr.train import TrainConfig
+    from seqtopk.sparse.csr.train import TrainConfig
 
     finetune = args.finetune_steps if method == "csrv2-ft" else 0
     return TrainConfig(k=k, method="csr" if method == "csr" else "csrv2", max_steps=args.steps, finetune_steps=finetune, seed=args.seed)
@@ -38,7 +38,7 @@ def head_config(method: str, k: int, args):
 
 def trained_head(method: str, k: int, args, backbone: Path) -> Path:
     """Train (or reuse) one head; reuse only when the saved config equals the requested one."""
-    from seqtopk.csr.train import train_head
+    from seqtopk.sparse.csr.train import train_head
 
     folder = args.workdir / f"{method}-k{k}"
     config = head_config(method, k, args)
@@ -75,8 +75,9 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from seqtopk.csr.evaluate import evaluate_dense, evaluate_heads
-    from seqtopk.csr.paths import cache_dir, default_backbone
+    from seqtopk.sparse.csr.evaluate import evaluate_dense, evaluate_heads
+    from seqtopk.paths import cache_dir
+    from seqtopk.sparse.backbone import default_backbone
 
     args.workdir = args.workdir or cache_dir("heads")
     ks = [int(k) for k in args.ks.split(",")]

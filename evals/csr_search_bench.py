@@ -4,7 +4,7 @@ The corpus reproduces the head's latent firing rates and per-latent values measu
 (latents drawn independently, so it carries no topical clusters); queries are the head's real codes for the
 SciFact test queries. In one run, on the same machine, it times single-query search with
 - exact dense search: the decoded 384-d vectors of the same documents, numpy matrix-vector + top-k;
-- exact sparse search: our inverted index (seqtopk.csr.sparse_index, numba-compiled when available);
+- exact sparse search: our inverted index (seqtopk.sparse.index, numba-compiled when available);
 - approximate sparse search: pyseismic-lsr at a few pruning levels, recall@10 against the exact results;
 and records latency, index memory and recall in evals/results/csr_search.{json,png}.
 
@@ -33,7 +33,7 @@ def head_codes(head_dir: Path, texts: list[str]):
     import torch
     from sentence_transformers import SparseEncoder
 
-    from seqtopk.csr.embeddings import CachedBackbone
+    from seqtopk.sparse.backbone import CachedBackbone
 
     dense = CachedBackbone(head_dir).encode(texts)
     head = SparseEncoder(str(head_dir), device="cpu", local_files_only=True)[-1]
@@ -120,14 +120,15 @@ def main() -> int:
     if not (args.head / "modules.json").is_file():
         raise SystemExit(f"{args.head} is not a head folder; train one with `seqtopk csr train --k 32 --out DIR`")
 
-    from seqtopk.csr import data
-    from seqtopk.csr.sparse_index import CodeStatistics, InvertedIndex, SparseRows, synthetic_corpus
+    from seqtopk.sparse.data import readers
+    from seqtopk.sparse.index import InvertedIndex, SparseRows
+    from seqtopk.sparse.synthetic import CodeStatistics, synthetic_corpus
 
     print("measuring the head's statistics on the SciFact corpus ...", flush=True)
-    corpus_texts = [data.scifact_document_text(d) for d in data.scifact_corpus().values()]
+    corpus_texts = [readers.scifact_document_text(d) for d in readers.scifact_corpus().values()]
     corpus_codes, _, head = head_codes(args.head, corpus_texts)
     stats = CodeStatistics.from_codes(SparseRows.from_dense(corpus_codes))
-    query_texts = list(data.scifact_queries("test").values())[: args.queries]
+    query_texts = list(readers.scifact_queries("test").values())[: args.queries]
     query_codes, query_dense, _ = head_codes(args.head, query_texts)
     queries = SparseRows.from_dense(query_codes).l2_normalized()
     query_dense = query_dense / np.linalg.norm(query_dense, axis=1, keepdims=True)

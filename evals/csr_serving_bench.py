@@ -27,10 +27,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def bench_texts(n: int) -> list[str]:
     """Short and long real texts: STS-B test sentences and SciFact test queries, then SciFact documents."""
-    from seqtopk.csr import data
+    from seqtopk.sparse.data import readers
 
-    sentences = [t for a, b, _ in data.stsb_pairs("test") for t in (a, b)] + list(data.scifact_queries("test").values())
-    docs = [data.scifact_document_text(d) for d in list(data.scifact_corpus().values())[: n // 8]]
+    sentences = [t for a, b, _ in readers.stsb_pairs("test") for t in (a, b)] + list(readers.scifact_queries("test").values())
+    docs = [readers.scifact_document_text(d) for d in list(readers.scifact_corpus().values())[: n // 8]]
     return sentences[: n - len(docs)] + docs
 
 
@@ -60,8 +60,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "csr_serving")
     args = parser.parse_args()
 
-    from seqtopk.csr.paths import default_backbone
-    from seqtopk.engines.vllm_server import VLLMServer
+    from seqtopk.sparse.backbone import default_backbone
+    from seqtopk.testing.server import VLLMServer
 
     backbone = args.backbone or default_backbone()
     texts = bench_texts(args.texts)

@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 import seqtopk
-from seqtopk.shared import shared_path
-from seqtopk.tiny import build_tokenizer
+from seqtopk.paths import shared_path
+from seqtopk.testing.tiny import build_tokenizer
 
 SEQ_LEN = 128
 

@@ -1,7 +1,7 @@
 """Per-family adapters for transformers MoE models: where the router lives, how it scores and normalises.
 
 Adding a family = one module here defining FAMILY, listed in FAMILY_MODULES, plus a tiny fixture config
-in seqtopk/tiny.py. The selection rule itself never appears here (see seqtopk.selection).
+in seqtopk/testing/tiny.py. Routing rules never appear here (see seqtopk.routing.rules).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ class Family:
     router_attr: str  # attribute of the block that holds the router module
     # router, hidden -> router logits [N, E], computed exactly as the family's router does
     logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
-    # router -> scoring object (seqtopk.scoring) carrying the family's scoring and weight convention
+    # router -> scoring object (seqtopk.routing.scoring) carrying the family's scoring and weight convention
     scoring: Callable | None = None
     # router, logits, weights [N, C], ids [N, C] -> the tuple the family's router returns
     outputs: Callable | None = None

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from seqtopk.patches._base import Family, logits_first
-from seqtopk.scoring import SigmoidGroupScoring
+from seqtopk.routing.scoring import SigmoidGroupScoring
 
 
 def logits(router, hidden):

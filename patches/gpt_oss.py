@@ -3,7 +3,7 @@
 import torch.nn.functional as F
 
 from seqtopk.patches._base import Family, logits_first
-from seqtopk.scoring import ChosenSoftmaxScoring
+from seqtopk.routing.scoring import ChosenSoftmaxScoring
 
 
 def logits(router, hidden):

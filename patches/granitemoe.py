@@ -6,7 +6,7 @@ Its router returns (ids, weights, logits): logits last.
 import torch.nn.functional as F
 
 from seqtopk.patches._base import Family
-from seqtopk.scoring import ChosenSoftmaxScoring
+from seqtopk.routing.scoring import ChosenSoftmaxScoring
 
 
 def logits(router, hidden):

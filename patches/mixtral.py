@@ -3,7 +3,7 @@
 import torch.nn.functional as F
 
 from seqtopk.patches._base import Family, logits_first
-from seqtopk.scoring import SoftmaxScoring
+from seqtopk.routing.scoring import SoftmaxScoring
 
 
 def logits(router, hidden):

@@ -2,7 +2,7 @@
 
 from seqtopk.patches import qwen2_moe
 from seqtopk.patches._base import Family
-from seqtopk.scoring import SoftmaxScoring
+from seqtopk.routing.scoring import SoftmaxScoring
 
 FAMILY = Family(
     name="olmoe",

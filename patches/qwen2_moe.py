@@ -7,7 +7,7 @@ router and the routed experts are patched.
 import torch.nn.functional as F
 
 from seqtopk.patches._base import Family
-from seqtopk.scoring import SoftmaxScoring
+from seqtopk.routing.scoring import SoftmaxScoring
 
 
 def logits(router, hidden):

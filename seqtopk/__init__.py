@@ -6,7 +6,9 @@
     print(seqtopk.routing_stats(model))  # experts per token, per layer
     seqtopk.unpatch(model)
 
-The routing rules live in `seqtopk.selection` (torch only); engine adapters live in `seqtopk.engines`.
+How a token is routed is decided in `seqtopk.routing.rules` (torch only); engine adapters live in
+`seqtopk.engines` (hf/, vllm/), per-family adapters in `seqtopk.patches`, sparse embedding heads in
+`seqtopk.sparse`.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def patched(model, **settings):
 
 
 def routing_stats(model):
-    """Routing statistics accumulated since patching (or the last reset): see seqtopk.stats.RoutingStats."""
+    """Routing statistics accumulated since patching (or the last reset): see seqtopk.routing.stats.RoutingStats."""
     from seqtopk.engines.hf import require_patch
 
     return require_patch(model).stats.snapshot()
@@ -82,7 +84,7 @@ def reset_routing_stats(model) -> None:
 def trace_routing(model):
     """Record experts per token for every forward inside the block (e.g. one generate call).
 
-    Yields a seqtopk.stats.RoutingTrace; see its per_token() for a [layers, batch, tokens] view.
+    Yields a seqtopk.routing.stats.RoutingTrace; see its per_token() for a [layers, batch, tokens] view.
     """
     from seqtopk.engines.hf import require_patch
 

@@ -22,7 +22,7 @@ def tiny_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_root):
     """tiny_checkpoint(family, **config_overrides) -> directory of a tiny random MoE checkpoint."""
-    from seqtopk.tiny import cached_checkpoint
+    from seqtopk.testing.tiny import cached_checkpoint
 
     def get(family: str, **overrides):
         return cached_checkpoint(family, tiny_root, **overrides)
@@ -45,7 +45,7 @@ def load_tiny(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def shared_data():
     """Path to ../shared/data; skips the test with a clear message when the data is absent."""
-    from seqtopk.shared import shared_root
+    from seqtopk.paths import shared_root
 
     root = shared_root() / "data"
     if not root.is_dir():

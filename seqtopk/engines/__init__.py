@@ -1,1 +1,2 @@
-"""Engine adapters: each plugs the engine-free routing core (seqtopk.selection) into one engine."""
+"""Engine adapters, one subpackage each, kept thin: they recover each step's sequence structure and call
+seqtopk.routing.router.route. `hf/` patches transformers models; `vllm/` is the vLLM plugin."""

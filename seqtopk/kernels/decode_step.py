@@ -6,14 +6,19 @@ from the softmax probabilities, the count of earlier capped scores above each ca
 buffer), the streaming cut, the minimum, softmax-family weights, the weight-0 filling of unchosen slots, the
 write of this step's scores into the history, and the routing-statistics histogram.
 
-Decisions equal seqtopk.selection.select_causal on the same probabilities (the comparisons are exact);
-only the order of exactly tied candidate experts may differ from torch.topk. Used by the transformers
-adapter on CUDA for softmax-scored families when Triton is importable; everything else takes the torch path.
+Its torch reference is seqtopk.routing.rules.select_causal: the decisions are equal on the same
+probabilities (the comparisons are exact; only the order of exactly tied candidate experts may differ from
+torch.topk), and the budget split is imported from there rather than re-derived. Unchosen slots follow the
+"repeat_best" convention (rules.pack). Used by the transformers adapter on CUDA for softmax-scored families
+when Triton is importable; everything else takes the torch path. On CPU, tests run it under Triton's
+interpreter (TRITON_INTERPRET=1) against the torch rule.
 """
 
 from __future__ import annotations
 
 import torch
+
+from seqtopk.routing.rules import budget_split
 
 try:
     import triton
@@ -23,6 +28,10 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 
 def available(device: torch.device) -> bool:
+    """Whether engines should take the fused step for tensors on `device` (CUDA with Triton).
+
+    With TRITON_INTERPRET=1 set before this module is imported, `decode_step` also runs on CPU tensors, in
+    Triton's interpreter: slow, for checking the math (tests do), never chosen by an engine."""
     return triton is not None and device.type == "cuda"
 
 
@@ -85,9 +94,7 @@ def decode_step(probs: torch.Tensor, history: torch.Tensor, position: int, seen:
     Returns (filled ids [B, cap] int64, weights [B, cap] float32, mask [B, cap] bool).
     """
     batch, experts = probs.shape
-    forced = min(min_experts, cap)
-    first = forced if exact_budget else 0
-    per_token = k - forced if exact_budget else k
+    forced, first, per_token = budget_split(k, cap, min_experts, exact_budget)
     ids = torch.empty(batch, cap, dtype=torch.long, device=probs.device)
     weights = torch.empty(batch, cap, dtype=torch.float32, device=probs.device)
     mask = torch.empty(batch, cap, dtype=torch.int8, device=probs.device)

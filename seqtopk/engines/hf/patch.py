@@ -1,0 +1,336 @@
+"""transformers adapter: SeqTopK routing inside HF MoE models, in place and reversibly.
+
+Three instance-level changes per MoE layer, all undone by unpatch:
+- router.forward: the family's own logits (patches/), then seqtopk.routing.router.route, the one routing
+  call, with the rule seqtopk.routing.rules picks for this forward;
+- experts.forward: only the chosen (token, expert) pairs run (seqtopk.engines.hf.experts), so compute
+  follows the real number of pairs instead of cap slots per token;
+- streaming state: the capped scores of every token routed so far, per layer, tied to the KV-cache object
+  (seqtopk.engines.hf.state: a new cache starts a new state; beam reordering, batch selection and cropping
+  follow the cache).
+Two hooks on the base model hand each forward's sequence view to the routers: it is open from the
+pre-hook to the post-hook only (kept past it solely for gradient-checkpointing recomputation).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from seqtopk.config import ResolvedConfig, SeqTopKConfig
+from seqtopk.engines.hf.experts import run_chosen, run_plan
+from seqtopk.engines.hf.state import ForwardView, RoutingState, follow_cache
+from seqtopk.kernels import decode_step as fused_decode
+from seqtopk.routing.dispatch import plan_pairs, row_count
+from seqtopk.routing.router import DenseLayout, route
+from seqtopk.routing.rules import CAUSAL, NEG_INF, known_pair_count, pack, rule_for
+from seqtopk.routing.scoring import SoftmaxScoring
+from seqtopk.routing.stats import RoutingStats
+
+logger = logging.getLogger("seqtopk")
+
+_PATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, SeqTopKPatch]" = weakref.WeakKeyDictionary()
+# One-token decode steps of softmax-scored families run as one fused Triton kernel on CUDA
+# (SEQTOPK_FUSED_DECODE=0 forces the torch path, e.g. to compare the two).
+_FUSED_DECODE = os.environ.get("SEQTOPK_FUSED_DECODE", "1") != "0"
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no MoE layer seqtopk can patch."""
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+
+def find_patch(model) -> "SeqTopKPatch | None":
+    return _PATCHES.get(model)
+
+
+def require_patch(model) -> "SeqTopKPatch":
+    found = find_patch(model)
+    if found is None:
+        raise ValueError("this model is not patched: call seqtopk.patch(model) first")
+    return found
+
+
+def patch_model(model: torch.nn.Module, config: SeqTopKConfig) -> torch.nn.Module:
+    """Validate `config` against every MoE layer of `model`, then (re)install SeqTopK routing."""
+    layers = _plan_layers(model, config)  # raises before anything is touched
+    previous = _PATCHES.pop(model, None)
+    if previous is not None:
+        previous.remove()
+    patch = SeqTopKPatch(model, config, layers)
+    patch.install()
+    _PATCHES[model] = patch
+    return model
+
+
+def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
+    found = _PATCHES.pop(model, None)
+    if found is not None:
+        found.remove()
+    return model
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Layer:
+    index: int
+    name: str
+    block: torch.nn.Module
+    family: object
+    cfg: ResolvedConfig
+    scoring: object
+    saved: dict = field(default_factory=dict)  # module -> its own instance-level forward, if it had one
+    plan: object = None  # the PairPlan of the last routing, consumed by the experts call that follows
+
+
+def _plan_layers(model: torch.nn.Module, config: SeqTopKConfig) -> list[_Layer]:
+    from seqtopk.patches import family_for_block, supported_summary
+
+    if not isinstance(config, SeqTopKConfig):
+        raise TypeError("config must be a SeqTopKConfig")
+    layers: list[_Layer] = []
+    for name, module in model.named_modules():
+        family = family_for_block(module)
+        if family is None:
+            continue
+        if family.unsupported:
+            raise UnsupportedModelError(f"{name}: {family.unsupported}. Supported families: {supported_summary()}.")
+        router = family.router(module)
+        scoring = family.scoring(router)
+        num_experts = family.num_experts(module)
+        cfg = config.resolve(family.top_k(module), scoring.max_candidates(num_experts), where=name)
+        layers.append(_Layer(index=len(layers), name=name, block=module, family=family, cfg=cfg, scoring=scoring))
+    if not layers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no MoE layer seqtopk can patch. Supported families: {supported_summary()}. "
+            "To add one, write patches/<family>.py defining FAMILY (router attribute, logits, scoring, outputs) "
+            "and list it in patches/__init__.py FAMILY_MODULES."
+        )
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------- patch
+
+
+class SeqTopKPatch:
+    def __init__(self, model: torch.nn.Module, config: SeqTopKConfig, layers: list[_Layer]):
+        self.model = model
+        self.config = config
+        self.layers = layers
+        self.base = getattr(model, "base_model", model)
+        self.stats = RoutingStats([l.name for l in layers], [l.cfg.k for l in layers], [l.cfg.cap for l in layers])
+        self._states: "weakref.WeakKeyDictionary[object, RoutingState]" = weakref.WeakKeyDictionary()
+        self._view: ForwardView | None = None  # the running forward's view, open from pre- to post-hook
+        self._replay: ForwardView | None = None  # the last forward's view, for checkpoint recomputation
+        self._pending: RoutingState | None = None
+        self._hooks = []
+        self._signature = inspect.signature(self.base.forward)
+        self._warned: set[str] = set()
+
+    # -- install / remove
+
+    def install(self) -> None:
+        for layer in self.layers:
+            router = layer.family.router(layer.block)
+            experts = layer.family.experts(layer.block)
+            for module in (router, experts):
+                layer.saved[module] = module.__dict__.get("forward")
+            router.forward = _bind_router(self, layer, router)
+            experts.forward = _bind_experts(layer, experts, layer.saved[experts] or experts.forward)
+        self._hooks = [
+            self.base.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            # always_call: a forward that raises still closes its view
+            self.base.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
+        ]
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for layer in self.layers:
+            for module, own_forward in layer.saved.items():
+                if own_forward is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = own_forward
+            layer.saved = {}
+        self._view = self._replay = None
+
+    # -- model-level hooks
+
+    def _before_forward(self, module, args, kwargs):
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        inputs = bound.get("input_ids")
+        if inputs is None:
+            inputs = bound.get("inputs_embeds")
+        self._replay = None
+        if inputs is None:
+            self._view = None
+            return None
+        batch, tokens = int(inputs.shape[0]), int(inputs.shape[1])
+        device = inputs.device
+        cache = bound.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        valid, seen = self._padding(bound.get("attention_mask"), batch, tokens, past, device)
+        use_cache = bound.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(getattr(self.base, "config", None), "use_cache", True)
+        # History is kept only when a KV cache will carry the sequence on and its continuation is routed by
+        # the causal rule.
+        streaming = (rule_for(self.config, fresh=False, generated=True) == CAUSAL
+                     and (cache is not None or bool(use_cache)))
+        state = None
+        if past == 0:
+            state = RoutingState() if streaming else None
+            self._pending = state
+            if cache is not None and state is not None:
+                self._attach(cache, state)
+        elif streaming:
+            state = self._states.get(cache) if cache is not None else None
+            state = self._sync_state(state, past, batch)
+            if cache is not None and self._states.get(cache) is not state:
+                self._attach(cache, state)
+        if state is not None:
+            state.length = past + tokens  # the layers of this forward write positions past..past+tokens
+        self._view = ForwardView(batch, tokens, valid, seen, continuing=past > 0, state=state, start=past)
+        return None
+
+    def _after_forward(self, module, args, kwargs, output):
+        view = self._view
+        if self._pending is not None:
+            cache = getattr(output, "past_key_values", None)
+            if cache is not None and cache not in self._states:
+                self._attach(cache, self._pending)
+            self._pending = None
+        if view is not None:
+            self.stats.end_forward(view.valid)
+        self._view = None
+        # Gradient-checkpointing recomputation in backward routes again after this hook: it must route
+        # exactly as the forward did, so the view stays available for that, and for nothing else.
+        if view is not None and self.model.training and getattr(self.model, "is_gradient_checkpointing", False):
+            self._replay = view
+        return None
+
+    def _padding(self, mask, batch: int, tokens: int, past: int, device):
+        if mask is None or mask.dim() != 2:
+            if mask is not None:
+                self._warn_once("mask", "attention_mask is not 2D; seqtopk treats every token as real")
+            valid = torch.ones(batch, tokens, dtype=torch.bool, device=device)
+            return valid, torch.full((batch,), past, dtype=torch.long, device=device)
+        mask = mask.to(device)
+        valid = mask[:, -tokens:].bool()
+        seen = mask[:, :-tokens].long().sum(dim=1) if mask.shape[1] > tokens else torch.zeros(
+            batch, dtype=torch.long, device=device)
+        return valid, seen
+
+    def _attach(self, cache, state: RoutingState) -> None:
+        self._states[cache] = state
+        follow_cache(cache, state)
+
+    def _sync_state(self, state: RoutingState | None, past: int, batch: int) -> RoutingState:
+        if state is None:
+            self._warn_once("nostate", "continuing a KV cache that seqtopk did not route; the streaming rule "
+                            "starts its history at the new tokens")
+            return RoutingState()
+        if state.batch is not None and state.batch != batch:
+            self._warn_once("batch", "the batch size changed under a KV cache; restarting the routing history")
+            return RoutingState()
+        if state.length > past:  # the cache was cropped (assisted decoding, stop rollback)
+            state.truncate(past)
+        elif state.length < past:
+            self._warn_once("short", "the KV cache holds tokens seqtopk did not route; their scores are missing")
+        return state
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("seqtopk: %s", message)
+
+    # -- routing of one layer
+
+    def _view_for(self, layer: _Layer, tokens: int, device) -> ForwardView:
+        """The view this router call belongs to: the running forward's; during a gradient-checkpointing
+        recomputation (backward, after the forward ended), the forward's that routed this layer; else a
+        standalone call (the block or router on its own), which routes its tokens as one sequence."""
+        view = self._view
+        if view is None and torch.is_grad_enabled():
+            replay = self._replay
+            if replay is not None and layer.index in replay.routed_layers:
+                view = replay
+        if view is None or view.batch * view.tokens != tokens:
+            return ForwardView.standalone(tokens, device)
+        return view
+
+    def route_layer(self, layer: _Layer, router, hidden: torch.Tensor):
+        logits = layer.family.logits(router, hidden)
+        n = logits.shape[0]
+        view = self._view_for(layer, n, logits.device)
+        cfg = layer.cfg
+        rules = view.rules(cfg)
+        (rule,) = rules.present  # one rule for the whole forward
+        history = view.state.history(layer.index) if (view.state is not None and rule == CAUSAL) else None
+        if (rule == CAUSAL and view.tokens == 1 and view.state is not None and _FUSED_DECODE
+                and not torch.is_grad_enabled() and isinstance(layer.scoring, SoftmaxScoring)
+                and self.stats.tracing is False and fused_decode.available(logits.device)):
+            return self._route_fused_step(layer, router, logits, view)
+        layout = DenseLayout(view.batch, view.tokens, view.valid, view.seen if view.continuing else None)
+        routed = route(logits, layer.scoring, cfg, layout, rules, history=history, unchosen="drop")
+        mask = routed.mask.view(view.batch, view.tokens, cfg.cap)
+        if layer.index not in view.routed_layers:
+            # Once per forward and layer: gradient-checkpointing recomputation routes again (identically)
+            # but must not extend the history or count twice.
+            view.routed_layers.add(layer.index)
+            if view.state is not None:
+                values = routed.values.detach().view(view.batch, view.tokens, cfg.cap)
+                view.state.append(layer.index, torch.where(view.valid.unsqueeze(-1), values, NEG_INF),
+                                  start=view.start)
+            self.stats.record(layer.index, mask, view.valid, ids=routed.ids.view(view.batch, view.tokens, cfg.cap))
+        layer.plan = None
+        if cfg.cap > cfg.k:  # with cap == k every real slot is chosen: stock dispatch, bit for bit
+            rows = row_count(routed.mask, known_pair_count(rule, cfg, n))
+            layer.plan = plan_pairs(routed.ids, routed.weights, routed.mask, rows)
+        return layer.family.outputs(router, logits, routed.weights, routed.ids)
+
+    def _route_fused_step(self, layer: _Layer, router, logits: torch.Tensor, view: ForwardView):
+        """A one-token decode step in a single fused kernel (seqtopk.kernels.decode_step)."""
+        cfg = layer.cfg
+        probs = torch.softmax(logits.float(), dim=-1)
+        history = view.state.reserve(layer.index, view.start + 1, view.batch, cfg.cap, logits.device)
+        ids, weights, mask = fused_decode.decode_step(
+            probs, history, view.start, view.seen, view.valid.reshape(-1), cfg.k, cfg.cap, cfg.min_experts,
+            cfg.exact_budget, layer.scoring.renormalize, self.stats.histogram_row(layer.index, logits.device))
+        view.routed_layers.add(layer.index)
+        layer.plan = plan_pairs(ids, weights, mask, row_count(mask, None))
+        return layer.family.outputs(router, logits, weights, pack(ids, mask, "drop"))
+
+
+def _bind_router(patch: SeqTopKPatch, layer: _Layer, router):
+    def forward(hidden_states, *args, **kwargs):
+        return patch.route_layer(layer, router, hidden_states)
+
+    return forward
+
+
+def _bind_experts(layer: _Layer, experts, original):
+    """Run the experts on chosen (token, expert) rows only; unchosen slots (-1) cost nothing."""
+
+    def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        plan, layer.plan = layer.plan, None
+        if args or kwargs:
+            return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        if plan is not None and plan.tokens == hidden_states.shape[0]:
+            return run_plan(experts, original, hidden_states, plan)
+        if not bool((top_k_index < 0).any()):
+            return original(hidden_states, top_k_index, top_k_weights)
+        return run_chosen(experts, original, hidden_states, top_k_index, top_k_weights)
+
+    return forward

@@ -1,0 +1,120 @@
+"""Where a vLLM server's SeqTopK settings come from, and what they change in the engine's configuration.
+
+`install()` (called by the plugin in every vLLM process) wraps the engine-configuration step
+(EngineArgs.create_engine_config): when SeqTopK settings are present they are validated, the engine
+arguments adjusted (`prepare_engine_args`), and the worker extension named, whose import installs the
+worker-side hooks (seqtopk.engines.vllm.worker). Without settings nothing changes.
+
+Settings arrive as `--additional-config '{"seqtopk": {...}}'` (or `LLM(additional_config=...)`), or, for
+harnesses that cannot pass additional_config, as JSON in the SEQTOPK_CONFIG environment variable. Both use
+the option names and defaults of `seqtopk.patch` (SeqTopKConfig) and are validated before any model is
+loaded. This module runs in the process that builds the engine configuration (API server or `LLM`); it
+writes the validated settings back into additional_config, which vLLM hands to every engine process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from seqtopk.config import SeqTopKConfig
+
+KEY = "seqtopk"
+ENV = "SEQTOPK_CONFIG"
+WORKER_EXTENSION = "seqtopk.engines.vllm.worker.SeqTopKWorkerExtension"
+logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
+
+
+def install() -> None:
+    """Wrap EngineArgs.create_engine_config once per process (idempotent)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "seqtopk_wrapped", False):
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        prepare_engine_args(self, logger)
+        return original(self, *args, **kwargs)
+
+    create_engine_config.seqtopk_wrapped = True
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def requested(additional_config: dict | None) -> SeqTopKConfig | None:
+    """The settings asked for, or None when SeqTopK stays off. Raises ValueError on bad settings."""
+    from_config = (additional_config or {}).get(KEY)
+    from_env = os.environ.get(ENV, "").strip()
+    if from_env:
+        try:
+            env_config = _parse(json.loads(from_env))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"${ENV} must be a JSON object such as '{{\"k\": 4}}': {err}") from None
+        if from_config is not None and _parse(from_config) != env_config:
+            raise ValueError(f"SeqTopK settings given twice, differently (additional_config['{KEY}'] and "
+                             f"${ENV}); use one of them")
+        return env_config
+    return _parse(from_config) if from_config is not None else None
+
+
+def _parse(values) -> SeqTopKConfig:
+    if not isinstance(values, dict):
+        raise ValueError(f"SeqTopK settings must be a JSON object such as {{\"k\": 4, \"cap\": 6}}, "
+                         f"got {values!r}")
+    return SeqTopKConfig.from_dict(values)
+
+
+def active(vllm_config) -> SeqTopKConfig | None:
+    """The settings an engine process runs with (already validated by prepare_engine_args)."""
+    values = (getattr(vllm_config, "additional_config", None) or {}).get(KEY)
+    return SeqTopKConfig.from_dict(values) if values is not None else None
+
+
+def prepare_engine_args(args, logger) -> SeqTopKConfig | None:
+    """Validate the request against the engine arguments and adjust them; runs before the config is built.
+
+    Refuses what SeqTopK cannot honour (it never falls back to TopK silently) and switches off, with a
+    logged reason, engine features that would change its routing.
+    """
+    config = requested(args.additional_config)
+    if config is None:
+        return None
+    problems = []
+    if args.data_parallel_size > 1:
+        problems.append("data parallelism (--data-parallel-size > 1): SeqTopK state is per sequence on "
+                        "one engine and was not verified across data-parallel ranks")
+    if args.enable_expert_parallel or args.enable_eplb:
+        problems.append("expert parallelism / EPLB: the routed ids would be remapped across ranks")
+    if args.enable_dbo:
+        problems.append("dual-batch overlap (--enable-dbo): a step's layout is read once per forward")
+    if args.speculative_config:
+        problems.append("speculative decoding: draft and verify steps were not verified with SeqTopK")
+    if args.worker_extension_cls and args.worker_extension_cls != WORKER_EXTENSION:
+        problems.append(f"--worker-extension-cls {args.worker_extension_cls}: SeqTopK installs its worker "
+                        f"hooks through {WORKER_EXTENSION}")
+    if problems:
+        raise ValueError("SeqTopK cannot run with " + "; ".join(problems)
+                         + ". Remove these options or switch SeqTopK off.")
+    if config.prefill == "sequence":
+        # The sequence rule needs the whole prompt in one step, routed from its first token.
+        if args.enable_chunked_prefill is not False:
+            logger.info("SeqTopK: chunked prefill switched off: prefill='sequence' routes each prompt as a "
+                        "whole, so a prompt must not be split across steps (use prefill='causal' to keep it)")
+            args.enable_chunked_prefill = False
+        if args.enable_prefix_caching is not False:
+            logger.info("SeqTopK: prefix caching switched off: under prefill='sequence' a prompt's routing, "
+                        "and so its KV cache, depends on later tokens (use prefill='causal' to keep it)")
+            args.enable_prefix_caching = False
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() and not args.enforce_eager:
+        # CUDA graphs replay kernels without running Python, but each step's routing layout (rows, contexts,
+        # prompt lengths) is read in Python before the routing kernels run; a replay would route with the
+        # layout captured at graph-capture time. The routing math itself has no host syncs on decode.
+        logger.info("SeqTopK: CUDA graphs switched off (--enforce-eager): the per-step routing layout is "
+                    "prepared in Python, which graph replay would skip")
+        args.enforce_eager = True
+    args.additional_config = {**(args.additional_config or {}), KEY: config.to_dict()}
+    args.worker_extension_cls = WORKER_EXTENSION
+    return config

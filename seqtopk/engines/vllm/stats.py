@@ -1,0 +1,84 @@
+"""Routing statistics of a running vLLM engine: experts per token, per layer, prompt and generated tokens.
+
+Counters stay on the device and are added to without reading them back; they are read (one sync) only
+when a log line is due, every SEQTOPK_LOG_INTERVAL seconds (default 10; 0 turns the lines off), or when a
+client asks through the worker extension (`collective_rpc("seqtopk_stats")`). A trace of the chosen ids
+per token can be switched on for checks (`seqtopk_trace`); it reads every step back and is for tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from seqtopk.engines.vllm.registry import WORKER
+from seqtopk.routing.rules import pack
+
+logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
+
+_last_log = [time.monotonic()]  # when the last log line was written (per process)
+
+
+def interval() -> float:
+    return float(os.environ.get("SEQTOPK_LOG_INTERVAL", "10"))
+
+
+def record(router, step, mask: torch.Tensor, ids: torch.Tensor) -> None:
+    chosen = mask.sum(dim=-1)
+    prompt, generated = step.prompt, step.generated
+    update = torch.stack([prompt.sum(), (chosen * prompt).sum(), generated.sum(), (chosen * generated).sum()])
+    if router.counts is None or router.counts.device != update.device:
+        router.counts = torch.zeros(4, dtype=torch.long, device=update.device)
+    router.counts += update
+    if WORKER.trace is not None:
+        real = step.batch.real
+        # Plain lists: the records travel back to the client through collective_rpc.
+        WORKER.trace.append(dict(layer=router.index, req_ids=step.req_ids, row=step.batch.row[real].tolist(),
+                           position=step.batch.positions()[real].tolist(),
+                           ids=pack(ids, mask, "drop")[real].tolist()))
+    if router is WORKER.first_router() and interval() > 0 and time.monotonic() - _last_log[0] >= interval():
+        _last_log[0] = time.monotonic()
+        log_line()
+
+
+def snapshot() -> dict:
+    """Experts per token so far, per layer (None before any token), token counts, and routing-state memory."""
+    out = {"layers": [], "prompt": [], "generated": [], "prompt_tokens": 0, "generated_tokens": 0, **WORKER.memory}
+    for router in WORKER.routers.values():
+        counts = router.counts.tolist() if router.counts is not None else [0, 0, 0, 0]
+        out["layers"].append(router.layer_name)
+        out["prompt"].append(counts[1] / counts[0] if counts[0] else None)
+        out["generated"].append(counts[3] / counts[2] if counts[2] else None)
+        out["prompt_tokens"], out["generated_tokens"] = counts[0], counts[2]
+    return out
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return f"{sum(values) / len(values):.2f}" if values else "-"
+
+
+def log_line() -> None:
+    stats = snapshot()
+    if not stats["layers"]:
+        return
+    per_layer = " ".join(f"{_mean([p])}/{_mean([g])}" for p, g in zip(stats["prompt"], stats["generated"]))
+    logger.info("SeqTopK routing: experts/token prompt %s over %d tokens, generated %s over %d tokens; "
+                "per layer (prompt/generated): %s", _mean(stats["prompt"]), stats["prompt_tokens"],
+                _mean(stats["generated"]), stats["generated_tokens"], per_layer)
+
+
+def tracing() -> bool:
+    return WORKER.trace is not None
+
+
+def start_trace() -> None:
+    WORKER.trace = []
+
+
+def stop_trace() -> list:
+    records, WORKER.trace = WORKER.trace or [], None
+    return records

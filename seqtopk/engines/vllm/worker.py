@@ -1,0 +1,120 @@
+"""SeqTopK inside a vLLM worker process: the hooks, the start-up check, and calls clients can make.
+
+When SeqTopK is on, the engine configuration names `SeqTopKWorkerExtension` as vLLM's worker extension
+(`--worker-extension-cls`). vLLM imports this module in each worker before it builds the model, and the
+import installs the two worker-side hooks:
+- the MoE router factory, so each MoE layer is built with a SeqTopK router (seqtopk.engines.vllm.router);
+- KV-cache set-up, after which every MoE layer is checked (no kernel that ignores the router, no layer
+  left on its stock router), gets its paged routing state, and the start-up line is logged once.
+The extension adds `seqtopk_stats` and `seqtopk_trace` for `LLM.collective_rpc`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
+
+
+class SeqTopKWorkerExtension:
+    """Methods vLLM mixes into its worker class for `collective_rpc`."""
+
+    def seqtopk_stats(self) -> dict:
+        from seqtopk.engines.vllm import stats
+
+        return stats.snapshot()
+
+    def seqtopk_trace(self, on: bool) -> list:
+        """Start recording chosen ids per token (on=True), or stop and return the records (on=False)."""
+        from seqtopk.engines.vllm import stats
+
+        if on:
+            stats.start_trace()
+            return []
+        return stats.stop_trace()
+
+
+def _install() -> None:
+    import vllm.model_executor.layers.fused_moe.layer as fused_moe_layer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from seqtopk.engines.vllm.router import wrap_router_factory
+
+    factory = fused_moe_layer.create_fused_moe_router
+    if not getattr(factory, "seqtopk_wrapped", False):
+        fused_moe_layer.create_fused_moe_router = wrap_router_factory(factory)
+    original = GPUModelRunner.initialize_kv_cache
+    if getattr(original, "seqtopk_wrapped", False):
+        return
+
+    def initialize_kv_cache(self, kv_cache_config, is_profiling=False, *args, **kwargs):
+        original(self, kv_cache_config, is_profiling, *args, **kwargs)
+        attach_state(self, kv_cache_config, log=not is_profiling)
+
+    initialize_kv_cache.seqtopk_wrapped = True
+    GPUModelRunner.initialize_kv_cache = initialize_kv_cache
+
+
+def attach_state(runner, kv_cache_config, log: bool = True) -> None:
+    """Check every MoE layer, allocate its paged routing state, and log what runs SeqTopK."""
+    import torch
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from seqtopk.engines.vllm.registry import WORKER
+    from seqtopk.engines.vllm.router import SeqTopKRouter
+    from seqtopk.engines.vllm.settings import active
+
+    settings = active(runner.vllm_config)
+    if settings is None:
+        return
+    layers = {name: layer for name, layer in runner.compilation_config.static_forward_context.items()
+              if isinstance(layer, MoERunner)}
+    stock = [name for name, layer in layers.items() if not isinstance(layer.router, SeqTopKRouter)]
+    if stock:
+        raise RuntimeError(f"SeqTopK could not replace the router of MoE layer(s) {stock}: they were built "
+                           "with their own router; this model is not supported")
+    fused = [name for name, layer in layers.items() if layer.is_monolithic]
+    if fused:
+        raise RuntimeError(f"SeqTopK cannot run MoE layer(s) {fused}: their kernel "
+                           f"({type(layers[fused[0]].routed_experts.quant_method).__name__}) routes inside "
+                           "the kernel and ignores the router; choose another MoE backend or quantization")
+    if not layers:
+        raise RuntimeError("SeqTopK is on, but this model has no fused MoE layer to route")
+    groups = [(i, g) for i, g in enumerate(kv_cache_config.kv_cache_groups)
+              if isinstance(g.kv_cache_spec, FullAttentionSpec) and g.layer_names]
+    if not groups:
+        raise RuntimeError("SeqTopK keeps its routing state next to a full-attention KV cache, which this "
+                           "model does not have")
+    index, group = groups[0]
+    slots = kv_cache_config.num_blocks * group.kv_cache_spec.block_size
+    for name, layer in layers.items():
+        router = layer.router
+        router.layer_name = name
+        router.store = torch.zeros(slots + 1, router.cfg.cap, dtype=torch.float32, device=runner.device)
+    routers = [layer.router for layer in layers.values()]
+    WORKER.keep_routers(routers)
+    WORKER.attach(runner, index, slots + 1)
+    state_bytes = 4 * routers[0].cfg.cap
+    kv_bytes = group.kv_cache_spec.page_size_bytes // group.kv_cache_spec.block_size
+    WORKER.memory.update(
+        state_bytes_per_token=sum(4 * r.cfg.cap for r in routers),
+        kv_bytes_per_token=sum(g.kv_cache_spec.page_size_bytes // g.kv_cache_spec.block_size * len(g.layer_names)
+                               for g in kv_cache_config.kv_cache_groups),
+        store_bytes=sum(r.store.numel() * r.store.element_size() for r in routers))
+    if not log:  # a profiling set-up: the real one follows
+        return
+    logger.info("SeqTopK routing on %d MoE layer(s) (%s ... %s): %s; routing state %d B/token/layer next to "
+                "%d B/token/layer of KV cache (%.2f%%)", len(routers), routers[0].layer_name,
+                routers[-1].layer_name, describe(routers[0].cfg), state_bytes, kv_bytes,
+                100.0 * state_bytes / kv_bytes)
+
+
+def describe(cfg) -> str:
+    return (f"k={cfg.k} cap={cfg.cap} min_experts={cfg.min_experts} exact_budget={cfg.exact_budget} "
+            f"prefill={cfg.prefill} decode={cfg.decode}")
+
+
+# Installed at import, not by a call: vLLM imports the worker-extension module (named by the settings) in
+# each worker before it builds the model, and offers no other hook that runs there at that time.
+_install()

@@ -1,0 +1,160 @@
+"""SeqTopK for packed batches: many sequences' new tokens in one flat list, as serving engines run them.
+
+A serving step holds, per sequence (a row), a chunk of new tokens that continues what the row has already
+seen (its context). This module recovers that structure from the usual `query_start_loc` / `seq_lens`
+pair, pads the chunks into the dense [rows, tokens, C] form the rules in `seqtopk.routing.rules` take, applies
+them (`rules.choose`: which rule routes which token is decided there, not here), and maps the choice back to
+the flat tokens. It also keeps the streaming rule's history of capped
+scores in paged storage addressed like a paged KV cache (block table + slot per token), so the history
+lives and dies with the sequence's cache blocks.
+
+Pure torch, no engine import. Nothing here reads a device value on the host (no .item(), .tolist(),
+nonzero or boolean indexing) on the decode path, so it can run inside captured graphs; host-side ints
+(`max_query`, history width) come from the engine's own metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from seqtopk.routing.rules import TokenRules, choose
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class RaggedBatch:
+    """Where each flat token sits. N tokens (padding allowed at the end), R rows."""
+
+    row: torch.Tensor  # [N] row of each token (clamped to a real row for padding tokens)
+    col: torch.Tensor  # [N] index of the token inside its row's chunk
+    real: torch.Tensor  # [N] False for padding tokens past the last row
+    context: torch.Tensor  # [R] tokens the row saw before this step
+    query: torch.Tensor  # [R] new tokens of the row in this step
+    max_query: int  # longest chunk (host int: sets the dense width)
+
+    @property
+    def rows(self) -> int:
+        return self.context.shape[0]
+
+    def positions(self) -> torch.Tensor:
+        """[N] position of each token in its sequence."""
+        return self.context[self.row] + self.col
+
+
+def ragged_batch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
+                 max_query: int) -> RaggedBatch:
+    """Layout from chunk starts ([R+1], cumulative) and sequence lengths after the step ([R])."""
+    rows = seq_lens.shape[0]
+    starts = query_start_loc[: rows + 1].long()
+    index = torch.arange(num_tokens, device=starts.device)
+    row = torch.searchsorted(starts[1:], index, right=True)
+    real = row < rows
+    row = row.clamp(max=max(rows - 1, 0))
+    query = starts[1:] - starts[:-1]
+    return RaggedBatch(row=row, col=index - starts[row], real=real, context=seq_lens.long() - query,
+                       query=query, max_query=max(int(max_query), 1))
+
+
+def _dense_index(batch: RaggedBatch) -> torch.Tensor:
+    """[N] flat index into [R+1, max_query]; padding tokens go to the spare last row."""
+    width = batch.max_query
+    flat = batch.row * width + batch.col.clamp(0, width - 1)
+    return torch.where(batch.real, flat, torch.full_like(flat, batch.rows * width))
+
+
+def to_dense(values: torch.Tensor, batch: RaggedBatch, fill: float = NEG_INF):
+    """[N, C] -> ([R, max_query, C] padded with `fill`, valid [R, max_query])."""
+    width = batch.max_query
+    dense = values.new_full(((batch.rows + 1) * width, values.shape[-1]), fill)
+    dense.index_copy_(0, _dense_index(batch), values)  # padding tokens land in the spare row
+    valid = torch.arange(width, device=values.device) < batch.query.unsqueeze(1)
+    return dense[: batch.rows * width].view(batch.rows, width, -1), valid
+
+
+def from_dense(dense: torch.Tensor, batch: RaggedBatch) -> torch.Tensor:
+    """[R, max_query, C] -> [N, C]; padding tokens read the first row (callers mask them with `real`)."""
+    flat = dense.reshape(batch.rows * batch.max_query, -1)
+    return flat[_dense_index(batch).clamp(max=max(flat.shape[0] - 1, 0))]
+
+
+def select_ragged(values: torch.Tensor, batch: RaggedBatch, rules: TokenRules, cfg,
+                  history: torch.Tensor | None = None) -> torch.Tensor:
+    """SeqTopK choice for a packed step. values: [N, C] capped scores, best first. Returns bool [N, C].
+
+    Each token is routed by its rule in `rules` (flat like the tokens): the causal rule against its row's
+    history ([R, S, C], -inf past each row's context) and the earlier tokens of its chunk; the sequence
+    rule over the tokens of its row that the rule routes, as one-shot prefill does; TopK alone.
+    Padding tokens get no expert. cfg: the layer's ResolvedConfig.
+
+    A step that mixes one-token rows (decode) with longer chunks (prefill) routes the two groups
+    separately, so decode rows are not padded to the longest chunk; that split reads the chunk lengths on
+    the host, which only prefill steps do.
+    """
+    if batch.max_query > 1:
+        query = batch.query.tolist()
+        single = [r for r, q in enumerate(query) if q == 1]
+        if single and len(single) < len(query):
+            chunked = [r for r, q in enumerate(query) if q > 1]
+            mask = torch.zeros_like(values, dtype=torch.bool)
+            for rows in (single, chunked):
+                sub, tokens, index = _row_subset(batch, rows, max(query[r] for r in rows))
+                sub_history = history[index] if history is not None else None
+                mask[tokens] = _select_dense(values[tokens], sub, rules.subset(tokens), cfg, sub_history)
+            return mask
+    return _select_dense(values, batch, rules, cfg, history)
+
+
+def _row_subset(batch: RaggedBatch, rows: list[int], max_query: int):
+    """The real tokens of some rows as their own batch: (batch, token indices [n], row indices [r])."""
+    index = torch.tensor(rows, device=batch.row.device)
+    renumber = torch.full((batch.rows,), -1, dtype=torch.long, device=index.device)
+    renumber[index] = torch.arange(len(rows), device=index.device)
+    tokens = torch.nonzero(batch.real & (renumber[batch.row] >= 0)).squeeze(1)
+    sub = RaggedBatch(row=renumber[batch.row[tokens]], col=batch.col[tokens],
+                      real=torch.ones_like(tokens, dtype=torch.bool), context=batch.context[index],
+                      query=batch.query[index], max_query=max_query)
+    return sub, tokens, index
+
+
+def _select_dense(values, batch: RaggedBatch, rules: TokenRules, cfg, history) -> torch.Tensor:
+    if batch.max_query == 1:
+        rules = rules.single_tokens()
+    dense, valid = to_dense(values, batch)
+    rule_tokens = {}
+    if rules.codes is not None:
+        for rule in rules.present:
+            flagged, _ = to_dense(rules.tokens(rule).unsqueeze(-1).float(), batch, fill=0.0)
+            rule_tokens[rule] = flagged.squeeze(-1) > 0
+    mask = choose(dense, valid, rules, cfg, rule_tokens, history, seen=batch.context)
+    return from_dense(mask, batch) & batch.real.unsqueeze(-1)
+
+
+def history_slots(block_table: torch.Tensor, block_size: int, context: torch.Tensor, width: int,
+                  num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row's history lives in paged storage: (slot [R, width], live [R, width]).
+
+    Slots follow a paged KV cache: slot = block_id * block_size + offset, block ids from block_table
+    [R, max_blocks]. Positions at or past a row's context are not live (their slot is clamped, unread).
+    The same slots serve every layer of a step, so engines compute them once per step.
+    """
+    rows = context.shape[0]
+    position = torch.arange(width, device=block_table.device)
+    block = (position // block_size).clamp(max=block_table.shape[1] - 1)
+    slot = block_table[:rows].long().gather(1, block.unsqueeze(0).expand(rows, width)) * block_size
+    slot = (slot + position % block_size).clamp(0, num_slots - 1)
+    return slot, position.unsqueeze(0) < context.unsqueeze(1)
+
+
+def gather_paged(store: torch.Tensor, slot: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """History of each row from paged storage ([slots, C]): [R, width, C], -inf where not live."""
+    return store[slot].masked_fill(~live.unsqueeze(-1), NEG_INF)
+
+
+def write_paged(store: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """Store each token's capped scores at its slot; negative slots (padding) go to the store's last row,
+    which is kept as scratch and never read as history."""
+    scratch = torch.full_like(slots, store.shape[0] - 1)
+    store.index_copy_(0, torch.where(slots >= 0, slots.long(), scratch.long()), values.to(store.dtype))

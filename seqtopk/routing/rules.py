@@ -1,0 +1,289 @@
+"""SeqTopK rules: which rule routes each token, and which (token, expert) pairs each rule keeps.
+
+This is the only place where routing decisions are made; every engine adapter, and the fused decode kernel
+(its torch reference is `select_causal`), takes them from here. Pure torch, no engine imports. Shapes use
+B sequences, T (or L) tokens per sequence, C = cap candidate experts per token (sorted best first).
+
+Which rule (`rule_for`, the one decision):
+- a token that starts its sequence's routing (a prompt routed from its first token, training, a plain
+  forward) follows `prefill`: "sequence" (published, non-causal) or "causal";
+- a generated token follows `decode`: "expert_cache" -> the causal (streaming) rule, "topk" -> plain TopK;
+- any other token continuing a sequence (a later chunk of a chunked prompt) follows the causal rule.
+
+The rules:
+- `select_sequence`: the published prefill/training rule. The cut is the (n*K)-th largest capped score
+  over the sequence's n real tokens; exact ties at the cut go to the earlier token, then the better rank.
+- `select_causal`: the streaming rule ("expert cache"). Token t takes each capped expert whose score is at
+  or above the (m_t*K)-th largest capped score among the m_t real tokens up to and including t. A chunk of
+  new tokens is routed against the history of earlier capped scores; one-shot causal prefill, chunked
+  prefill and token-by-token decoding therefore make the same choices.
+- `topk_mask`: stock TopK, each real token's best K.
+
+Both SeqTopK rules keep each token's best `min_experts` experts regardless of the cut. With `exact_budget`,
+those forced experts count toward the budget (`budget_split`): the remaining n*(K - min_experts) pairs are
+chosen among the other candidates, so a sequence spends exactly n*K pairs under `select_sequence`.
+Padding tokens (valid == False) take no experts and do not count in n.
+
+Unchosen slots (`pack`): engines differ in what their kernels accept, so the convention is a parameter:
+"drop" writes expert id -1 (kernels that skip them), "repeat_best" repeats the token's best expert with
+weight 0 (fixed-width kernels that need a valid id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from seqtopk.routing.counting import causal_greater_counts
+
+NEG_INF = float("-inf")
+
+SEQUENCE, CAUSAL, TOPK = "sequence", "causal", "topk"
+RULES = (SEQUENCE, CAUSAL, TOPK)  # a rule's code is its index here
+UNCHOSEN = ("drop", "repeat_best")
+
+
+# ------------------------------------------------------------------------------------ which rule
+
+
+def rule_for(cfg, *, fresh: bool, generated: bool) -> str:
+    """The rule that routes a token. fresh: its sequence's routing starts in this step (no earlier tokens);
+    generated: it was sampled (past the prompt). cfg: a ResolvedConfig (prefill, decode)."""
+    if fresh:
+        return cfg.prefill
+    if generated and cfg.decode == "topk":
+        return TOPK
+    return CAUSAL
+
+
+def describe_rules(cfg) -> str:
+    """How prompt and generated tokens are routed under these settings, in words."""
+    names = {SEQUENCE: "sequence rule", CAUSAL: "streaming expert-cache rule", TOPK: "per-token TopK rule"}
+    return (f"prompt: {names[rule_for(cfg, fresh=True, generated=False)]}; "
+            f"generated: {names[rule_for(cfg, fresh=False, generated=True)]}")
+
+
+@dataclass
+class TokenRules:
+    """Which rule routes each token of one forward.
+
+    `present` lists the rules some token may use, known on the host without reading the device, so rules
+    no token uses cost nothing. `codes` ([N] int8, index into RULES, flat like the step's tokens) is None
+    when one rule routes every token.
+    """
+
+    present: tuple[str, ...]
+    codes: torch.Tensor | None = None
+
+    @classmethod
+    def uniform(cls, rule: str) -> "TokenRules":
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        return cls(present=(rule,))
+
+    @classmethod
+    def for_forward(cls, cfg, continuing: bool) -> "TokenRules":
+        """A forward whose tokens all start their sequences (continuing=False) or all continue a KV cache.
+
+        A forward that continues a cache is treated as generation: transformers does not say which of its
+        tokens are prompt, and decode steps, assisted-decoding verification and chunked prefill all come
+        this way.
+        """
+        return cls.uniform(rule_for(cfg, fresh=not continuing, generated=continuing))
+
+    @classmethod
+    def per_token(cls, cfg, fresh: torch.Tensor, generated: torch.Tensor, longest_chunk: int) -> "TokenRules":
+        """Per-token rules of a packed serving step. fresh, generated: [N] bool. longest_chunk: the longest
+        run of new tokens of one sequence in this step (host int). A one-token chunk routes the same under
+        the sequence and the causal rule, so a step of single tokens never lists the sequence rule."""
+        combos = {(f, g): rule_for(cfg, fresh=f, generated=g) for f in (False, True) for g in (False, True)}
+        present = tuple(r for r in RULES if r in {rule for (f, g), rule in combos.items() if not (f and g)})
+        if len(present) == 1:  # (a fresh token is a prompt token, never a generated one)
+            rules = cls(present=present)
+        else:
+            table = torch.tensor([RULES.index(combos[(f, g)]) for f in (False, True) for g in (False, True)],
+                                 dtype=torch.int8, device=fresh.device)
+            rules = cls(present=present, codes=table[fresh.long() * 2 + generated.long()])
+        return rules.single_tokens() if longest_chunk <= 1 else rules
+
+    def single_tokens(self) -> "TokenRules":
+        """The rules for one-token chunks: on a single new token the sequence rule is the causal rule (the
+        cut over one token; exact ties between its own candidates aside), so the causal rule routes it, as
+        every decode step does."""
+        if SEQUENCE not in self.present:
+            return self
+        present = tuple(r for r in RULES if r in set(self.present) - {SEQUENCE} | {CAUSAL})
+        if len(present) == 1:
+            return TokenRules(present=present)
+        codes = self.codes
+        if codes is not None:
+            codes = torch.where(codes == RULES.index(SEQUENCE), torch.full_like(codes, RULES.index(CAUSAL)), codes)
+        return TokenRules(present=present, codes=codes)
+
+    def tokens(self, rule: str) -> torch.Tensor | None:
+        """[N] bool: the tokens this rule routes (None: every token, when it is the only rule)."""
+        if self.codes is None:
+            return None
+        return self.codes == RULES.index(rule)
+
+    def subset(self, index: torch.Tensor) -> "TokenRules":
+        """The rules of some tokens (index: [n] positions into the step's tokens)."""
+        return TokenRules(self.present, None if self.codes is None else self.codes[index])
+
+
+def choose(values: torch.Tensor, valid: torch.Tensor | None, rules: TokenRules, cfg,
+           rule_tokens: dict[str, torch.Tensor | None] | None = None, history: torch.Tensor | None = None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply each token's rule. values: [B, T, C] capped scores, best first; valid: [B, T] real tokens.
+
+    rule_tokens: {rule: [B, T] bool, the tokens it routes} in the same dense layout as `values`, for rules
+    that route only some tokens (engines lay out `rules.tokens(rule)` as they lay out the values).
+    history / seen: the earlier tokens of each sequence, for the causal rule (see select_causal).
+    Returns the chosen slots, bool [B, T, C].
+    """
+    k, min_experts, exact = cfg.k, cfg.min_experts, cfg.exact_budget
+    rule_tokens = rule_tokens or {}
+    mask = None
+    if SEQUENCE in rules.present:
+        flagged = rule_tokens.get(SEQUENCE)
+        routed = valid if flagged is None else (flagged if valid is None else valid & flagged)
+        mask = select_sequence(values, routed, k, min_experts, exact)
+    if CAUSAL in rules.present:
+        flagged = rule_tokens.get(CAUSAL)
+        # Mixed steps with the sequence rule are prefill steps, which may read the device: a step of fresh
+        # prompts only skips the causal pass.
+        if mask is None or flagged is None or bool(flagged.any()):
+            causal = select_causal(values, valid, k, min_experts, exact, history, seen)
+            mask = causal if mask is None or flagged is None else torch.where(flagged.unsqueeze(-1), causal, mask)
+    if TOPK in rules.present:
+        flagged = rule_tokens.get(TOPK)
+        plain = topk_mask(values, k, valid)
+        mask = plain if mask is None or flagged is None else torch.where(flagged.unsqueeze(-1), plain, mask)
+    return mask
+
+
+# ------------------------------------------------------------------------------------- the rules
+
+
+class BudgetSplit(NamedTuple):
+    """How a token's budget splits between forced experts and the cut."""
+
+    forced: int  # leading columns every real token keeps (its best min_experts)
+    first: int  # first column that competes for the cut
+    per_token: int  # pairs per real token the competing columns share
+
+
+def budget_split(k: int, cap: int, min_experts: int, exact_budget: bool) -> BudgetSplit:
+    forced = min(min_experts, cap)
+    if exact_budget:  # forced experts count toward T*K: the cut shares what is left
+        return BudgetSplit(forced, forced, k - forced)
+    return BudgetSplit(forced, 0, k)
+
+
+def known_pair_count(rule: str, cfg, tokens: int) -> int | None:
+    """Pairs a forward of `tokens` tokens routed by `rule` spends, when that is known before routing (padding
+    spends fewer: the rest are filler rows); None when only the routing itself tells."""
+    if rule == TOPK or (rule == SEQUENCE and cfg.exact_budget):
+        return tokens * cfg.k
+    return None
+
+
+def capped_candidates(scores: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`cap` experts per token: (values, ids), each [..., cap], best first."""
+    return torch.topk(scores, cap, dim=-1)
+
+
+def topk_mask(values: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Stock TopK over candidates sorted best first: the first k slots of every real token. [..., C] bool."""
+    mask = (torch.arange(values.shape[-1], device=values.device) < k).expand(values.shape)
+    return mask & valid.unsqueeze(-1) if valid is not None else mask.clone()
+
+
+def pack(ids: torch.Tensor, mask: torch.Tensor, unchosen: str = "drop") -> torch.Tensor:
+    """Candidate ids [N, C] as MoE kernels take them: "drop" puts -1 in unchosen slots, "repeat_best" the
+    token's best expert (its weight is 0, so it adds nothing)."""
+    if unchosen == "drop":
+        return ids.masked_fill(~mask, -1)
+    if unchosen == "repeat_best":
+        return torch.where(mask, ids, ids[:, :1])
+    raise ValueError(f"unchosen must be one of {UNCHOSEN}, got {unchosen!r}")
+
+
+def _split_forced(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_experts: int,
+                  exact_budget: bool):
+    """Real tokens (all, if valid is None), the columns every real token keeps, and the budget split."""
+    if valid is None:
+        valid = torch.ones(values.shape[:2], dtype=torch.bool, device=values.device)
+    split = budget_split(k, values.shape[-1], min_experts, exact_budget)
+    forced = valid.unsqueeze(-1).expand(*valid.shape, split.forced)
+    return valid, forced, split
+
+
+def _assemble(forced: torch.Tensor, first: int, take: torch.Tensor) -> torch.Tensor:
+    """Full [.., cap] mask from the forced columns and the competing columns starting at `first`."""
+    if first:  # the competing columns are exactly the non-forced ones
+        return torch.cat([forced, take], dim=-1)
+    if forced.shape[-1]:
+        take = take.clone()
+        take[..., : forced.shape[-1]] |= forced
+    return take
+
+
+def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_experts: int = 1,
+                    exact_budget: bool = False) -> torch.Tensor:
+    """Published prefill rule. values: [B, T, C] capped scores, best first. Returns a bool mask [B, T, C]."""
+    batch, tokens, cap = values.shape
+    valid, forced, (_, first, per_token) = _split_forced(values, valid, k, min_experts, exact_budget)
+    if per_token <= 0 or tokens == 0:
+        return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
+    compete = values[..., first:]
+    width = compete.shape[-1]
+    # A padding token offers `per_token` slots at +inf and the rest at -inf: the (T*per_token)-th largest
+    # of a row is then the (n*per_token)-th largest of its n real tokens, one static k for every row
+    # (no host sync to learn how much padding each row has).
+    pad_fill = torch.full((width,), NEG_INF, dtype=values.dtype, device=values.device)
+    pad_fill[:per_token] = float("inf")
+    compete = torch.where(valid.unsqueeze(-1), compete, pad_fill)
+    flat = compete.reshape(batch, tokens * width)
+    budget = tokens * per_token
+    threshold = torch.kthvalue(flat, flat.shape[1] - budget + 1, dim=1, keepdim=True).values
+    above = flat > threshold
+    at = flat == threshold
+    room = budget - above.sum(dim=1, keepdim=True)
+    if flat.is_cuda:  # ties at the cut resolved without a host sync
+        take = above | (at & (at.cumsum(dim=1) <= room))
+    elif bool((at.sum(dim=1, keepdim=True) > room).any()):
+        # Exact ties straddle the cut: keep the earliest of them (earlier token, then better rank).
+        take = above | (at & (at.cumsum(dim=1) <= room))
+    else:
+        take = above | at
+    take = take.view(batch, tokens, width) & valid.unsqueeze(-1)
+    return _assemble(forced, first, take)
+
+
+def select_causal(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_experts: int = 1,
+                  exact_budget: bool = False, history: torch.Tensor | None = None,
+                  seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Streaming rule for a chunk of new tokens. Returns a bool mask [B, L, C].
+
+    values: [B, L, C] capped scores of the new tokens, best first. valid: [B, L] real (non-pad) tokens.
+    history: [B, S, C] capped scores of earlier tokens of the same sequences (-inf rows for padding), or None.
+    seen: [B] number of real earlier tokens (defaults to the real rows of history, or 0).
+    """
+    batch, length, cap = values.shape
+    valid, forced, (_, first, per_token) = _split_forced(values, valid, k, min_experts, exact_budget)
+    if per_token <= 0 or length == 0:
+        return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
+    if seen is None:
+        seen = torch.zeros(batch, dtype=torch.long, device=values.device)
+        if history is not None and history.shape[1]:
+            seen = torch.isfinite(history[..., 0]).sum(dim=1)
+    compete = values[..., first:].masked_fill(~valid.unsqueeze(-1), NEG_INF)
+    earlier = (history[..., first:].reshape(batch, -1) if history is not None
+               else compete.new_empty(batch, 0))
+    greater = causal_greater_counts(earlier, compete)  # [B, L, W]
+    m = seen.unsqueeze(1) + valid.long().cumsum(dim=1)  # real tokens up to and including each new token
+    take = (greater < (m * per_token).unsqueeze(-1)) & valid.unsqueeze(-1) & torch.isfinite(compete)
+    return _assemble(forced, first, take)

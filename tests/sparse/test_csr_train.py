@@ -1,0 +1,131 @@
+"""`seqtopk csr train` and the Python API on real data: real training steps, the saved folder, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from tests.sparse.fixtures import TINY_K, needs_shared_data, scratch_dir, tiny_head, tiny_training_file
+
+from seqtopk.cli import main as cli_main
+
+pytestmark = needs_shared_data
+TEXTS = ["How do I top up my card?", "My card has not arrived yet.", "What is the exchange rate?"]
+
+
+def test_saved_head_is_a_sparse_encoder_folder_with_k_active_latents():
+    from sentence_transformers import SparseEncoder
+
+    from seqtopk.sparse.backbone import load_backbone
+
+    head_dir = tiny_head()
+    model = SparseEncoder(str(head_dir), device="cpu", local_files_only=True)
+    assert type(model[-1]).__name__ == "SparseAutoEncoder" and type(model[-1]).__module__.startswith("sentence_transformers.")
+    assert model.similarity_fn_name == "cosine"  # what the contrastive term trains, so what evaluation must use
+    codes = model.encode(TEXTS, convert_to_tensor=True).to_dense()
+    assert codes.shape == (3, 4 * 384)
+    assert ((codes > 0).sum(dim=1) <= TINY_K).all() and ((codes > 0).sum(dim=1) > 0).all()
+    # the codes are the head applied to the backbone's (normalised, mean-pooled) embedding
+    dense = torch.from_numpy(load_backbone(head_dir).encode(TEXTS))
+    with torch.inference_mode():
+        expected = model[-1]({"sentence_embedding": dense})["sentence_embedding"]
+    assert torch.allclose(codes, expected, atol=1e-5)
+
+    config = json.loads((head_dir / "config.json").read_text())
+    assert config["architectures"] == ["SeqtopkCSRBertModel"] and config["io_processor_plugin"] == "seqtopk_csr_sparse"
+    summary = json.loads((head_dir / "csr_training.json").read_text())
+    assert summary["heldout_texts"] > 0 and 0.0 <= summary["dead_latent_fraction_heldout"] < 1.0
+    assert summary["final"]["step"] == 60
+
+
+def test_cli_train_runs_and_reports_dead_latents(capsys):
+    out = scratch_dir() / "cli-head"
+    code = cli_main(["csr", "train", "--k", "4", "--out", str(out), "--data", str(tiny_training_file()), "--max-steps", "10", "--batch-size", "32", "--quiet"])
+    assert code == 0
+    assert "dead latents on" in capsys.readouterr().out
+    assert (out / "3_SparseAutoEncoder" / "config.json").is_file()
+    assert json.loads((out / "3_SparseAutoEncoder" / "config.json").read_text())["k"] == 4
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_existing_output_folder_is_refused_and_left_untouched(capsys):
+    head_dir = tiny_head()
+    before = _snapshot(head_dir)
+    code = cli_main(["csr", "train", "--k", "4", "--out", str(head_dir), "--data", str(tiny_training_file()), "--max-steps", "5", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err
+    assert _snapshot(head_dir) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data", "sts-test"], "unknown training data"),
+        (["--k", "5000"], "exceeds the hidden size"),
+        (["--method", "csrv2", "--k", "0"], "k must be at least 1"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors_and_write_nothing(capsys, extra, message):
+    out = scratch_dir() / "never-written"
+    args = ["csr", "train", "--k", "4", "--out", str(out), "--max-steps", "5", "--quiet", *extra]
+    assert cli_main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_jsonl_with_misnamed_label_key_is_an_error_not_silently_unlabelled(capsys):
+    """The labels trap: a `labels` column must not be dropped quietly and train an unsupervised head."""
+    bad = scratch_dir() / "misnamed.jsonl"
+    bad.write_text(json.dumps({"text": "hello", "labels": "greeting"}) + "\n")
+    out = scratch_dir() / "misnamed-head"
+    assert cli_main(["csr", "train", "--k", "4", "--out", str(out), "--data", str(bad), "--quiet"]) == 2
+    assert "expected keys anchor+positive or text+label" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_supervised_batches_carry_the_dataset_labels():
+    """The labels that reach the supervised contrastive loss are the dataset's, pair by pair."""
+    from seqtopk.sparse.data.batches import Split, epoch_batches
+    from seqtopk.sparse.data.readers import load_file
+
+    training = load_file(tiny_training_file())
+    rng = np.random.default_rng(0)
+    for anchors, positives, labels in epoch_batches(Split([training], []), 32, rng):
+        assert np.array_equal(labels, training.labels[anchors])
+        assert np.array_equal(training.labels[anchors], training.labels[positives])
+
+
+def test_csrv2_backbone_finetuning_changes_the_saved_backbone():
+    from safetensors.numpy import load_file as load_safetensors
+
+    from seqtopk.sparse.backbone import default_backbone
+    from seqtopk.sparse.csr.train import TrainConfig, train_head
+
+    out = scratch_dir() / "csrv2-ft"
+    config = TrainConfig(k=4, method="csrv2", max_steps=10, batch_size=32, finetune_steps=2, finetune_batch_size=4, data=[str(tiny_training_file())])
+    summary = train_head(default_backbone(), out, config, progress=False)
+    assert summary["backbone_finetuned"] and summary["config"]["k_start"] == 128
+    tuned = load_safetensors(str(out / "model.safetensors"))
+    original = load_safetensors(str(default_backbone() / "model.safetensors"))
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert not np.array_equal(tuned[name], original[name])
+
+
+def test_embedding_cache_round_trips_digests_ending_in_zero_bytes(tmp_path, monkeypatch):
+    """sha1 digests that end in 0x00 must survive the on-disk cache (a bytes array would strip them)."""
+    from seqtopk.sparse.backbone import CachedBackbone, text_key
+    from seqtopk.sparse.backbone import default_backbone
+
+    monkeypatch.setenv("SEQTOPK_CACHE", str(tmp_path))
+    text = next(f"text {i}" for i in range(10_000) if text_key(f"text {i}").endswith(b"\0"))
+    first = CachedBackbone(default_backbone()).encode([text, "another text"])
+    reader = CachedBackbone(default_backbone())
+    reader._model = "not used"  # a fresh reader must answer from disk without a model
+    assert np.array_equal(reader.encode([text, "another text"]), first)

@@ -1,0 +1,175 @@
+"""The package's shape: no import cycles, an engine-free routing core and sparse index, and a wheel that
+ships every subpackage and the local lm-eval tasks."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINES = {"vllm", "transformers", "sentence_transformers", "mteb", "lm_eval", "datasets", "triton"}
+
+
+def package_modules() -> dict[str, Path]:
+    """Every module of the installed package, by dotted name (patches/ is seqtopk.patches)."""
+    modules = {}
+    for root, prefix in ((REPO / "seqtopk", "seqtopk"), (REPO / "patches", "seqtopk.patches")):
+        for path in root.rglob("*.py"):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join([prefix, *parts])] = path
+    return modules
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package modules `name` imports anywhere in its file (module level and inside functions)."""
+    is_package = path.name == "__init__.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
+                base = ".".join(anchor + ([base] if base else []))
+            # `from pkg import sub` imports the submodule when there is one, else a name of pkg
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in modules and t != name}
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = package_modules()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(node):
+        index[node] = low[node] = counter[0]
+        counter[0] += 1
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_the_import_graph_has_no_cycles():
+    graph = import_graph()
+    assert len(graph) > 40, "the walk must see the whole package"
+    assert find_cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def external_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add((node.module or "").split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("folder,allowed_internal", [
+    ("routing", {"seqtopk.config", "seqtopk.routing"}),
+    ("sparse/index", {"seqtopk.sparse.index"}),
+])
+def test_core_folders_import_no_engine(folder, allowed_internal):
+    graph = import_graph()
+    prefix = "seqtopk." + folder.replace("/", ".")
+    for name in (n for n in graph if n == prefix or n.startswith(prefix + ".")):
+        path = package_modules()[name]
+        assert not external_imports(path) & ENGINES, f"{name} imports an engine"
+        outside = {m for m in graph[name] if not any(m == a or m.startswith(a + ".") for a in allowed_internal)}
+        assert not outside, f"{name} imports {outside}"
+
+
+def test_one_topk_mask_and_one_rule_decision():
+    """Only routing/rules.py writes the plain TopK mask or reads the prefill/decode settings to pick a rule."""
+    for name, path in package_modules().items():
+        if name == "seqtopk.routing.rules":
+            continue
+        text = path.read_text()
+        assert "[..., : cfg.k] = True" not in text and "[:, : cfg.k] = True" not in text, name
+        assert "cfg.decode ==" not in text and "cfg.prefill ==" not in text, name
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """A wheel built from a copy of the sources (the checkout is left untouched)."""
+    source = tmp_path_factory.mktemp("source")
+    for item in ("seqtopk", "patches", "pyproject.toml", "setup.py", "README.md"):
+        src = REPO / item
+        if src.is_dir():
+            shutil.copytree(src, source / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, source / item)
+    out = tmp_path_factory.mktemp("wheel")
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(out), str(source)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (built,) = out.glob("seqtopk-*.whl")
+    return built
+
+
+def test_wheel_ships_every_subpackage_and_the_lm_eval_tasks(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name, path in package_modules().items():
+        relative = name.replace(".", "/") + ("/__init__.py" if path.name == "__init__.py" else ".py")
+        assert relative in names, f"{relative} is missing from the wheel"
+    tasks = sorted(p.name for p in (REPO / "seqtopk" / "lm_eval" / "tasks").glob("*.yaml"))
+    assert tasks and all(f"seqtopk/lm_eval/tasks/{t}" in names for t in tasks)
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "seqtopk.engines.vllm.plugin:register" in entry_points and "seqtopk.cli:main" in entry_points
+
+
+def test_installed_wheel_runs_lm_eval_on_a_local_task(wheel, tiny_checkpoint, shared_data, tmp_path):
+    """`seqtopk lm-eval --tasks arc_easy_local` from the wheel alone, away from the checkout."""
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    env = {**os.environ, "PYTHONPATH": str(site), "SEQTOPK_SHARED": str(shared_data.parent)}
+    where = subprocess.run([sys.executable, "-c", "import seqtopk.lm_eval as m; print(m.TASKS_DIR)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert where.stdout.strip() == str(site / "seqtopk" / "lm_eval" / "tasks"), where.stderr
+    result = subprocess.run([sys.executable, "-m", "seqtopk.cli", "lm-eval", "--model",
+                             str(tiny_checkpoint("qwen3_moe")), "--tasks", "arc_easy_local", "--limit", "2",
+                             "--batch-size", "2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("arc_easy_local {") and '"acc,none"' in result.stdout

