@@ -163,3 +163,34 @@ def test_gpu_sequence_cut_equals_cpu_with_ties_padding_and_signed_zeros(dtype):
         cpu = select_sequence(values.float(), valid, k, min_experts, exact)
         gpu = select_sequence(values.cuda(), valid.cuda(), k, min_experts, exact)
         assert torch.equal(gpu.cpu(), cpu), (k, min_experts, exact)
+
+
+def test_which_rule_routes_each_token():
+    from seqtopk.config import ResolvedConfig
+    from seqtopk.routing.rules import TokenRules, rule_for
+
+    def cfg(prefill, decode):
+        return ResolvedConfig(k=2, cap=4, min_experts=1, exact_budget=False, prefill=prefill, decode=decode)
+
+    # (fresh, generated) -> rule: fresh prompts follow `prefill`, generated tokens `decode`, the rest stream.
+    expected = {("sequence", "expert_cache"): ("sequence", "causal", "causal"),
+                ("causal", "expert_cache"): ("causal", "causal", "causal"),
+                ("sequence", "topk"): ("sequence", "causal", "topk"),
+                ("causal", "topk"): ("causal", "causal", "topk")}
+    for (prefill, decode), (fresh_rule, continued_rule, generated_rule) in expected.items():
+        settings = cfg(prefill, decode)
+        assert rule_for(settings, fresh=True, generated=False) == fresh_rule
+        assert rule_for(settings, fresh=False, generated=False) == continued_rule
+        assert rule_for(settings, fresh=False, generated=True) == generated_rule
+    fresh = torch.tensor([True, True, False, False, False])
+    generated = torch.tensor([False, False, False, True, True])
+    mixed = TokenRules.per_token(cfg("sequence", "topk"), fresh, generated, longest_chunk=2)
+    assert mixed.present == ("sequence", "causal", "topk") and mixed.codes.tolist() == [0, 0, 1, 2, 2]
+    assert mixed.tokens("topk").tolist() == [False, False, False, True, True]
+    single = TokenRules.per_token(cfg("sequence", "topk"), fresh, generated, longest_chunk=1)
+    assert single.present == ("causal", "topk") and single.codes.tolist() == [1, 1, 1, 2, 2]
+    uniform = TokenRules.per_token(cfg("causal", "expert_cache"), fresh, generated, longest_chunk=2)
+    assert uniform.present == ("causal",) and uniform.codes is None and uniform.tokens("causal") is None
+    assert TokenRules.for_forward(cfg("sequence", "topk"), continuing=True).present == ("topk",)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        TokenRules.uniform("greedy")
