@@ -123,12 +123,10 @@ def _select_dense(values, batch: RaggedBatch, rules: TokenRules, cfg, history) -
     if batch.max_query == 1:
         rules = rules.single_tokens()
     dense, valid = to_dense(values, batch)
-    rule_tokens = {}
-    if rules.codes is not None:
-        for rule in rules.present:
-            flagged, _ = to_dense(rules.tokens(rule).unsqueeze(-1).float(), batch, fill=0.0)
-            rule_tokens[rule] = flagged.squeeze(-1) > 0
-    mask = choose(dense, valid, rules, cfg, rule_tokens, history, seen=batch.context)
+    # One layout of the codes for every rule; padding gets -1, which no rule has.
+    dense_rules = rules.laid_out(lambda codes: to_dense(codes.unsqueeze(-1).float(), batch, fill=-1.0)[0]
+                                 .squeeze(-1).to(codes.dtype))
+    mask = choose(dense, valid, dense_rules, cfg, history, seen=batch.context)
     return from_dense(mask, batch) & batch.real.unsqueeze(-1)
 
 

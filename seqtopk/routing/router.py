@@ -30,9 +30,8 @@ class DenseLayout:
     def choose(self, values: torch.Tensor, rules: TokenRules, cfg: ResolvedConfig,
                history: torch.Tensor | None) -> torch.Tensor:
         shape = (self.batch, self.tokens)
-        rule_tokens = ({rule: rules.tokens(rule).view(shape) for rule in rules.present}
-                       if rules.codes is not None else None)
-        mask = choose(values.view(*shape, -1), self.valid, rules, cfg, rule_tokens, history, self.seen)
+        dense_rules = rules.laid_out(lambda codes: codes.view(shape))
+        mask = choose(values.view(*shape, -1), self.valid, dense_rules, cfg, history, self.seen)
         return mask.view(values.shape)
 
 

@@ -123,7 +123,7 @@ class TokenRules:
         return TokenRules(present=present, codes=codes)
 
     def tokens(self, rule: str) -> torch.Tensor | None:
-        """[N] bool: the tokens this rule routes (None: every token, when it is the only rule)."""
+        """Bool, shaped like `codes`: the tokens this rule routes (None: every token, when it is the only rule)."""
         if self.codes is None:
             return None
         return self.codes == RULES.index(rule)
@@ -132,33 +132,35 @@ class TokenRules:
         """The rules of some tokens (index: [n] positions into the step's tokens)."""
         return TokenRules(self.present, None if self.codes is None else self.codes[index])
 
+    def laid_out(self, lay_out) -> "TokenRules":
+        """The same rules with `codes` passed through `lay_out` (e.g. flat [N] -> dense [B, T])."""
+        return self if self.codes is None else TokenRules(self.present, lay_out(self.codes))
+
 
 def choose(values: torch.Tensor, valid: torch.Tensor | None, rules: TokenRules, cfg,
-           rule_tokens: dict[str, torch.Tensor | None] | None = None, history: torch.Tensor | None = None,
-           seen: torch.Tensor | None = None) -> torch.Tensor:
+           history: torch.Tensor | None = None, seen: torch.Tensor | None = None) -> torch.Tensor:
     """Apply each token's rule. values: [B, T, C] capped scores, best first; valid: [B, T] real tokens.
 
-    rule_tokens: {rule: [B, T] bool, the tokens it routes} in the same dense layout as `values`, for rules
-    that route only some tokens (engines lay out `rules.tokens(rule)` as they lay out the values).
+    rules: with per-token codes laid out [B, T] like `values` (engines lay out `TokenRules.codes` as they
+    lay out the values; padding positions may hold any code outside RULES).
     history / seen: the earlier tokens of each sequence, for the causal rule (see select_causal).
     Returns the chosen slots, bool [B, T, C].
     """
     k, min_experts, exact = cfg.k, cfg.min_experts, cfg.exact_budget
-    rule_tokens = rule_tokens or {}
     mask = None
     if SEQUENCE in rules.present:
-        flagged = rule_tokens.get(SEQUENCE)
+        flagged = rules.tokens(SEQUENCE)
         routed = valid if flagged is None else (flagged if valid is None else valid & flagged)
         mask = select_sequence(values, routed, k, min_experts, exact)
     if CAUSAL in rules.present:
-        flagged = rule_tokens.get(CAUSAL)
+        flagged = rules.tokens(CAUSAL)
         # Mixed steps with the sequence rule are prefill steps, which may read the device: a step of fresh
         # prompts only skips the causal pass.
         if mask is None or flagged is None or bool(flagged.any()):
             causal = select_causal(values, valid, k, min_experts, exact, history, seen)
             mask = causal if mask is None or flagged is None else torch.where(flagged.unsqueeze(-1), causal, mask)
     if TOPK in rules.present:
-        flagged = rule_tokens.get(TOPK)
+        flagged = rules.tokens(TOPK)
         plain = topk_mask(values, k, valid)
         mask = plain if mask is None or flagged is None else torch.where(flagged.unsqueeze(-1), plain, mask)
     return mask

@@ -71,10 +71,6 @@ def log_line() -> None:
                 _mean(stats["generated"]), stats["generated_tokens"], per_layer)
 
 
-def tracing() -> bool:
-    return WORKER.trace is not None
-
-
 def start_trace() -> None:
     WORKER.trace = []
 
