@@ -10,9 +10,11 @@ filled with a duplicate expert at weight 0: safe, but they cost compute), and "s
 through seqtopk's row dispatch, which separates the cost of the routing rule from that of the dispatch.
 
     python evals/bench_hf.py                       # CPU, small OLMoE-like shape
+    python evals/bench_hf.py --shape cpu-k4 --threads 2   # 32 experts, top-4 (cap 6), batch 4
     python evals/bench_hf.py --shape olmoe --device cuda   # OLMoE-1B-7B shape on a GPU (bf16)
 
-Writes evals/results/hf_bench_<device>.json and a PNG next to it.
+Writes evals/results/hf_bench_<device>.json (hf_bench_<device>_<shape>.json for shapes other than the
+default of the device) and a PNG next to it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ SHAPES = {
     "cpu-small": dict(hidden_size=256, intermediate_size=128, num_experts=64, num_experts_per_tok=8,
                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, vocab_size=4096,
                       prefill=(4, 512), decode_batch=8, prompt=64, new_tokens=32, dtype="float32"),
+    # Sparser routing (32 experts, top-4, so cap 6), batch 4.
+    "cpu-k4": dict(hidden_size=256, intermediate_size=128, num_experts=32, num_experts_per_tok=4,
+                   num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, vocab_size=4096,
+                   prefill=(4, 512), decode_batch=4, prompt=64, new_tokens=32, dtype="float32"),
 }
 
 
@@ -256,7 +262,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", default=None, help="JSON path (default evals/results/hf_bench_<device>.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default evals/results/hf_bench_<device>[_<shape>].json)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     if args.threads:
@@ -274,7 +280,9 @@ def main() -> None:
                            "exact_budget": True, "prefill": "sequence", "decode": "expert_cache"}}
     result.update(bench_model(model, shape, args.device, args.reps))
     result["selection"] = bench_selection(shape, args.device, args.reps)
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"hf_bench_{args.device.split(':')[0]}.json"
+    device = args.device.split(":")[0]
+    suffix = "" if args.shape in ("cpu-small", "olmoe") else f"_{args.shape}"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"hf_bench_{device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))

@@ -10,8 +10,11 @@ to the KV cache's bytes per token, measured from the running engine, plus the sa
 shapes (from their published configs).
 
     python evals/bench_vllm.py                 # CPU, small Qwen3-MoE-like shape (64 experts, top-8)
+    python evals/bench_vllm.py --shape wide    # hidden 512, 128 experts, top-8
 
-Writes evals/results/vllm_bench_cpu.json and a PNG next to it.
+Writes evals/results/vllm_bench_cpu.json (vllm_bench_cpu_wide.json for --shape wide) and a PNG next to it.
+Also recorded per engine: experts chosen per token and expert rows computed per token (SeqTopK layers
+without shared experts run only the chosen pairs).
 """
 
 from __future__ import annotations
@@ -25,9 +28,16 @@ import statistics
 import time
 from pathlib import Path
 
-SHAPE = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, num_experts=64,
-             num_experts_per_tok=8, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-             head_dim=64)
+SHAPES = {
+    # the bench shape: a small Qwen3-MoE-like model
+    "small": dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, num_experts=64,
+                  num_experts_per_tok=8, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                  head_dim=64),
+    # wider: twice the hidden size, twice the experts (Qwen3-30B-A3B has 128 experts, top-8)
+    "wide": dict(hidden_size=512, intermediate_size=512, moe_intermediate_size=256, num_experts=128,
+                 num_experts_per_tok=8, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                 head_dim=64),
+}
 ENGINES = {"topk": None, "seqtopk-sequence": {}, "seqtopk-causal": {"prefill": "causal"}}
 
 # KV cache bytes per token per attention layer (bf16) and SeqTopK state bytes (fp32 x cap, cap = k + 2 by
@@ -67,8 +77,12 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "vllm_bench_cpu.json"))
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--out", help="result file (default: evals/results/vllm_bench_cpu[_wide].json)")
     args = parser.parse_args()
+    shape = SHAPES[args.shape]
+    default_name = "vllm_bench_cpu.json" if args.shape == "small" else f"vllm_bench_cpu_{args.shape}.json"
+    args.out = args.out or str(Path(__file__).parent / "results" / default_name)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["SEQTOPK_LOG_INTERVAL"] = "0"
 
@@ -78,8 +92,8 @@ def main() -> int:
 
     from seqtopk.testing.tiny import cached_checkpoint
 
-    path = cached_checkpoint("qwen3_moe", **SHAPE)
-    k = SHAPE["num_experts_per_tok"]
+    path = cached_checkpoint("qwen3_moe", **shape)
+    k = shape["num_experts_per_tok"]
     engines = {}
     for name, settings in ENGINES.items():
         extra = {} if settings is None else {"additional_config": {"seqtopk": {"k": k, **settings}}}
@@ -113,17 +127,18 @@ def main() -> int:
         memory[name] = {"state_bytes_per_token": s["state_bytes_per_token"],
                         "kv_bytes_per_token": s["kv_bytes_per_token"],
                         "state_over_kv": s["state_bytes_per_token"] / s["kv_bytes_per_token"],
-                        "experts_per_token_prompt": s["prompt"], "experts_per_token_generated": s["generated"]}
+                        "experts_per_token_prompt": s["prompt"], "experts_per_token_generated": s["generated"],
+                        "expert_rows_per_token": s["expert_rows"]}
     real = {model: {"kv_bytes_per_token_layer": v["kv"], "state_bytes_per_token_layer": 4 * (v["k"] + 2),
                     "state_over_kv": 4 * (v["k"] + 2) / v["kv"]} for model, v in REAL_SHAPES.items()}
     result = {
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "vllm": vllm.__version__, "torch": torch.__version__, "shape": SHAPE, "dtype": args.dtype,
+        "vllm": vllm.__version__, "torch": torch.__version__, "shape_name": args.shape, "shape": shape, "dtype": args.dtype,
         "requests": args.requests, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
         "rounds": rounds, "summary": summary, "ratio_vs_topk": ratios, "target_ratio": 0.97,
         "memory": memory, "memory_target": 0.02, "memory_real_shapes": real,
-        "expert_slots": "SeqTopK hands the kernel cap slots per token (unchosen ones repeat the best expert "
-                        "at weight 0), TopK k slots",
+        "expert_rows": "SeqTopK layers without shared experts run only the chosen (token, expert) pairs, as "
+                       "rows of one expert each; TopK runs k slots per token",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +163,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(label, fontsize=10)
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=9)
-    fig.suptitle(f"vLLM-cpu {result['vllm']}: {result['requests']} concurrent requests, "
+    fig.suptitle(f"vLLM-cpu {result['vllm']}, {result['shape_name']} shape: {result['requests']} concurrent requests, "
                  f"prompt {result['prompt_len']}, {result['max_tokens']} new tokens, {result['dtype']}",
                  fontsize=10)
     fig.tight_layout()

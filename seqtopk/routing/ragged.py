@@ -4,9 +4,8 @@ A serving step holds, per sequence (a row), a chunk of new tokens that continues
 seen (its context). This module recovers that structure from the usual `query_start_loc` / `seq_lens`
 pair, pads the chunks into the dense [rows, tokens, C] form the rules in `seqtopk.routing.rules` take, applies
 them (`rules.choose`: which rule routes which token is decided there, not here), and maps the choice back to
-the flat tokens. It also keeps the streaming rule's history of capped
-scores in paged storage addressed like a paged KV cache (block table + slot per token), so the history
-lives and dies with the sequence's cache blocks.
+the flat tokens. The streaming rule's history comes as a dense tensor or in paged storage
+(seqtopk.routing.paged).
 
 Pure torch, no engine import. Nothing here reads a device value on the host (no .item(), .tolist(),
 nonzero or boolean indexing) on the decode path, so it can run inside captured graphs; host-side ints
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from seqtopk.routing.paged import PagedHistory
 from seqtopk.routing.rules import TokenRules, choose
 
 NEG_INF = float("-inf")
@@ -93,6 +93,10 @@ def select_ragged(values: torch.Tensor, batch: RaggedBatch, rules: TokenRules, c
     separately, so decode rows are not padded to the longest chunk; that split reads the chunk lengths on
     the host, which only prefill steps do.
     """
+    if batch.max_query == 1:
+        return _select_single(values, batch, rules, cfg, history)
+    if isinstance(history, PagedHistory):
+        history = history.gather()
     if batch.max_query > 1:
         query = batch.query.tolist()
         single = [r for r, q in enumerate(query) if q == 1]
@@ -119,6 +123,17 @@ def _row_subset(batch: RaggedBatch, rows: list[int], max_query: int):
     return sub, tokens, index
 
 
+def _select_single(values, batch: RaggedBatch, rules: TokenRules, cfg, history) -> torch.Tensor:
+    """A step of one new token per row: token r is row r's (query_start_loc is 0..R), tokens past R are
+    padding, so the dense layout is a view and needs no copy."""
+    rows = batch.rows
+    rules = rules.subset(slice(0, rows)).laid_out(lambda codes: codes.unsqueeze(1)).single_tokens()
+    mask = choose(values[:rows].unsqueeze(1), None, rules, cfg, history, seen=batch.context).squeeze(1)
+    if rows == values.shape[0]:
+        return mask
+    return torch.cat([mask, mask.new_zeros(values.shape[0] - rows, mask.shape[1])])
+
+
 def _select_dense(values, batch: RaggedBatch, rules: TokenRules, cfg, history) -> torch.Tensor:
     if batch.max_query == 1:
         rules = rules.single_tokens()
@@ -128,31 +143,3 @@ def _select_dense(values, batch: RaggedBatch, rules: TokenRules, cfg, history) -
                                  .squeeze(-1).to(codes.dtype))
     mask = choose(dense, valid, dense_rules, cfg, history, seen=batch.context)
     return from_dense(mask, batch) & batch.real.unsqueeze(-1)
-
-
-def history_slots(block_table: torch.Tensor, block_size: int, context: torch.Tensor, width: int,
-                  num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each row's history lives in paged storage: (slot [R, width], live [R, width]).
-
-    Slots follow a paged KV cache: slot = block_id * block_size + offset, block ids from block_table
-    [R, max_blocks]. Positions at or past a row's context are not live (their slot is clamped, unread).
-    The same slots serve every layer of a step, so engines compute them once per step.
-    """
-    rows = context.shape[0]
-    position = torch.arange(width, device=block_table.device)
-    block = (position // block_size).clamp(max=block_table.shape[1] - 1)
-    slot = block_table[:rows].long().gather(1, block.unsqueeze(0).expand(rows, width)) * block_size
-    slot = (slot + position % block_size).clamp(0, num_slots - 1)
-    return slot, position.unsqueeze(0) < context.unsqueeze(1)
-
-
-def gather_paged(store: torch.Tensor, slot: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """History of each row from paged storage ([slots, C]): [R, width, C], -inf where not live."""
-    return store[slot].masked_fill(~live.unsqueeze(-1), NEG_INF)
-
-
-def write_paged(store: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
-    """Store each token's capped scores at its slot; negative slots (padding) go to the store's last row,
-    which is kept as scratch and never read as history."""
-    scratch = torch.full_like(slots, store.shape[0] - 1)
-    store.index_copy_(0, torch.where(slots >= 0, slots.long(), scratch.long()), values.to(store.dtype))

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from seqtopk.config import ResolvedConfig
+from seqtopk.routing.paged import PagedHistory
 from seqtopk.routing.ragged import RaggedBatch, select_ragged
-from seqtopk.routing.rules import TokenRules, choose, pack
+from seqtopk.routing.rules import CAUSAL, TokenRules, budget_split, choose, pack
+from seqtopk.routing.scoring import SoftmaxScoring
 
 
 @dataclass
@@ -50,10 +52,14 @@ def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: DenseLayou
           rules: TokenRules, history: torch.Tensor | None = None, unchosen: str = "drop") -> Routed:
     """Route the N tokens of one layer. layout None: the N tokens are one sequence, all real.
 
-    history: earlier capped scores of each sequence in the layout's rows ([rows, S, C]), for the causal rule.
+    history: earlier capped scores of each sequence in the layout's rows, for the causal rule: [rows, S, C],
+    or a PagedHistory, which also records this step's scores when its layout names their slots.
     """
     if isinstance(layout, DenseLayout) and logits.shape[0] != layout.batch * layout.tokens:
         raise ValueError(f"router got {logits.shape[0]} tokens, expected {layout.batch}x{layout.tokens}")
+    fused = _fused_decode_step(logits, scoring, cfg, layout, rules, history, unchosen)
+    if fused is not None:
+        return fused
     cand = scoring.candidates(logits, cfg.cap)
     if isinstance(layout, RaggedBatch):
         mask = select_ragged(cand.values, layout, rules, cfg, history)
@@ -62,4 +68,23 @@ def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: DenseLayou
     else:
         mask = layout.choose(cand.values, rules, cfg, history)
     weights = scoring.weights(logits, cand, mask)
+    if isinstance(history, PagedHistory):
+        history.record(cand.values)
     return Routed(values=cand.values, mask=mask, ids=pack(cand.ids, mask, unchosen), weights=weights)
+
+
+def _fused_decode_step(logits, scoring, cfg, layout, rules, history, unchosen) -> Routed | None:
+    """A one-token step of a softmax-scored layer under the streaming rule, from paged history, in one compiled
+    CPU kernel (seqtopk/kernels/cpu/paged_decode.cpp: the same decisions as the torch path, one call instead of
+    ~25 small ops). None when any of that does not hold, or the kernel is not built."""
+    if not (isinstance(layout, RaggedBatch) and layout.max_query == 1 and isinstance(history, PagedHistory)
+            and type(scoring) is SoftmaxScoring and unchosen == "repeat_best"
+            and rules.single_tokens().present == (CAUSAL,)):
+        return None
+    split = budget_split(cfg.k, cfg.cap, cfg.min_experts, cfg.exact_budget)
+    probs = torch.softmax(logits.float(), dim=-1)
+    out = history.softmax_decode_step(probs, layout.context, cfg.cap, split, scoring.renormalize)
+    if out is None:
+        return None
+    values, weights, ids, mask = out
+    return Routed(values=values, mask=mask, ids=ids, weights=weights)

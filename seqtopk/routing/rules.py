@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 
 from seqtopk.routing.counting import causal_greater_counts
+from seqtopk.routing.paged import PagedHistory
 
 NEG_INF = float("-inf")
 
@@ -271,13 +272,20 @@ def select_causal(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_
     """Streaming rule for a chunk of new tokens. Returns a bool mask [B, L, C].
 
     values: [B, L, C] capped scores of the new tokens, best first. valid: [B, L] real (non-pad) tokens.
-    history: [B, S, C] capped scores of earlier tokens of the same sequences (-inf rows for padding), or None.
+    history: [B, S, C] capped scores of earlier tokens of the same sequences (-inf rows for padding), a
+    seqtopk.routing.paged.PagedHistory of them, or None.
     seen: [B] number of real earlier tokens (defaults to the real rows of history, or 0).
     """
     batch, length, cap = values.shape
     valid, forced, (_, first, per_token) = _split_forced(values, valid, k, min_experts, exact_budget)
     if per_token <= 0 or length == 0:
         return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
+    if isinstance(history, PagedHistory):
+        if length == 1 and seen is not None:  # one new token per row: the compiled kernel, where built
+            mask = history.single_token_choice(values.view(batch, cap), seen, forced.shape[-1], first, per_token)
+            if mask is not None:
+                return mask.view(batch, 1, cap) & valid.unsqueeze(-1)
+        history = history.gather()
     if seen is None:
         seen = torch.zeros(batch, dtype=torch.long, device=values.device)
         if history is not None and history.shape[1]:

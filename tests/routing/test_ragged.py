@@ -3,16 +3,9 @@
 import pytest
 import torch
 
-from seqtopk.routing.ragged import (
-    from_dense,
-    gather_paged,
-    history_slots,
-    ragged_batch,
-    select_ragged,
-    to_dense,
-    write_paged,
-)
 from seqtopk.config import ResolvedConfig
+from seqtopk.routing.paged import gather_paged, history_slots, write_paged
+from seqtopk.routing.ragged import from_dense, ragged_batch, select_ragged, to_dense
 from seqtopk.routing.rules import TokenRules, select_causal, select_sequence
 
 K, CAP, BLOCK = 2, 4, 4

@@ -27,6 +27,7 @@ from seqtopk.engines.hf.experts import run_chosen, run_plan
 from seqtopk.engines.hf.state import ForwardView, RoutingState, follow_cache
 from seqtopk.kernels import decode_step as fused_decode
 from seqtopk.routing.dispatch import plan_pairs, row_count
+from seqtopk.routing.paged import PagedLayout
 from seqtopk.routing.router import DenseLayout, route
 from seqtopk.routing.rules import CAUSAL, NEG_INF, known_pair_count, pack, rule_for
 from seqtopk.routing.scoring import SoftmaxScoring
@@ -278,6 +279,10 @@ class SeqTopKPatch:
         rules = view.rules(cfg)
         (rule,) = rules.present  # one rule for the whole forward
         history = view.state.history(layer.index) if (view.state is not None and rule == CAUSAL) else None
+        if history is not None and view.tokens == 1:
+            # One new token per row: read the buffer as paged history (one block per row), so the compiled
+            # CPU kernel decides the step without gathering it, where built (seqtopk.routing.paged).
+            history = PagedLayout.dense(history, view.start).of(history.view(-1, cfg.cap))
         if (rule == CAUSAL and view.tokens == 1 and view.state is not None and _FUSED_DECODE
                 and not torch.is_grad_enabled() and isinstance(layer.scoring, SoftmaxScoring)
                 and self.stats.tracing is False and fused_decode.available(logits.device)):

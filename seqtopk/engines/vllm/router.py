@@ -8,9 +8,11 @@ engine with a clear message instead of falling back to TopK.
 
 The routing itself is seqtopk.routing.router.route, called in a custom op (`seqtopk::vllm_route`): vLLM
 traces the model once with dynamo on CPU and would otherwise bake the data-dependent choice into the graph.
-Variable experts per token go to the fixed-width kernels as C = cap slots per token with the "repeat_best"
-convention: an unchosen slot repeats the token's best expert with weight 0 (a valid id; -1 gives wrong sums
-in vLLM's CPU kernel).
+The router returns C = cap slots per token with the "repeat_best" convention (an unchosen slot repeats the
+token's best expert with weight 0: a valid id; -1 gives wrong sums in vLLM's CPU kernel), as the router
+interface requires. In layers without shared experts the experts do not compute those slots: the router
+also lists the chosen pairs (`plan`), and the MoE runner runs them as rows of one expert each
+(seqtopk.engines.vllm.worker.run_rows), so expert work follows the real choices.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from seqtopk.config import ResolvedConfig, SeqTopKConfig
 from seqtopk.engines.vllm import stats
 from seqtopk.engines.vllm.registry import WORKER
 from seqtopk.engines.vllm.step import current_step
-from seqtopk.routing.ragged import write_paged
+from seqtopk.routing.dispatch import PairPlan, plan_pairs, row_count
 from seqtopk.routing.router import route
-from seqtopk.routing.rules import TOPK, TokenRules
+from seqtopk.routing.rules import TOPK, TokenRules, known_pair_count
 from seqtopk.routing.scoring import SigmoidGroupScoring, SoftmaxScoring
 
 logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
@@ -78,6 +80,11 @@ class SeqTopKRouter(BaseRouter):
         self.cfg = cfg
         self.store: torch.Tensor | None = None  # paged history of capped scores, allocated with the KV cache
         self.counts: torch.Tensor | None = None  # prompt tokens, prompt pairs, generated tokens, generated pairs
+        # Set with the KV cache (worker.attach_state) for layers without shared experts: the experts then run
+        # the chosen (token, expert) pairs as rows of one expert each (worker.run_rows), from `plan`.
+        self.rows_dispatch = False
+        self.plan: PairPlan | None = None
+        self.rows_computed = 0  # (token, expert) rows the experts computed for routed requests (host count)
         self.index = WORKER.add_router(self)  # the number the traced graph calls the routing op with
         self.layer_name = f"moe layer {self.index}"  # replaced by the runner's name once the model is built
 
@@ -90,13 +97,22 @@ class SeqTopKRouter(BaseRouter):
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         step = current_step(logits.shape[0])
+        self.plan = None
         if step is None or self.store is None:
-            # No sequences in this forward (profiling or warm-up on dummy tokens).
+            # No sequences in this forward (profiling or warm-up on dummy tokens): cap slots, no plan.
             routed = route(logits, self.scoring, self.cfg, None, WARM_UP, unchosen="repeat_best")
         else:
-            routed = route(logits, self.scoring, self.cfg, step.batch, step.rules(self.cfg),
-                           step.history(self.store), unchosen="repeat_best")
-            write_paged(self.store, step.slots, routed.values)
+            # The history records this step's scores at the tokens' KV slots (step.paged.write_slots).
+            rules = step.rules(self.cfg)
+            routed = route(logits, self.scoring, self.cfg, step.batch, rules, step.history(self.store),
+                           unchosen="repeat_best")
+            if self.rows_dispatch:
+                known = known_pair_count(rules.present[0], self.cfg, logits.shape[0]) if len(rules.present) == 1 else None
+                rows = row_count(routed.mask, known)
+                self.plan = plan_pairs(routed.ids, routed.weights, routed.mask, rows)
+            else:
+                rows = routed.mask.numel()  # every cap slot goes through the experts
+            self.rows_computed += rows
             stats.record(self, step, routed.mask, routed.ids)
         return routed.weights.float().contiguous(), routed.ids.to(torch.int32).contiguous()
 

@@ -27,9 +27,9 @@ def interval() -> float:
 
 
 def record(router, step, mask: torch.Tensor, ids: torch.Tensor) -> None:
-    chosen = mask.sum(dim=-1)
-    prompt, generated = step.prompt, step.generated
-    update = torch.stack([prompt.sum(), (chosen * prompt).sum(), generated.sum(), (chosen * generated).sum()])
+    classes, tokens = step.token_classes()  # [2, N] prompt / generated flags, [2] their counts
+    pairs = (classes * mask.sum(dim=-1)).sum(dim=1)
+    update = torch.stack([tokens, pairs], dim=1).view(4)  # prompt tokens, prompt pairs, generated ...
     if router.counts is None or router.counts.device != update.device:
         router.counts = torch.zeros(4, dtype=torch.long, device=update.device)
     router.counts += update
@@ -45,13 +45,18 @@ def record(router, step, mask: torch.Tensor, ids: torch.Tensor) -> None:
 
 
 def snapshot() -> dict:
-    """Experts per token so far, per layer (None before any token), token counts, and routing-state memory."""
-    out = {"layers": [], "prompt": [], "generated": [], "prompt_tokens": 0, "generated_tokens": 0, **WORKER.memory}
+    """Experts per token so far, per layer (None before any token), expert rows computed per token, token
+    counts, and routing-state memory."""
+    out = {"layers": [], "prompt": [], "generated": [], "expert_rows": [], "prompt_tokens": 0,
+           "generated_tokens": 0, **WORKER.memory}
     for router in WORKER.routers.values():
         counts = router.counts.tolist() if router.counts is not None else [0, 0, 0, 0]
         out["layers"].append(router.layer_name)
         out["prompt"].append(counts[1] / counts[0] if counts[0] else None)
         out["generated"].append(counts[3] / counts[2] if counts[2] else None)
+        # expert rows computed per routed token (padding tokens' rows included), next to the chosen experts
+        tokens = counts[0] + counts[2]
+        out["expert_rows"].append(router.rows_computed / tokens if tokens else None)
         out["prompt_tokens"], out["generated_tokens"] = counts[0], counts[2]
     return out
 

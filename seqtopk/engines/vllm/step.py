@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from seqtopk.engines.vllm.registry import WORKER
-from seqtopk.routing.ragged import RaggedBatch, gather_paged, history_slots, ragged_batch
+from seqtopk.routing.paged import PagedHistory, PagedLayout
+from seqtopk.routing.ragged import RaggedBatch, ragged_batch
 from seqtopk.routing.rules import TokenRules
 
 
@@ -32,15 +33,23 @@ from seqtopk.routing.rules import TokenRules
 class Step:
     batch: RaggedBatch
     slots: torch.Tensor  # [N] KV slot of each token, -1 for padding
-    history_at: tuple | None  # (slot [R, width], live [R, width]) of the rows' earlier tokens, or None
+    paged: PagedLayout  # where the rows' earlier tokens are (block table, context)
     fresh: torch.Tensor  # [N] prompt tokens of rows whose routing starts in this step (no context)
     generated: torch.Tensor  # [N] tokens past the prompt (sampled ones)
     prompt: torch.Tensor  # [N] real prompt tokens
     req_ids: list[str]
     _rules: dict = field(default_factory=dict)
+    _classes: tuple | None = None
 
-    def history(self, store: torch.Tensor) -> torch.Tensor | None:
-        return gather_paged(store, *self.history_at) if self.history_at is not None else None
+    def token_classes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([2, N] long: prompt and generated flags, [2] their counts), for the statistics; once per step."""
+        if self._classes is None:
+            classes = torch.stack([self.prompt, self.generated]).long()
+            self._classes = (classes, classes.sum(dim=1))
+        return self._classes
+
+    def history(self, store: torch.Tensor) -> PagedHistory:
+        return self.paged.of(store)
 
     def rules(self, cfg) -> TokenRules:
         """Which rule routes each token (seqtopk.routing.rules decides); built once per step."""
@@ -85,10 +94,8 @@ def _read_step(context, num_tokens: int) -> Step | None:
     slots = torch.where(batch.real, table.slot_mapping.gpu[:num_tokens].long(), -1)
     prompt_lens = input_batch.num_prompt_tokens_cpu_tensor[:rows].to(device, non_blocking=True)
     prompt = (batch.positions() < prompt_lens[batch.row]) & batch.real
-    history_at = None
-    if width > 0:
-        history_at = history_slots(table.get_device_tensor(rows), table.block_size, batch.context, width,
-                                   source.num_slots)
-    return Step(batch=batch, slots=slots, history_at=history_at, fresh=prompt & (batch.context[batch.row] == 0),
+    paged = PagedLayout(table.get_device_tensor(rows), table.block_size, batch.context, width, source.num_slots,
+                        write_slots=slots)
+    return Step(batch=batch, slots=slots, paged=paged, fresh=prompt & (batch.context[batch.row] == 0),
                 generated=batch.real & ~prompt, prompt=prompt,
                 req_ids=list(input_batch.req_ids[:rows]) if WORKER.trace is not None else [])

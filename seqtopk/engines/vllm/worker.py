@@ -2,8 +2,10 @@
 
 When SeqTopK is on, the engine configuration names `SeqTopKWorkerExtension` as vLLM's worker extension
 (`--worker-extension-cls`). vLLM imports this module in each worker before it builds the model, and the
-import installs the two worker-side hooks:
+import installs the worker-side hooks:
 - the MoE router factory, so each MoE layer is built with a SeqTopK router (seqtopk.engines.vllm.router);
+- the MoE runner's expert call, so a SeqTopK layer without shared experts runs only its chosen pairs
+  (`run_rows`); every other layer is untouched;
 - KV-cache set-up, after which every MoE layer is checked (no kernel that ignores the router, no layer
   left on its stock router), gets its paged routing state, and the start-up line is logged once.
 The extension adds `seqtopk_stats` and `seqtopk_trace` for `LLM.collective_rpc`.
@@ -43,6 +45,19 @@ def _install() -> None:
     factory = fused_moe_layer.create_fused_moe_router
     if not getattr(factory, "seqtopk_wrapped", False):
         fused_moe_layer.create_fused_moe_router = wrap_router_factory(factory)
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    apply = MoERunner._apply_quant_method
+    if not getattr(apply, "seqtopk_wrapped", False):
+        def _apply_quant_method(self, hidden_states, router_logits, shared_experts_input, input_ids=None,
+                                shared_experts_overlapping=False):
+            if getattr(self.router, "rows_dispatch", False):
+                return run_rows(self, hidden_states, router_logits, input_ids)
+            return apply(self, hidden_states, router_logits, shared_experts_input, input_ids,
+                         shared_experts_overlapping)
+
+        _apply_quant_method.seqtopk_wrapped = True
+        MoERunner._apply_quant_method = _apply_quant_method
     original = GPUModelRunner.initialize_kv_cache
     if getattr(original, "seqtopk_wrapped", False):
         return
@@ -53,6 +68,27 @@ def _install() -> None:
 
     initialize_kv_cache.seqtopk_wrapped = True
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache
+
+
+def run_rows(runner, hidden_states, router_logits, input_ids):
+    """The experts of a SeqTopK layer without shared experts, on the chosen pairs only: each (token, expert)
+    pair is one row through the layer's own fused-MoE kernel with top-1, and rows are summed back per token
+    (seqtopk.routing.dispatch). Unchosen slots cost nothing. Forwards without requests (warm-up) run the
+    router's cap slots as usual."""
+    from seqtopk.routing.dispatch import combine_rows
+
+    router = runner.router
+    weights, ids = router.select_experts(hidden_states=hidden_states, router_logits=router_logits,
+                                         topk_indices_dtype=runner._quant_method.topk_indices_dtype,
+                                         input_ids=input_ids)
+    plan, router.plan = router.plan, None
+    experts = runner.routed_experts
+    if plan is None:
+        return None, experts.forward_modular(x=hidden_states, topk_weights=weights, topk_ids=ids)
+    rows = experts.forward_modular(x=hidden_states.index_select(0, plan.token),
+                                   topk_weights=plan.weight.unsqueeze(1).to(weights.dtype),
+                                   topk_ids=plan.expert.unsqueeze(1).to(ids.dtype))
+    return None, combine_rows(rows, plan, weighted=True).to(hidden_states.dtype)
 
 
 def attach_state(runner, kv_cache_config, log: bool = True) -> None:
@@ -91,6 +127,9 @@ def attach_state(runner, kv_cache_config, log: bool = True) -> None:
     for name, layer in layers.items():
         router = layer.router
         router.layer_name = name
+        # Shared experts are computed beside the routed ones inside the runner's kernel call; those layers
+        # keep the cap slots.
+        router.rows_dispatch = layer._shared_experts is None
         router.store = torch.zeros(slots + 1, router.cfg.cap, dtype=torch.float32, device=runner.device)
     routers = [layer.router for layer in layers.values()]
     WORKER.keep_routers(routers)
@@ -104,10 +143,12 @@ def attach_state(runner, kv_cache_config, log: bool = True) -> None:
         store_bytes=sum(r.store.numel() * r.store.element_size() for r in routers))
     if not log:  # a profiling set-up: the real one follows
         return
+    from seqtopk.kernels import compiled
+
     logger.info("SeqTopK routing on %d MoE layer(s) (%s ... %s): %s; routing state %d B/token/layer next to "
-                "%d B/token/layer of KV cache (%.2f%%)", len(routers), routers[0].layer_name,
-                routers[-1].layer_name, describe(routers[0].cfg), state_bytes, kv_bytes,
-                100.0 * state_bytes / kv_bytes)
+                "%d B/token/layer of KV cache (%.2f%%); experts run chosen pairs only in %d of them; %s",
+                len(routers), routers[0].layer_name, routers[-1].layer_name, describe(routers[0].cfg), state_bytes,
+                kv_bytes, 100.0 * state_bytes / kv_bytes, sum(r.rows_dispatch for r in routers), compiled.status())
 
 
 def describe(cfg) -> str:
