@@ -14,6 +14,10 @@ NEG_INF = float("-inf")
 # Above this many (query x pool) comparisons in a call, counting switches from a broadcast compare to
 # sort + binary search.
 BROADCAST_LIMIT = 1 << 24  # 16 MB of booleans
+# The same switch for causal chunks (prefill), to sqrt-bucketing: their broadcast also masks by position and
+# sums a large boolean tensor (converted to int64 first), so it stops paying off much earlier: at 16M a
+# 512-token causal prefill step took 48 ms per layer on the CPU, bucketed (1M) 4.8 ms.
+CHUNK_BROADCAST_LIMIT = 1 << 20
 
 
 def count_greater(pool: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -42,7 +46,7 @@ def causal_greater_counts(earlier: torch.Tensor, chunk: torch.Tensor) -> torch.T
         return own + count_greater(earlier, chunk.view(batch, width)).view(batch, 1, width)
     queries = chunk.reshape(batch, length * width)
     total = earlier.shape[1] + length * width
-    if batch * queries.shape[1] * total <= BROADCAST_LIMIT:  # short chunks: compare directly
+    if batch * queries.shape[1] * total <= CHUNK_BROADCAST_LIMIT:  # short chunks: compare directly
         owner = torch.arange(length, device=chunk.device).repeat_interleave(width)
         causal = owner.unsqueeze(0) <= torch.arange(length, device=chunk.device).unsqueeze(1)  # [L, L*W]
         beats = (queries.view(batch, 1, 1, -1) > chunk.unsqueeze(-1)) & causal.view(1, length, 1, -1)
