@@ -56,15 +56,15 @@ def layer_step(context: int, rows: int, experts: int, k: int, block: int, path: 
     use_kernel = path == "compiled"
 
     def step():
-        saved = dict(compiled._state)
-        if not use_kernel:
-            compiled._state.update(loaded=False, reason="switched off for this measurement")
-        try:
-            return route(logits, scoring, cfg, batch, rules, layout.of(store), unchosen="repeat_best")
-        finally:
-            compiled._state.clear()
-            compiled._state.update(saved)
-    return step
+        return route(logits, scoring, cfg, batch, rules, layout.of(store), unchosen="repeat_best")
+
+    if use_kernel:
+        return step
+
+    def torch_step():
+        with compiled.switched_off():
+            return step()
+    return torch_step
 
 
 def time_us(fn, reps: int) -> float:

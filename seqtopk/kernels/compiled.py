@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -76,4 +77,15 @@ def status() -> str:
 
 
 def paged_decode_available(device: torch.device) -> bool:
-    return device.type == "cpu" and load()
+    return device.type == "cpu" and load() and not _state.get("off", False)
+
+
+@contextmanager
+def switched_off():
+    """Run the torch path inside this block even where the kernels are built (benchmarks compare both)."""
+    load()
+    _state["off"] = True
+    try:
+        yield
+    finally:
+        _state["off"] = False

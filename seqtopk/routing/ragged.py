@@ -97,17 +97,16 @@ def select_ragged(values: torch.Tensor, batch: RaggedBatch, rules: TokenRules, c
         return _select_single(values, batch, rules, cfg, history)
     if isinstance(history, PagedHistory):
         history = history.gather()
-    if batch.max_query > 1:
-        query = batch.query.tolist()
-        single = [r for r, q in enumerate(query) if q == 1]
-        if single and len(single) < len(query):
-            chunked = [r for r, q in enumerate(query) if q > 1]
-            mask = torch.zeros_like(values, dtype=torch.bool)
-            for rows in (single, chunked):
-                sub, tokens, index = _row_subset(batch, rows, max(query[r] for r in rows))
-                sub_history = history[index] if history is not None else None
-                mask[tokens] = _select_dense(values[tokens], sub, rules.subset(tokens), cfg, sub_history)
-            return mask
+    query = batch.query.tolist()
+    single = [r for r, q in enumerate(query) if q == 1]
+    if single and len(single) < len(query):
+        chunked = [r for r, q in enumerate(query) if q > 1]
+        mask = torch.zeros_like(values, dtype=torch.bool)
+        for rows in (single, chunked):
+            sub, tokens, index = _row_subset(batch, rows, max(query[r] for r in rows))
+            sub_history = history[index] if history is not None else None
+            mask[tokens] = _select_dense(values[tokens], sub, rules.subset(tokens), cfg, sub_history)
+        return mask
     return _select_dense(values, batch, rules, cfg, history)
 
 

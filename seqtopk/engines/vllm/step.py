@@ -32,8 +32,7 @@ from seqtopk.routing.rules import TokenRules
 @dataclass
 class Step:
     batch: RaggedBatch
-    slots: torch.Tensor  # [N] KV slot of each token, -1 for padding
-    paged: PagedLayout  # where the rows' earlier tokens are (block table, context)
+    paged: PagedLayout  # where the rows' earlier tokens are, and each token's KV slot (write_slots, -1: padding)
     fresh: torch.Tensor  # [N] prompt tokens of rows whose routing starts in this step (no context)
     generated: torch.Tensor  # [N] tokens past the prompt (sampled ones)
     prompt: torch.Tensor  # [N] real prompt tokens
@@ -96,6 +95,6 @@ def _read_step(context, num_tokens: int) -> Step | None:
     prompt = (batch.positions() < prompt_lens[batch.row]) & batch.real
     paged = PagedLayout(table.get_device_tensor(rows), table.block_size, batch.context, width, source.num_slots,
                         write_slots=slots)
-    return Step(batch=batch, slots=slots, paged=paged, fresh=prompt & (batch.context[batch.row] == 0),
+    return Step(batch=batch, paged=paged, fresh=prompt & (batch.context[batch.row] == 0),
                 generated=batch.real & ~prompt, prompt=prompt,
                 req_ids=list(input_batch.req_ids[:rows]) if WORKER.trace is not None else [])

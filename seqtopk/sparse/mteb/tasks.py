@@ -74,30 +74,32 @@ def _sts_dataset(pairs: list[tuple[str, str, float]]) -> Dataset:
     )
 
 
-class STSBenchmarkLocal(AbsTaskSTS):
-    metadata = _local_metadata(STSBenchmarkSTS, "STSBenchmark-local", "stsbenchmark", "STS Benchmark test pairs from ../shared/data.")
-    min_score = 0
-    max_score = 5
+class _LocalSTS(AbsTaskSTS):
+    """An STS task whose test pairs come from a seqtopk.sparse.data.readers function (`read_pairs`)."""
+
+    read_pairs = None  # split name -> [(sentence1, sentence2, score)]
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         if self.data_loaded:
             return
-        self.dataset = {"default": {"test": _sts_dataset(readers.stsb_pairs("test"))}}
+        self.dataset = {"default": {"test": _sts_dataset(type(self).read_pairs("test"))}}
         self.data_loaded = True
 
 
-class SickRTestLocal(AbsTaskSTS):
+class STSBenchmarkLocal(_LocalSTS):
+    metadata = _local_metadata(STSBenchmarkSTS, "STSBenchmark-local", "stsbenchmark", "STS Benchmark test pairs from ../shared/data.")
+    min_score = 0
+    max_score = 5
+    read_pairs = readers.stsb_pairs
+
+
+class SickRTestLocal(_LocalSTS):
     metadata = _local_metadata(
         SickrSTS, "SICK-R-test-local", "sick", "SICK relatedness, SemEval-2014 test split only (4,927 pairs), from ../shared/data."
     )
     min_score = 1
     max_score = 5
-
-    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
-        if self.data_loaded:
-            return
-        self.dataset = {"default": {"test": _sts_dataset(readers.sick_pairs("test"))}}
-        self.data_loaded = True
+    read_pairs = readers.sick_pairs
 
 
 class Banking77Local(AbsTaskClassification):
