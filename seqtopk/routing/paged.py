@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from seqtopk.kernels import compiled
+from seqtopk.kernels import decode_step as fused_gpu
 
 NEG_INF = float("-inf")
 
@@ -101,27 +102,52 @@ class PagedHistory:
         if self.layout.write_slots is not None:
             write_paged(self.store, self.layout.write_slots, values)
 
-    def single_token_choice(self, values: torch.Tensor, seen: torch.Tensor, forced: int, first: int,
-                            per_token: int) -> torch.Tensor | None:
-        """The streaming rule for one new token per row, from the compiled kernel: bool [R, C], or None when
-        the kernel is not available here (the caller gathers and runs the torch rule). values: [R, C] float32;
-        seen: [R] real earlier tokens (the budget is (seen + 1) * per_token)."""
-        if not compiled.paged_decode_available(values.device) or values.dtype != torch.float32:
+    def single_token_choice(self, values: torch.Tensor, seen: torch.Tensor, split,
+                            valid: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The streaming rule for one new token per row, from a fused kernel straight from the store: bool [N, C],
+        or None when no kernel serves this device (the caller gathers and runs the torch rule). values: [N, C]
+        float32, token n of row n; seen: [R] real earlier tokens (the budget is (seen + 1) * per_token); split:
+        rules.BudgetSplit; valid: [N] real tokens (None: all). Nothing is recorded (the caller records the step's values)."""
+        if values.dtype != torch.float32:
             return None
         layout = self.layout
-        return torch.ops.seqtopk_cpu.paged_causal_decode(
-            values, self.store, layout.block_table.contiguous(), layout.block_size, layout.length.contiguous(),
-            seen.long().contiguous(), forced, first, per_token)
+        if compiled.paged_decode_available(values.device):
+            mask = torch.ops.seqtopk_cpu.paged_causal_decode(
+                values, self.store, layout.block_table.contiguous(), layout.block_size, layout.length.contiguous(),
+                seen.long().contiguous(), split.forced, split.first, split.per_token)
+            return mask if valid is None else mask & valid.unsqueeze(-1)
+        if fused_gpu.available(values.device):
+            return fused_gpu.paged_decode(values, self.store, layout.block_table, layout.block_size, layout.length,
+                                          seen, _all_real(values, valid), split,
+                                          cap=values.shape[1], from_probs=False)
+        return None
 
-    def softmax_decode_step(self, probs: torch.Tensor, seen: torch.Tensor, cap: int, split, renormalize: bool):
-        """A whole one-token step of a softmax-scored layer in the compiled kernel, this step's scores recorded:
+    def softmax_decode_step(self, probs: torch.Tensor, seen: torch.Tensor, cap: int, split, renormalize: bool,
+                            valid: torch.Tensor | None = None):
+        """A whole one-token step of a softmax-scored layer in a fused kernel, this step's scores recorded:
         (values, weights, ids int32, mask) [N, C] with unchosen slots repeating the best expert at weight 0;
-        None when the kernel is not available here. probs: [N, E] float32 (rows past R: padding)."""
+        None when no kernel serves this device. probs: [N, E] float32, token n of row n (rows past R: padding);
+        valid: [N] real tokens (None: the first R)."""
         layout = self.layout
-        if (layout.write_slots is None or not compiled.paged_decode_available(probs.device)
-                or probs.dtype != torch.float32):
+        if layout.write_slots is None or probs.dtype != torch.float32:
             return None
-        return torch.ops.seqtopk_cpu.softmax_decode_step(
-            probs, self.store, layout.block_table.contiguous(), layout.block_size, layout.length.contiguous(),
-            seen.long().contiguous(), layout.write_slots.long().contiguous(), cap, split.forced, split.first,
-            split.per_token, renormalize)
+        if compiled.paged_decode_available(probs.device):
+            values, weights, ids, mask = torch.ops.seqtopk_cpu.softmax_decode_step(
+                probs, self.store, layout.block_table.contiguous(), layout.block_size, layout.length.contiguous(),
+                seen.long().contiguous(), layout.write_slots.long().contiguous(), cap, split.forced, split.first,
+                split.per_token, renormalize)
+            if valid is not None:  # rows the kernel counts as real but the step calls padding
+                keep = valid.unsqueeze(-1)
+                mask, weights = mask & keep, weights * keep
+            return values, weights, ids, mask
+        if fused_gpu.available(probs.device):
+            if valid is None:
+                valid = torch.arange(probs.shape[0], device=probs.device) < layout.length.shape[0]
+            return fused_gpu.paged_decode(probs, self.store, layout.block_table, layout.block_size, layout.length,
+                                          seen, valid, split, cap=cap, from_probs=True, renormalize=renormalize,
+                                          write_slots=layout.write_slots)
+        return None
+
+
+def _all_real(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    return valid if valid is not None else torch.ones(values.shape[0], dtype=torch.bool, device=values.device)

@@ -124,10 +124,12 @@ def _row_subset(batch: RaggedBatch, rows: list[int], max_query: int):
 
 def _select_single(values, batch: RaggedBatch, rules: TokenRules, cfg, history) -> torch.Tensor:
     """A step of one new token per row: token r is row r's (query_start_loc is 0..R), tokens past R are
-    padding, so the dense layout is a view and needs no copy."""
+    padding, so the dense layout is a view and needs no copy. Rows may have no token (a CUDA graph's padded
+    rows, query 0): their token slot is padding too."""
     rows = batch.rows
     rules = rules.subset(slice(0, rows)).laid_out(lambda codes: codes.unsqueeze(1)).single_tokens()
-    mask = choose(values[:rows].unsqueeze(1), None, rules, cfg, history, seen=batch.context).squeeze(1)
+    valid = batch.real[:rows].unsqueeze(1)
+    mask = choose(values[:rows].unsqueeze(1), valid, rules, cfg, history, seen=batch.context).squeeze(1)
     if rows == values.shape[0]:
         return mask
     return torch.cat([mask, mask.new_zeros(values.shape[0] - rows, mask.shape[1])])

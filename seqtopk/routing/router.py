@@ -74,16 +74,17 @@ def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: DenseLayou
 
 
 def _fused_decode_step(logits, scoring, cfg, layout, rules, history, unchosen) -> Routed | None:
-    """A one-token step of a softmax-scored layer under the streaming rule, from paged history, in one compiled
-    CPU kernel (seqtopk/kernels/cpu/paged_decode.cpp: the same decisions as the torch path, one call instead of
-    ~25 small ops). None when any of that does not hold, or the kernel is not built."""
+    """A one-token step of a softmax-scored layer under the streaming rule, from paged history, in one fused
+    kernel (seqtopk/kernels/cpu/paged_decode.cpp on CPU, seqtopk/kernels/decode_step.py on CUDA: the same
+    decisions as the torch path, one call instead of ~25 small ops). None when any of that does not hold, or no
+    kernel serves the device (seqtopk.routing.paged decides)."""
     if not (isinstance(layout, RaggedBatch) and layout.max_query == 1 and isinstance(history, PagedHistory)
             and type(scoring) is SoftmaxScoring and unchosen == "repeat_best"
             and rules.single_tokens().present == (CAUSAL,)):
         return None
     split = budget_split(cfg.k, cfg.cap, cfg.min_experts, cfg.exact_budget)
     probs = torch.softmax(logits.float(), dim=-1)
-    out = history.softmax_decode_step(probs, layout.context, cfg.cap, split, scoring.renormalize)
+    out = history.softmax_decode_step(probs, layout.context, cfg.cap, split, scoring.renormalize, valid=layout.real)
     if out is None:
         return None
     values, weights, ids, mask = out

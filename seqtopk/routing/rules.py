@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import torch
 
+from seqtopk.kernels import sequence_cut as fused_cut
 from seqtopk.routing.counting import causal_greater_counts
 from seqtopk.routing.paged import PagedHistory
 
@@ -98,16 +99,22 @@ class TokenRules:
     def per_token(cls, cfg, fresh: torch.Tensor, generated: torch.Tensor, longest_chunk: int) -> "TokenRules":
         """Per-token rules of a packed serving step. fresh, generated: [N] bool. longest_chunk: the longest
         run of new tokens of one sequence in this step (host int). A one-token chunk routes the same under
-        the sequence and the causal rule, so a step of single tokens never lists the sequence rule."""
-        combos = {(f, g): rule_for(cfg, fresh=f, generated=g) for f in (False, True) for g in (False, True)}
-        present = tuple(r for r in RULES if r in {rule for (f, g), rule in combos.items() if not (f and g)})
-        if len(present) == 1:  # (a fresh token is a prompt token, never a generated one)
-            rules = cls(present=present)
-        else:
-            table = torch.tensor([RULES.index(combos[(f, g)]) for f in (False, True) for g in (False, True)],
-                                 dtype=torch.int8, device=fresh.device)
-            rules = cls(present=present, codes=table[fresh.long() * 2 + generated.long()])
-        return rules.single_tokens() if longest_chunk <= 1 else rules
+        the sequence and the causal rule, so a step of single tokens never lists the sequence rule.
+        Device ops only (no host copy), so a captured CUDA graph can hold them."""
+        single = longest_chunk <= 1
+
+        def rule(fresh_token: bool, generated_token: bool) -> str:
+            chosen = rule_for(cfg, fresh=fresh_token, generated=generated_token)
+            return CAUSAL if single and chosen == SEQUENCE else chosen
+
+        # (a fresh token is a prompt token, never a generated one)
+        kinds = {"fresh": rule(True, False), "generated": rule(False, True), "other": rule(False, False)}
+        present = tuple(r for r in RULES if r in kinds.values())
+        if len(present) == 1:
+            return cls(present=present)
+        codes = torch.full(fresh.shape, RULES.index(kinds["other"]), dtype=torch.int8, device=fresh.device)
+        codes = codes.masked_fill(generated, RULES.index(kinds["generated"]))
+        return cls(present=present, codes=codes.masked_fill(fresh, RULES.index(kinds["fresh"])))
 
     def single_tokens(self) -> "TokenRules":
         """The rules for one-token chunks: on a single new token the sequence rule is the causal rule (the
@@ -235,9 +242,13 @@ def _assemble(forced: torch.Tensor, first: int, take: torch.Tensor) -> torch.Ten
 
 
 def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_experts: int = 1,
-                    exact_budget: bool = False) -> torch.Tensor:
-    """Published prefill rule. values: [B, T, C] capped scores, best first. Returns a bool mask [B, T, C]."""
+                    exact_budget: bool = False, fused: bool = True) -> torch.Tensor:
+    """Published prefill rule. values: [B, T, C] capped scores, best first. Returns a bool mask [B, T, C].
+    fused=False keeps the torch code below (the reference) where a fused kernel would serve the device."""
     batch, tokens, cap = values.shape
+    if fused and fused_cut.available(values.device) and values.dtype in fused_cut.DTYPES:
+        # CUDA: the same cut in one fused kernel (radix select), no host sync; the torch code below is its reference
+        return fused_cut.select_sequence_dense(values, valid, budget_split(k, cap, min_experts, exact_budget))
     valid, forced, (_, first, per_token) = _split_forced(values, valid, k, min_experts, exact_budget)
     if per_token <= 0 or tokens == 0:
         return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
@@ -277,14 +288,15 @@ def select_causal(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_
     seen: [B] number of real earlier tokens (defaults to the real rows of history, or 0).
     """
     batch, length, cap = values.shape
-    valid, forced, (_, first, per_token) = _split_forced(values, valid, k, min_experts, exact_budget)
+    valid, forced, split = _split_forced(values, valid, k, min_experts, exact_budget)
+    first, per_token = split.first, split.per_token
     if per_token <= 0 or length == 0:
         return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
     if isinstance(history, PagedHistory):
-        if length == 1 and seen is not None:  # one new token per row: the compiled kernel, where built
-            mask = history.single_token_choice(values.view(batch, cap), seen, forced.shape[-1], first, per_token)
+        if length == 1 and seen is not None:  # one new token per row: a fused kernel, where one serves
+            mask = history.single_token_choice(values.view(batch, cap), seen, split, valid.view(batch))
             if mask is not None:
-                return mask.view(batch, 1, cap) & valid.unsqueeze(-1)
+                return mask.view(batch, 1, cap)
         history = history.gather()
     if seen is None:
         seen = torch.zeros(batch, dtype=torch.long, device=values.device)

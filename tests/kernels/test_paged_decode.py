@@ -13,7 +13,7 @@ from seqtopk.config import SeqTopKConfig
 from seqtopk.kernels import compiled
 from seqtopk.routing.paged import PagedLayout, gather_paged, history_slots
 from seqtopk.routing.ragged import ragged_batch, select_ragged
-from seqtopk.routing.rules import TokenRules, select_causal
+from seqtopk.routing.rules import TokenRules, budget_split, select_causal
 
 CAP, K, BLOCK = 6, 4, 4
 
@@ -103,7 +103,7 @@ def test_dense_buffer_is_one_block_per_row():
     values = torch.rand(3, CAP, generator=gen).sort(-1, descending=True).values
     seen = torch.tensor([9, 9, 5])
     layout = PagedLayout.dense(buffer, 9)
-    kernel = layout.of(buffer.view(-1, CAP)).single_token_choice(values, seen, 1, 0, K)
+    kernel = layout.of(buffer.view(-1, CAP)).single_token_choice(values, seen, budget_split(K, CAP, 1, False))
     reference = select_causal(values.unsqueeze(1), None, K, 1, False, buffer[:, :9], seen).squeeze(1)
     assert kernel is not None and torch.equal(kernel, reference)
     slots, live = history_slots(layout.block_table, layout.block_size, layout.length, 9, layout.num_slots)

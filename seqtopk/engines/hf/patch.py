@@ -29,7 +29,7 @@ from seqtopk.kernels import decode_step as fused_decode
 from seqtopk.routing.dispatch import plan_pairs, row_count
 from seqtopk.routing.paged import PagedLayout
 from seqtopk.routing.router import DenseLayout, route
-from seqtopk.routing.rules import CAUSAL, NEG_INF, known_pair_count, pack, rule_for
+from seqtopk.routing.rules import CAUSAL, NEG_INF, budget_split, known_pair_count, pack, rule_for
 from seqtopk.routing.scoring import SoftmaxScoring
 from seqtopk.routing.stats import RoutingStats
 
@@ -310,9 +310,14 @@ class SeqTopKPatch:
         cfg = layer.cfg
         probs = torch.softmax(logits.float(), dim=-1)
         history = view.state.reserve(layer.index, view.start + 1, view.batch, cfg.cap, logits.device)
-        ids, weights, mask = fused_decode.decode_step(
-            probs, history, view.start, view.seen, view.valid.reshape(-1), cfg.k, cfg.cap, cfg.min_experts,
-            cfg.exact_budget, layer.scoring.renormalize, self.stats.histogram_row(layer.index, logits.device))
+        paged = PagedLayout.dense(history, view.start)  # one block per row; this token goes to position `start`
+        write = torch.arange(view.batch, device=logits.device) * history.shape[1] + view.start
+        _, weights, ids, mask = fused_decode.paged_decode(
+            probs, history.view(-1, cfg.cap), paged.block_table, paged.block_size, paged.length, view.seen,
+            view.valid.reshape(-1), budget_split(cfg.k, cfg.cap, cfg.min_experts, cfg.exact_budget), cap=cfg.cap,
+            from_probs=True, renormalize=layer.scoring.renormalize, write_slots=write,
+            stats_row=self.stats.histogram_row(layer.index, logits.device))
+        ids = ids.long()
         view.routed_layers.add(layer.index)
         layer.plan = plan_pairs(ids, weights, mask, row_count(mask, None))
         return layer.family.outputs(router, logits, weights, pack(ids, mask, "drop"))
