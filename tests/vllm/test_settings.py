@@ -148,3 +148,31 @@ def test_config_in_json_matches_seqtopk_patch_defaults():
 
     defaults = {n: p.default for n, p in inspect.signature(seqtopk.patch).parameters.items() if n != "model"}
     assert json.loads(json.dumps(SeqTopKConfig().to_dict())) == defaults
+
+
+@pytest.mark.parametrize("mode,piecewise,expected", [
+    ("FULL_AND_PIECEWISE", True, "FULL_AND_PIECEWISE"),
+    ("FULL", True, "FULL_AND_PIECEWISE"),
+    ("FULL", False, "FULL_DECODE_ONLY"),
+    ("PIECEWISE", True, "PIECEWISE"),
+    ("FULL_DECODE_ONLY", True, "FULL_DECODE_ONLY"),
+    ("NONE", True, "NONE"),
+])
+def test_gpu_cuda_graphs_stay_on_for_decode_batches(mode, piecewise, expected):
+    """GPU engines keep CUDA graphs: full graphs only for decode batches (their routing step reads device
+    buffers only), piecewise graphs split around the MoE layers so those route each mixed batch eagerly."""
+    from vllm.config.compilation import CompilationConfig, CompilationMode, CUDAGraphMode
+
+    from seqtopk.engines.vllm.settings import MOE_OPS, keep_cuda_graphs
+
+    compilation = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode[mode],
+                                    splitting_ops=None if piecewise else [])
+    compilation.set_splitting_ops_for_v1(all2all_backend="allgather_reducescatter")
+    attention_ops = list(compilation.splitting_ops)
+    keep_cuda_graphs(compilation, LOG)
+    assert compilation.cudagraph_mode == CUDAGraphMode[expected]
+    splits_moe = all(op in compilation.splitting_ops for op in MOE_OPS)
+    assert splits_moe == (piecewise and compilation.cudagraph_mode.mixed_mode() == CUDAGraphMode.PIECEWISE)
+    assert compilation.splitting_ops[: len(attention_ops)] == attention_ops  # vLLM's own splits are kept
+    keep_cuda_graphs(compilation, LOG)  # idempotent
+    assert len(compilation.splitting_ops) == len(set(compilation.splitting_ops))

@@ -20,6 +20,7 @@ class StepSource:
     runner: weakref.ref | None = None  # the model runner
     group: int | None = None  # index of the full-attention KV cache group whose block table we follow
     num_slots: int = 0  # rows of each layer's store (KV slots + one scratch row)
+    prompt_lens: object = None  # [max_num_reqs] prompt length per batch row, on the device, refreshed each step
     last_context: object = None  # the forward context the cached step was read for
     last_step: object = None  # that step (one read per forward, shared by every layer)
 
@@ -47,8 +48,9 @@ class WorkerRegistry:
     def first_router(self):
         return next(iter(self.routers.values()), None)
 
-    def attach(self, runner, group: int, num_slots: int) -> None:
-        self.source = StepSource(runner=weakref.ref(runner), group=group, num_slots=num_slots)
+    def attach(self, runner, group: int, num_slots: int, prompt_lens) -> None:
+        self.source = StepSource(runner=weakref.ref(runner), group=group, num_slots=num_slots,
+                                 prompt_lens=prompt_lens)
 
 
 WORKER = WorkerRegistry()

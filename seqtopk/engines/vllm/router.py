@@ -27,7 +27,8 @@ from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from seqtopk.config import ResolvedConfig, SeqTopKConfig
 from seqtopk.engines.vllm import stats
 from seqtopk.engines.vllm.registry import WORKER
-from seqtopk.engines.vllm.step import current_step
+from seqtopk.engines.vllm.step import capturing, current_step
+from seqtopk.kernels import decode_step as fused_gpu
 from seqtopk.routing.dispatch import PairPlan, plan_pairs, row_count
 from seqtopk.routing.router import route
 from seqtopk.routing.rules import TOPK, TokenRules, known_pair_count
@@ -79,12 +80,11 @@ class SeqTopKRouter(BaseRouter):
         self.scoring = scoring
         self.cfg = cfg
         self.store: torch.Tensor | None = None  # paged history of capped scores, allocated with the KV cache
-        self.counts: torch.Tensor | None = None  # prompt tokens, prompt pairs, generated tokens, generated pairs
+        self.counts: torch.Tensor | None = None  # stats.COUNTERS, on the device (allocated with the KV cache)
         # Set with the KV cache (worker.attach_state) for layers without shared experts: the experts then run
         # the chosen (token, expert) pairs as rows of one expert each (worker.run_rows), from `plan`.
         self.rows_dispatch = False
         self.plan: PairPlan | None = None
-        self.rows_computed = 0  # (token, expert) rows the experts computed for routed requests (host count)
         self.index = WORKER.add_router(self)  # the number the traced graph calls the routing op with
         self.layer_name = f"moe layer {self.index}"  # replaced by the runner's name once the model is built
 
@@ -104,16 +104,21 @@ class SeqTopKRouter(BaseRouter):
         else:
             # The history records this step's scores at the tokens' KV slots (step.paged.write_slots).
             rules = step.rules(self.cfg)
+            graph = capturing(WORKER.source.runner())
+            if graph and not fused_gpu.available(logits.device):
+                raise RuntimeError("SeqTopK needs Triton to route inside CUDA graphs (pip install triton), or "
+                                   "run with --enforce-eager")
             routed = route(logits, self.scoring, self.cfg, step.batch, rules, step.history(self.store),
                            unchosen="repeat_best")
-            if self.rows_dispatch:
+            # Chosen-pairs dispatch sizes its rows on the host, which a graph replay cannot: captured steps
+            # run the cap slots (unchosen ones at weight 0).
+            if self.rows_dispatch and not graph:
                 known = known_pair_count(rules.present[0], self.cfg, logits.shape[0]) if len(rules.present) == 1 else None
                 rows = row_count(routed.mask, known)
                 self.plan = plan_pairs(routed.ids, routed.weights, routed.mask, rows)
             else:
                 rows = routed.mask.numel()  # every cap slot goes through the experts
-            self.rows_computed += rows
-            stats.record(self, step, routed.mask, routed.ids)
+            stats.record(self, step, routed.mask, routed.ids, rows, graph)
         return routed.weights.float().contiguous(), routed.ids.to(torch.int32).contiguous()
 
 

@@ -35,8 +35,14 @@ def install() -> None:
         return
 
     def create_engine_config(self, *args, **kwargs):
-        prepare_engine_args(self, logger)
-        return original(self, *args, **kwargs)
+        config = prepare_engine_args(self, logger)
+        vllm_config = original(self, *args, **kwargs)
+        if config is not None:
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_cpu():
+                keep_cuda_graphs(vllm_config.compilation_config, logger)
+        return vllm_config
 
     create_engine_config.seqtopk_wrapped = True
     EngineArgs.create_engine_config = create_engine_config
@@ -106,15 +112,42 @@ def prepare_engine_args(args, logger) -> SeqTopKConfig | None:
             logger.info("SeqTopK: prefix caching switched off: under prefill='sequence' a prompt's routing, "
                         "and so its KV cache, depends on later tokens (use prefill='causal' to keep it)")
             args.enable_prefix_caching = False
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu() and not args.enforce_eager:
-        # CUDA graphs replay kernels without running Python, but each step's routing layout (rows, contexts,
-        # prompt lengths) is read in Python before the routing kernels run; a replay would route with the
-        # layout captured at graph-capture time. The routing math itself has no host syncs on decode.
-        logger.info("SeqTopK: CUDA graphs switched off (--enforce-eager): the per-step routing layout is "
-                    "prepared in Python, which graph replay would skip")
-        args.enforce_eager = True
     args.additional_config = {**(args.additional_config or {}), KEY: config.to_dict()}
     args.worker_extension_cls = WORKER_EXTENSION
     return config
+
+
+MOE_OPS = ("vllm::moe_forward", "vllm::moe_forward_shared")  # a MoE layer as one opaque op (routing inside)
+
+
+def keep_cuda_graphs(compilation, logger) -> None:
+    """Adjust a GPU engine's CUDA-graph settings (vllm.config.CompilationConfig, in place) so SeqTopK routes
+    every step with that step's own layout, while keeping graphs wherever they can stay.
+
+    - Full graphs of decode batches (one token per request) are kept: their routing step reads only device
+      buffers that vLLM refreshes before each replay (seqtopk.engines.vllm.step).
+    - Full graphs of mixed or prefill batches are not: their routing needs each step's chunk lengths on the
+      host (the sequence rule's per-prompt cut, causal chunks). FULL becomes FULL_AND_PIECEWISE (or
+      FULL_DECODE_ONLY without piecewise compilation).
+    - Piecewise graphs are kept, split around the MoE layers (vLLM runs a MoE layer as one opaque op, routing
+      inside), which then run eagerly between captured pieces, as attention does.
+    """
+    from vllm.config.compilation import CUDAGraphMode
+
+    mode = compilation.cudagraph_mode
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return
+    piecewise = bool(compilation.splitting_ops) and compilation.splitting_ops_contain_attention()
+    if mode.mixed_mode() == CUDAGraphMode.FULL:
+        replacement = CUDAGraphMode.FULL_AND_PIECEWISE if piecewise else CUDAGraphMode.FULL_DECODE_ONLY
+        logger.info("SeqTopK: cudagraph_mode %s -> %s: a full graph of a prefill or mixed batch would replay "
+                    "the routing layout of its capture; decode batches keep full graphs", mode.name,
+                    replacement.name)
+        compilation.cudagraph_mode = replacement
+        mode = replacement
+    if mode.mixed_mode() == CUDAGraphMode.PIECEWISE:
+        added = [op for op in MOE_OPS if op not in compilation.splitting_ops]
+        if added:
+            compilation.splitting_ops.extend(added)
+            logger.info("SeqTopK: piecewise CUDA graphs split around the MoE layers (%s), which run eagerly in "
+                        "prefill and mixed batches; decode batches keep full graphs", ", ".join(added))

@@ -3,7 +3,9 @@
 Counters stay on the device and are added to without reading them back; they are read (one sync) only
 when a log line is due, every SEQTOPK_LOG_INTERVAL seconds (default 10; 0 turns the lines off), or when a
 client asks through the worker extension (`collective_rpc("seqtopk_stats")`). A trace of the chosen ids
-per token can be switched on for checks (`seqtopk_trace`); it reads every step back and is for tests.
+per token can be switched on for checks (`seqtopk_trace`); it reads every step back and is for tests. Steps
+replayed from CUDA graphs add to the counters on the device but run no Python: they write no trace records
+and no log lines (the next eager step, or a client's request, reports them).
 """
 
 from __future__ import annotations
@@ -26,13 +28,22 @@ def interval() -> float:
     return float(os.environ.get("SEQTOPK_LOG_INTERVAL", "10"))
 
 
-def record(router, step, mask: torch.Tensor, ids: torch.Tensor) -> None:
+COUNTERS = ("prompt_tokens", "prompt_pairs", "generated_tokens", "generated_pairs", "expert_rows")
+
+
+def record(router, step, mask: torch.Tensor, ids: torch.Tensor, rows: int, graph: bool = False) -> None:
+    """Add one step of a layer to its counters (device ops only). rows: (token, expert) rows its experts compute.
+    graph: the step is being captured in a CUDA graph, whose replays repeat the additions but none of the
+    host work (trace records, log lines)."""
     classes, tokens = step.token_classes()  # [2, N] prompt / generated flags, [2] their counts
     pairs = (classes * mask.sum(dim=-1)).sum(dim=1)
     update = torch.stack([tokens, pairs], dim=1).view(4)  # prompt tokens, prompt pairs, generated ...
     if router.counts is None or router.counts.device != update.device:
-        router.counts = torch.zeros(4, dtype=torch.long, device=update.device)
-    router.counts += update
+        router.counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=update.device)
+    router.counts[:4] += update
+    router.counts[4] += rows
+    if graph:
+        return
     if WORKER.trace is not None:
         real = step.batch.real
         # Plain lists: the records travel back to the client through collective_rpc.
@@ -50,13 +61,13 @@ def snapshot() -> dict:
     out = {"layers": [], "prompt": [], "generated": [], "expert_rows": [], "prompt_tokens": 0,
            "generated_tokens": 0, **WORKER.memory}
     for router in WORKER.routers.values():
-        counts = router.counts.tolist() if router.counts is not None else [0, 0, 0, 0]
+        counts = router.counts.tolist() if router.counts is not None else [0] * len(COUNTERS)
         out["layers"].append(router.layer_name)
         out["prompt"].append(counts[1] / counts[0] if counts[0] else None)
         out["generated"].append(counts[3] / counts[2] if counts[2] else None)
         # expert rows computed per routed token (padding tokens' rows included), next to the chosen experts
         tokens = counts[0] + counts[2]
-        out["expert_rows"].append(router.rows_computed / tokens if tokens else None)
+        out["expert_rows"].append(counts[4] / tokens if tokens else None)
         out["prompt_tokens"], out["generated_tokens"] = counts[0], counts[2]
     return out
 

@@ -12,7 +12,10 @@ context length. So the state of a request
   (under prefill="sequence" the plugin switches prefix caching off).
 
 Each step's layout (rows, contexts, slots, which tokens are prompt) is read once per forward from the
-model runner's step buffers, with the block table and slot mapping of one full-attention KV cache group.
+model runner's step buffers, with the block table and slot mapping of one full-attention KV cache group,
+and the prompt lengths the worker copies to the device before each forward (worker.refresh_prompt_lens).
+A forward captured in a CUDA graph (decode batches) builds the same layout from the same buffers with
+device ops only and fixed shapes, so each replay routes with the layout of its own step.
 Which rule routes which token is not decided here: the step says which tokens are fresh prompt tokens and
 which are generated, and seqtopk.routing.rules decides.
 """
@@ -68,33 +71,71 @@ def current_step(num_tokens: int) -> Step | None:
     context = get_forward_context()
     if context is source.last_context:
         return source.last_step
-    step = _read_step(context, num_tokens)
+    runner = source.runner()
+    step = _graph_step(context, runner, num_tokens) if capturing(runner) else _read_step(context, runner, num_tokens)
     source.last_context, source.last_step = context, step
     return step
 
 
-def _read_step(context, num_tokens: int) -> Step | None:
-    # The model runner's persistent step buffers (filled before each forward, the same ones its attention
-    # metadata is built from) serve every attention backend alike, MLA included.
+def capturing(runner) -> bool:
+    """Whether this forward is being captured into a CUDA graph (its replays will not run Python)."""
+    return runner.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def step_from_buffers(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                      block_size: int, slot_mapping: torch.Tensor, prompt_lens: torch.Tensor, num_tokens: int,
+                      num_slots: int, *, max_query: int, width: int, req_ids: list[str] | None = None) -> Step:
+    """A step's layout from the engine's step buffers, with device ops only (no host read): R rows, N tokens.
+
+    query_start_loc [R+1], seq_lens [R] (after this step), block_table [R, max_blocks], slot_mapping [>= N] (each
+    token's KV slot, -1 for padding), prompt_lens [R]. max_query (longest chunk) and width (>= the longest
+    context) are host ints that fix the shapes: a CUDA graph captures the step once per (R, N) and replays it
+    with whatever these buffers hold, rows with no token (query 0) taking no experts and writing nothing.
+    """
+    batch = ragged_batch(query_start_loc, seq_lens, num_tokens, max_query)
+    slots = torch.where(batch.real, slot_mapping[:num_tokens].long(), -1)
+    prompt = (batch.positions() < prompt_lens[batch.row]) & batch.real
+    paged = PagedLayout(block_table, block_size, batch.context, width, num_slots, write_slots=slots)
+    return Step(batch=batch, paged=paged, fresh=prompt & (batch.context[batch.row] == 0),
+                generated=batch.real & ~prompt, prompt=prompt, req_ids=req_ids or [])
+
+
+def _buffers(runner, rows: int, num_tokens: int):
+    """The model runner's persistent step buffers (filled before each forward, the same ones its attention
+    metadata is built from, MLA included), for `rows` rows."""
     source = WORKER.source
-    runner = source.runner()
+    table = runner.input_batch.block_table[source.group]
+    return (runner.query_start_loc.gpu[: rows + 1], runner.seq_lens[:rows], table.get_device_tensor(rows),
+            table.block_size, table.slot_mapping.gpu[:num_tokens], source.prompt_lens[:rows], num_tokens,
+            source.num_slots)
+
+
+def _read_step(context, runner, num_tokens: int) -> Step | None:
+    """The layout of an eagerly run forward; shapes from the host copies of the step's metadata."""
     input_batch = runner.input_batch
     rows = input_batch.num_reqs
     if rows == 0 or isinstance(context.attn_metadata, list):
         return None  # warm-up / profiling forwards on dummy tokens carry no request (list form: DBO)
-    table = input_batch.block_table[source.group]
-    device = runner.seq_lens.device
     starts_host = runner.query_start_loc.cpu[: rows + 1]
-    max_query = int((starts_host[1:] - starts_host[:-1]).max())
-    batch = ragged_batch(runner.query_start_loc.gpu[: rows + 1], runner.seq_lens[:rows], num_tokens, max_query)
-    # Longest context, from host copies (no device read): a decode row's context is its length minus one.
-    longest = int(runner.optimistic_seq_lens_cpu[:rows].max())
-    width = longest - 1 if max_query == 1 else int(batch.context.max())  # prefill steps may read the device
-    slots = torch.where(batch.real, table.slot_mapping.gpu[:num_tokens].long(), -1)
-    prompt_lens = input_batch.num_prompt_tokens_cpu_tensor[:rows].to(device, non_blocking=True)
-    prompt = (batch.positions() < prompt_lens[batch.row]) & batch.real
-    paged = PagedLayout(table.get_device_tensor(rows), table.block_size, batch.context, width, source.num_slots,
-                        write_slots=slots)
-    return Step(batch=batch, paged=paged, fresh=prompt & (batch.context[batch.row] == 0),
-                generated=batch.real & ~prompt, prompt=prompt,
-                req_ids=list(input_batch.req_ids[:rows]) if WORKER.trace is not None else [])
+    query_host = starts_host[1:] - starts_host[:-1]
+    max_query = int(query_host.max())
+    # Longest context from host copies (no device read); the optimistic lengths never fall short.
+    width = int((runner.optimistic_seq_lens_cpu[:rows] - query_host).max())
+    return step_from_buffers(*_buffers(runner, rows, num_tokens), max_query=max_query, width=width,
+                             req_ids=list(input_batch.req_ids[:rows]) if WORKER.trace is not None else None)
+
+
+def _graph_step(context, runner, num_tokens: int) -> Step:
+    """The layout of a forward being captured in a full CUDA graph: a uniform decode batch (one token per row,
+    rows past the live ones padded with query 0). Every input is a persistent buffer that vLLM refreshes
+    before each replay; the width is the block table's (the fused kernel walks each row's own length; the
+    torch fallback's gather would be that wide, so a capture requires the kernel)."""
+    descriptor = getattr(context, "batch_descriptor", None)
+    rows = getattr(descriptor, "num_reqs", None) or num_tokens
+    if descriptor is None or not descriptor.uniform or rows != num_tokens:
+        raise RuntimeError(
+            f"SeqTopK can be captured in a full CUDA graph only for decode batches of one token per request, "
+            f"not {descriptor}; use cudagraph_mode FULL_AND_PIECEWISE, FULL_DECODE_ONLY or PIECEWISE")
+    buffers = _buffers(runner, rows, num_tokens)
+    width = buffers[2].shape[1] * buffers[3]
+    return step_from_buffers(*buffers, max_query=1, width=width)

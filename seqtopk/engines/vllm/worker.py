@@ -58,6 +58,15 @@ def _install() -> None:
 
         _apply_quant_method.seqtopk_wrapped = True
         MoERunner._apply_quant_method = _apply_quant_method
+    prepare = GPUModelRunner._prepare_inputs
+    if not getattr(prepare, "seqtopk_wrapped", False):
+        def _prepare_inputs(self, *args, **kwargs):
+            out = prepare(self, *args, **kwargs)
+            refresh_prompt_lens(self)
+            return out
+
+        _prepare_inputs.seqtopk_wrapped = True
+        GPUModelRunner._prepare_inputs = _prepare_inputs
     original = GPUModelRunner.initialize_kv_cache
     if getattr(original, "seqtopk_wrapped", False):
         return
@@ -68,6 +77,18 @@ def _install() -> None:
 
     initialize_kv_cache.seqtopk_wrapped = True
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache
+
+
+def refresh_prompt_lens(runner) -> None:
+    """Copy the batch rows' prompt lengths into the device buffer the routing step reads, before the forward:
+    a CUDA graph replay reads them there without running any of our Python."""
+    from seqtopk.engines.vllm.registry import WORKER
+
+    source = WORKER.source
+    if source.prompt_lens is None or source.runner is None or source.runner() is not runner:
+        return
+    rows = runner.input_batch.num_reqs
+    source.prompt_lens[:rows].copy_(runner.input_batch.num_prompt_tokens_cpu_tensor[:rows], non_blocking=True)
 
 
 def run_rows(runner, hidden_states, router_logits, input_ids):
@@ -97,6 +118,7 @@ def attach_state(runner, kv_cache_config, log: bool = True) -> None:
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+    from seqtopk.engines.vllm import stats
     from seqtopk.engines.vllm.registry import WORKER
     from seqtopk.engines.vllm.router import SeqTopKRouter
     from seqtopk.engines.vllm.settings import active
@@ -131,9 +153,12 @@ def attach_state(runner, kv_cache_config, log: bool = True) -> None:
         # keep the cap slots.
         router.rows_dispatch = layer._shared_experts is None
         router.store = torch.zeros(slots + 1, router.cfg.cap, dtype=torch.float32, device=runner.device)
+        # allocated before any CUDA graph capture, which adds to them in place
+        router.counts = torch.zeros(len(stats.COUNTERS), dtype=torch.long, device=runner.device)
     routers = [layer.router for layer in layers.values()]
     WORKER.keep_routers(routers)
-    WORKER.attach(runner, index, slots + 1)
+    WORKER.attach(runner, index, slots + 1,
+                  torch.zeros(runner.input_batch.max_num_reqs, dtype=torch.long, device=runner.device))
     state_bytes = 4 * routers[0].cfg.cap
     kv_bytes = group.kv_cache_spec.page_size_bytes // group.kv_cache_spec.block_size
     WORKER.memory.update(
