@@ -1,0 +1,37 @@
+"""Small runs of the routing benchmarks' scripts (evals/), so they keep working between recorded runs.
+
+Speed is not asserted here (the scripts record ratios measured side by side); these check that each script
+runs every path it has on this machine and writes its JSON and PNG.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_script(name: str, *args: str) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "evals" / name), *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_gpu_routing_bench_runs_small(tmp_path):
+    out = tmp_path / "gpu_routing.json"
+    run_script("bench_gpu_routing.py", "--device", "cpu", "--tokens", "256", "--rows", "4", "--context", "40",
+               "--repeats", "3", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["ratio_to_stock"]) == {"prefill", "decode"}
+    for group in ("prefill", "decode"):
+        assert result["ratio_to_stock"][group]["stock topk"] == 1.0
+        assert result["ms"][group]["seqtopk torch"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_decode_routing_bench_runs_small(tmp_path):
+    out = tmp_path / "decode_routing.json"
+    run_script("bench_decode_routing.py", "--contexts", "16", "48", "--rows", "4", "--reps", "3", "--out", str(out))
+    assert json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
