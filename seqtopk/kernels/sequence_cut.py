@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import torch
 
+# When engines take the Triton kernels (CUDA with Triton): one rule for both, kept with the decode kernel.
+from seqtopk.kernels.decode_step import available  # noqa: F401
+
 try:
     import triton
     import triton.language as tl
@@ -41,14 +44,6 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 1024  # entries (token x column) a program handles at a time
-
-
-def available(device: torch.device) -> bool:
-    """Whether engines should take the fused cut for tensors on `device` (CUDA with Triton).
-
-    With TRITON_INTERPRET=1 set before this module is imported, `sequence_cut` also runs on CPU tensors, in
-    Triton's interpreter: slow, for checking the math (tests do), never chosen by an engine."""
-    return triton is not None and device.type == "cuda"
 
 
 if triton is not None:
