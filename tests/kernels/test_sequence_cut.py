@@ -6,6 +6,7 @@ graph). Everywhere else (CI) the same checks run on CPU tensors under Triton's i
 imported.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,10 +35,45 @@ def fused_sequence_cut(values, starts, routed, k, min_experts, exact_budget, **k
     return fused.sequence_cut(values, starts, routed, split, **kwargs)
 
 
-def fused_select_dense(values, valid, k, min_experts=1, exact_budget=False):
+def fused_select_dense(values, valid, k, min_experts=1, exact_budget=False, **kwargs):
     from seqtopk.routing.rules import budget_split
 
-    return fused.select_sequence_dense(values, valid, budget_split(k, values.shape[-1], min_experts, exact_budget))
+    split = budget_split(k, values.shape[-1], min_experts, exact_budget)
+    return fused.select_sequence_dense(values, valid, split, **kwargs)
+
+
+@contextlib.contextmanager
+def syncs_fail(enabled: bool):
+    """Host syncs raise inside (CUDA only)."""
+    if enabled:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def run_fused(fn, device: str, sync_free: bool, tensors, *args, **kwargs) -> torch.Tensor:
+    """fn on `tensors` moved to the device (host syncs raising when sync_free), the result back on CPU."""
+    moved = [None if t is None else t.to(device) for t in tensors]
+    with syncs_fail(sync_free):
+        got = fn(*moved, *args, **kwargs)
+    return got.cpu()
+
+
+class split_launches:
+    """Records the programs per row (P) of each split-path call of sequence_cut, to prove the path ran."""
+
+    def __enter__(self):
+        self.parts, self.inner = [], fused._split_cut
+        fused._split_cut = lambda args, out, rows, parts, *rest: (self.parts.append(parts),
+                                                                  self.inner(args, out, rows, parts, *rest))
+        return self.parts
+
+    def __exit__(self, *exc):
+        fused._split_cut = self.inner
+
 
 def _scores(tokens: int, cap: int, generator: torch.Generator, levels: int = 0, signed: bool = False):
     """[tokens, cap] scores sorted best first; `levels` > 0 quantizes them (many exact ties)."""
@@ -108,6 +144,116 @@ def ties_straddle_the_cut(values, routed, per_token) -> bool:
     return bool((real > cut).sum() < budget < (real >= cut).sum())
 
 
+def split_case(cap: int = CAP):
+    """Packed rows for the split path, kept small for the interpreter: (values, starts, routed) float32.
+
+    Row 0: 30 coarse tokens repeated twice (exact ties at every cut, spread over several chunks), one padding
+    token among them. Row 1: empty. Row 2: coarse signed scores with zeros of both signs, padding at its
+    end. Row 3: nothing routed. Then 3 tokens in no row. Padding holds garbage.
+    """
+    g = torch.Generator().manual_seed(2)
+    rows = [_scores(30, cap, g, levels=8).repeat(2, 1), _scores(0, cap, g), _scores(24, cap, g, levels=3, signed=True),
+            _scores(3, cap, g)]
+    rows[2][rows[2] == 0] = -0.0
+    rows[2][::3, -1] = 0.0
+    values = torch.cat(rows + [_scores(3, cap, g)])
+    starts = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
+    routed = torch.ones(len(values), dtype=torch.bool)
+    s = starts.tolist()
+    routed[s[0] + 11] = False
+    routed[s[3] - 4:s[3]] = False
+    routed[s[3]:s[4]] = False
+    pad = ~routed
+    garbage = torch.tensor([float("nan"), float("inf"), float("-inf"), 3e38])
+    values[pad] = garbage[torch.arange(int(pad.sum())) % len(garbage)].unsqueeze(1).expand(-1, cap)
+    values[-3:] = float("nan")
+    return values, starts, routed
+
+
+def ties_cross_chunks(values, routed, split, chunk: int) -> bool:
+    """Whether exact ties straddle the cut of this row and lie in more than one chunk of `chunk` entries."""
+    forced, first, per_token = split
+    competing = torch.zeros(values.shape, dtype=torch.bool)
+    competing[:, first:] = routed.unsqueeze(1)
+    real = values.float()[competing]
+    budget = int(routed.sum()) * per_token
+    if budget <= 0 or budget >= real.numel():
+        return False
+    cut = real.sort(descending=True).values[budget - 1]
+    at = (competing & (values.float() == cut)).flatten().nonzero().flatten()
+    return bool((real > cut).sum() < budget < (real >= cut).sum()) and len(set((at // chunk).tolist())) > 1
+
+
+def check_split(device: str, sync_free: bool = False) -> None:
+    """The split path (a row over several programs), forced on small rows with small chunks."""
+    from seqtopk.routing.rules import budget_split
+
+    values, starts, routed = split_case()
+    chunk = 128  # not a multiple of CAP: chunks cut through tokens
+    assert ties_cross_chunks(values[:60], routed[:60], budget_split(3, CAP, 1, False), chunk)
+    assert ties_cross_chunks(values[:60], routed[:60], budget_split(3, CAP, 2, True), chunk)
+    with split_launches() as parts:
+        for dtype in (torch.float32, torch.bfloat16):
+            for exact_budget, min_experts in BUDGETS:
+                typed = values.to(dtype)
+                expected = reference_packed(typed, starts, routed, 3, min_experts, exact_budget)
+                got = run_fused(fused_sequence_cut, device, sync_free, (typed, starts, routed), 3, min_experts,
+                                exact_budget, max_row_tokens=60, chunk=chunk, split_above=0)
+                assert torch.equal(got, expected), (dtype, exact_budget, min_experts)
+        # Several blocks per chunk, int32 starts; a bound below the longest row (its last program takes the
+        # rest); a large k (every competing entry taken); a cap where nothing competes.
+        for k, kwargs in ((4, dict(max_row_tokens=60, block=64)), (3, dict(max_row_tokens=20)), (CAP, {})):
+            expected = reference_packed(values, starts, routed, k, 1, True)
+            got = run_fused(fused_sequence_cut, device, sync_free, (values, starts.int(), routed), k, 1, True,
+                            chunk=chunk, split_above=0, **{"max_row_tokens": 60, **kwargs})
+            assert torch.equal(got, expected), (k, kwargs)
+        narrow, starts1, routed1 = split_case(1)
+        expected = reference_packed(narrow, starts1, routed1, 1, 1, True)
+        got = run_fused(fused_sequence_cut, device, sync_free, (narrow, starts1, routed1), 1, 1, True,
+                        max_row_tokens=60, chunk=16, split_above=0)
+        assert torch.equal(got, expected)
+    assert parts == [5] * 8 + [5, 2, 5, 4], parts
+    # Without a bound, or under the threshold: one program per row.
+    with split_launches() as parts:
+        fused_sequence_cut(values.to(device), starts.to(device), routed.to(device), 3, 1, False)
+        fused_sequence_cut(values.to(device), starts.to(device), routed.to(device), 3, 1, False,
+                           max_row_tokens=60, chunk=chunk, split_above=600)
+    assert parts == []
+
+
+def check_dense_split(device: str, sync_free: bool = False) -> None:
+    """select_sequence_dense takes the split path from its shapes (every row holds T tokens)."""
+    from seqtopk.routing.rules import select_sequence
+
+    g = torch.Generator().manual_seed(3)
+    batch, length = 2, 40
+    values = _scores(batch * length, CAP, g, levels=6).view(batch, length, CAP).to(torch.bfloat16)
+    valid = torch.rand(batch, length, generator=g) > 0.2
+    valid[1, 25:] = False
+    values[~valid] = float("-inf")
+    with split_launches() as parts:
+        for exact_budget, min_experts in BUDGETS:
+            expected = select_sequence(values, valid, 2, min_experts, exact_budget, fused=False)
+            got = run_fused(fused_select_dense, device, sync_free, (values, valid), 2, min_experts, exact_budget,
+                            chunk=128, split_above=256)
+            assert torch.equal(got, expected), (exact_budget, min_experts)
+    assert parts == [4] * 4, parts
+
+
+def check_long_row(device: str, sync_free: bool = False) -> None:
+    """The GPU target: one sequence of 16384 tokens x cap 10 (bf16, coarse: ties at the cut), default sizes."""
+    from seqtopk.routing.rules import select_sequence
+
+    g = torch.Generator().manual_seed(4)
+    values = _scores(16384, CAP, g, levels=64).to(torch.bfloat16).unsqueeze(0)
+    with split_launches() as parts:
+        for exact_budget, min_experts in BUDGETS:
+            expected = select_sequence(values, None, 8, min_experts, exact_budget, fused=False)
+            got = run_fused(fused_select_dense, device, sync_free, (values, None), 8, min_experts, exact_budget)
+            assert torch.equal(got, expected), (exact_budget, min_experts)
+    assert parts == [16384 * CAP // fused.CHUNK] * 4, parts
+
+
 def check_packed(device: str, sync_free: bool = False) -> None:
     values, starts, routed = packed_case()
     s = starts.tolist()
@@ -118,14 +264,7 @@ def check_packed(device: str, sync_free: bool = False) -> None:
     for dtype, exact_budget, min_experts, k in cases:
         typed = values.to(dtype)
         expected = reference_packed(typed, starts, routed, k, min_experts, exact_budget)
-        args = (typed.to(device), starts.to(device), routed.to(device), k, min_experts, exact_budget)
-        if sync_free:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            got = fused_sequence_cut(*args)
-        finally:
-            if sync_free:
-                torch.cuda.set_sync_debug_mode("default")
+        got = run_fused(fused_sequence_cut, device, sync_free, (typed, starts, routed), k, min_experts, exact_budget)
         assert got.dtype == torch.bool and got.shape == values.shape
         assert torch.equal(got.cpu(), expected), (dtype, exact_budget, min_experts, k)
     # Small blocks: the cut and its ties spread over several blocks; int32 starts.
@@ -163,15 +302,15 @@ def check_dense(device: str) -> None:
         assert torch.equal(got.cpu(), expected), (exact_budget, min_experts, k, mask is None)
 
 
-def check_cuda_graph() -> None:
+def check_cuda_graph(**kwargs) -> None:
     """Captured once, replayed on new inputs of the same shapes: the same choices as the torch rule."""
     values, starts, routed = packed_case()
     static = [values.cuda(), starts.cuda(), routed.cuda()]
-    fused_sequence_cut(*static, 4, 1, True)  # compile outside the capture
+    fused_sequence_cut(*static, 4, 1, True, **kwargs)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fused_sequence_cut(*static, 4, 1, True)
+        out = fused_sequence_cut(*static, 4, 1, True, **kwargs)
     g = torch.Generator().manual_seed(5)
     fresh = _scores(len(values), CAP, g, levels=5)
     flipped = routed.clone()
@@ -188,15 +327,29 @@ def test_sequence_cut_equals_torch_rule_on_cuda():
     check_packed("cuda", sync_free=True)
     check_dense("cuda")
     check_cuda_graph()
+    check_split("cuda", sync_free=True)  # the split path reads nothing back either
+    check_dense_split("cuda", sync_free=True)
+    check_long_row("cuda", sync_free=True)
+    check_cuda_graph(max_row_tokens=200, chunk=256, split_above=0)
+
+
+def run_interpreted(*checks: str) -> None:
+    """Run checks of this module on CPU tensors under Triton's interpreter (a child process: Triton reads
+    TRITON_INTERPRET when the kernel module is imported)."""
+    code = f"from tests.kernels.test_sequence_cut import {', '.join(checks)}; " + "; ".join(f"{c}('cpu')" for c in checks)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 @needs_triton
 def test_sequence_cut_equals_torch_rule_in_the_triton_interpreter():
-    code = ("from tests.kernels.test_sequence_cut import check_packed, check_dense; "
-            "check_packed('cpu'); check_dense('cpu')")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_interpreted("check_packed", "check_dense")
+
+
+@needs_triton
+def test_split_path_equals_torch_rule_in_the_triton_interpreter():
+    run_interpreted("check_split", "check_dense_split")
 
 
 def test_available_only_on_cuda():
