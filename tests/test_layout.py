@@ -141,9 +141,11 @@ def wheel(tmp_path_factory) -> Path:
         else:
             shutil.copy(src, source / item)
     out = tmp_path_factory.mktemp("wheel")
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
                              "-w", str(out), str(source)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Our packaging metadata makes setuptools warn about nothing (e.g. data folders left out of `packages`).
+    assert "Warning" not in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
     (built,) = out.glob("seqtopk-*.whl")
     return built
 
@@ -173,3 +175,35 @@ def test_installed_wheel_runs_lm_eval_on_a_local_task(wheel, tiny_checkpoint, sh
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("arc_easy_local {") and '"acc,none"' in result.stdout
+
+
+def test_wheel_installs_in_a_fresh_venv_and_runs_the_demo(wheel, shared_data, tmp_path):
+    """pip install of the wheel into a new venv (dependencies borrowed from this one through a .pth file):
+    no warnings, the `seqtopk` command runs the demo on the shipped model, and the lm-eval tasks are found."""
+    import site
+    import venv
+
+    env_dir = tmp_path / "env"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    env_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    Path(env_site, "borrowed_dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    env = {**os.environ, "PIP_ROOT_USER_ACTION": "ignore", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+           "SEQTOPK_SHARED": str(shared_data.parent)}
+    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert "warning" not in (install.stdout + install.stderr).lower(), install.stdout + install.stderr
+    where = subprocess.run([str(python), "-c", "import seqtopk.lm_eval as m, seqtopk.demo as d; "
+                            "print(m.TASKS_DIR); print(d.MODEL_DIR)"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120)
+    tasks, model = where.stdout.split()
+    assert tasks.startswith(env_site) and sorted(os.listdir(tasks)) == sorted(
+        p.name for p in (REPO / "seqtopk" / "lm_eval" / "tasks").glob("*.yaml"))
+    assert model.startswith(env_site) and (Path(model) / "model.safetensors").is_file()
+    demo = subprocess.run([str(env_dir / "bin" / "seqtopk"), "demo", "--max-new-tokens", "16", "--png",
+                           str(tmp_path / "demo.png")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "--- SeqTopK" in demo.stdout and (tmp_path / "demo.png").is_file()

@@ -15,13 +15,23 @@ COMMAND_MODULES = (
     "seqtopk.cli.lm_eval",
     "seqtopk.cli.csr",
     "seqtopk.cli.kernels",
+    "seqtopk.cli.doctor",
 )
+
+
+class _OneLinePerCommand(argparse.HelpFormatter):
+    """--help with each subcommand and its help on one line (the longest name is 17 characters)."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30, width=110)
+        self._action_max_length = 26
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seqtopk",
         description="Sequence-level expert routing (SeqTopK) for MoE models, and sparse embedding heads.",
+        formatter_class=_OneLinePerCommand,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
