@@ -103,8 +103,12 @@ class RoutingStats:
             self._histogram = torch.zeros(len(self.layers), self._width + 1, dtype=torch.long, device=device)
         return self._histogram[layer]
 
-    def end_forward(self, valid: torch.Tensor) -> None:
-        """Called once per model forward: closes the trace record of that forward."""
+    def end_forward(self, valid: torch.Tensor, completed: bool = True) -> None:
+        """Called once per model forward: closes the trace record of that forward. A forward that raised
+        (completed=False) routed only some layers, so its partial record is dropped, never traced; its counts
+        stay, since those tokens were routed."""
+        if not completed:
+            self._pending = {}
         if self._trace is None or not self._pending:
             return
         ids = torch.stack([self._pending[i] for i in sorted(self._pending)])

@@ -177,6 +177,9 @@ class SeqTopKPatch:
         if inputs is None:
             self._view = None
             return None
+        if inputs.dim() < 2:
+            raise ValueError(f"seqtopk: input_ids must be [batch, tokens] (inputs_embeds [batch, tokens, hidden]); "
+                             f"got shape {tuple(inputs.shape)}: add the batch dimension, e.g. ids.unsqueeze(0)")
         batch, tokens = int(inputs.shape[0]), int(inputs.shape[1])
         device = inputs.device
         cache = bound.get("past_key_values")
@@ -207,13 +210,17 @@ class SeqTopKPatch:
 
     def _after_forward(self, module, args, kwargs, output):
         view = self._view
+        completed = output is not None  # None: the forward raised (this hook is always_call)
         if self._pending is not None:
             cache = getattr(output, "past_key_values", None)
             if cache is not None and cache not in self._states:
                 self._attach(cache, self._pending)
             self._pending = None
         if view is not None:
-            self.stats.end_forward(view.valid)
+            self.stats.end_forward(view.valid, completed=completed)
+        if not completed:
+            for layer in self.layers:  # a layer that raised between its router and experts left its plan
+                layer.plan = None
         self._view = None
         # Gradient-checkpointing recomputation in backward routes again after this hook: it must route
         # exactly as the forward did, so the view stays available for that, and for nothing else.
@@ -227,7 +234,11 @@ class SeqTopKPatch:
                 self._warn_once("mask", "attention_mask is not 2D; seqtopk treats every token as real")
             valid = torch.ones(batch, tokens, dtype=torch.bool, device=device)
             return valid, torch.full((batch,), past, dtype=torch.long, device=device)
-        mask = mask.to(device)
+        if mask.shape[0] not in (1, batch) or mask.shape[1] < tokens:
+            raise ValueError(f"seqtopk: attention_mask has shape {tuple(mask.shape)} but the input is {batch} x "
+                             f"{tokens} tokens after {past} cached ones: pass a mask of [batch, cached + new tokens] "
+                             f"(here [{batch}, {past + tokens}]), 1 for real tokens and 0 for padding")
+        mask = mask.to(device).expand(batch, -1)  # a one-row mask applies to every row
         valid = mask[:, -tokens:].bool()
         seen = mask[:, :-tokens].long().sum(dim=1) if mask.shape[1] > tokens else torch.zeros(
             batch, dtype=torch.long, device=device)
