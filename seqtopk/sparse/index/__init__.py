@@ -1,6 +1,7 @@
-"""Sparse vector indexes: row-compressed vectors and an exact inverted index. Engine-free (numpy, numba)."""
+"""Sparse vector indexes: row-compressed vectors, an exact inverted index, and its file (storage, atomic)."""
 
 from seqtopk.sparse.index.inverted import InvertedIndex
 from seqtopk.sparse.index.rows import SparseRows
+from seqtopk.sparse.index.storage import IndexFileError
 
-__all__ = ["InvertedIndex", "SparseRows"]
+__all__ = ["IndexFileError", "InvertedIndex", "SparseRows"]

