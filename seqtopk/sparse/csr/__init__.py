@@ -2,6 +2,7 @@
 
 The code itself in `sparse_coding`, the sentence-transformers module in `head`, losses in `losses`,
 training in `train`, MTEB evaluation of heads in `evaluate`, and the fields a folder needs to be served by
-vLLM in `serving_config` (the served model lives in seqtopk.sparse.vllm). Heavy libraries are imported
-inside those modules, so importing this package stays cheap.
+vLLM in `serving_config` (the served model lives in seqtopk.sparse.vllm), the checks a saved folder passes
+before anything loads it in `folder`. Heavy libraries are imported inside those modules, so importing this
+package stays cheap.
 """

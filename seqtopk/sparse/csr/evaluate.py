@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from seqtopk.sparse.backbone import CachedBackbone
+from seqtopk.sparse.csr.folder import check_head_folder
 
 
 def training_summary(head: Path) -> dict:
@@ -14,6 +15,8 @@ def training_summary(head: Path) -> dict:
 
 
 def evaluate_heads(heads: list[Path], tasks: list[str], use_cache: bool = True) -> list[dict]:
+    for head in heads:  # a missing or mismatched file fails here, named, before anything heavy is imported
+        check_head_folder(head)
     from seqtopk.sparse.mteb.models import CSRHeadModel, run_tasks
     from seqtopk.sparse.mteb.tasks import local_tasks
 

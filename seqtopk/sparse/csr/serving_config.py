@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from seqtopk.sparse.backbone import is_csr_head_dir, max_seq_length
+from seqtopk.sparse.csr.folder import check_head_folder
 from seqtopk.sparse.vllm.registry import ARCHITECTURE, SPARSE_IO_PLUGIN
 
 
@@ -38,21 +39,16 @@ def write_serving_fields(folder: Path) -> None:
 def read_head_layout(folder: Path) -> dict:
     """What vLLM needs beyond the BERT weights: the head's folder and config, and whether the pooled
     embedding is L2-normalised before the head (a Normalize module between Pooling and the head)."""
-    folder = Path(folder)
-    if not is_csr_head_dir(folder):
-        raise ValueError(f"{folder} is not a CSR head folder: modules.json must end with a SparseAutoEncoder")
-    modules = json.loads((folder / "modules.json").read_text())
-    head = modules[-1]
-    config = json.loads((folder / head["path"] / "config.json").read_text())
-    if config.get("normalize"):
+    head = check_head_folder(Path(folder))  # a missing or mismatched file fails here, named, not inside vLLM
+    if head.head_config.get("normalize"):
         raise ValueError(f"{folder}: heads with normalize=true (LayerNorm inside the head) cannot be served")
-    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules[:-1]]
+    kinds = [m["type"].rsplit(".", 1)[-1] for m in head.modules[:-1]]
     if kinds[:2] != ["Transformer", "Pooling"] or set(kinds[2:]) - {"Normalize"}:
         raise ValueError(f"{folder}: expected Transformer, Pooling, [Normalize], SparseAutoEncoder; got {kinds}")
     return {
-        "head_dir": folder / head["path"],
+        "head_dir": head.head_dir,
         "normalize_input": "Normalize" in kinds,
-        "input_dim": int(config["input_dim"]),
-        "hidden_dim": int(config["hidden_dim"]),
-        "k": int(config["k"]),
+        "input_dim": head.input_dim,
+        "hidden_dim": head.hidden_dim,
+        "k": head.k,
     }

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from seqtopk.sparse.data.batches import Split, split_heldout, training_batches
 from seqtopk.sparse.data.readers import load_training_sets
 from seqtopk.sparse.csr.losses import LossWeights
+from seqtopk.sparse.index.atomic import replace_folder, staging_folder
 
 METHODS = ("csr", "csrv2")
 
@@ -279,15 +279,14 @@ def save_head(model, head, out: Path, summary: dict, overwrite: bool = False) ->
     from sentence_transformers import SparseEncoder
 
     final = SparseEncoder(modules=modules, device="cpu", similarity_fn_name="cosine")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # Written whole beside `out`, then moved in (seqtopk.sparse.index.atomic): a failed or interrupted save
+    # leaves no half folder that loads, and an existing `out` stays until the new one is complete on disk.
+    staging = staging_folder(out)
     try:
         final.save(str(staging))
         write_serving_fields(staging)
         (staging / "csr_training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        replace_folder(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
