@@ -97,6 +97,18 @@ class VLLMServer:
                     break
         return events
 
+    def get(self, path: str) -> dict:
+        """Decoded JSON reply of a GET that must succeed."""
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def metrics(self, prefix: str = "seqtopk_") -> dict[str, float]:
+        """The samples of GET /metrics whose names start with `prefix`, by name with labels."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        samples = (line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(prefix))
+        return {name: float(value) for name, value in samples}
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.is_file() else ""
 

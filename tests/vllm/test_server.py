@@ -65,3 +65,29 @@ def test_routing_statistics_are_logged(api_server):
     line = log[log.rindex("SeqTopK routing: experts/token prompt"):].splitlines()[0]
     prompt_mean = float(line.split("prompt ")[1].split(" ")[0])
     assert 2.0 <= prompt_mean <= 4.0  # T*K of 2 per prompt token plus forced minimums, at most cap
+
+
+def test_routing_gauges_on_metrics_follow_running_requests(api_server):
+    """/metrics shows the routing state running requests hold (back to 0 once they finish) and experts per
+    token, as an operator would watch for a leak."""
+    import threading
+    import time
+
+    body = completion(api_server, prompt="Keep the experts busy", max_tokens=200)
+    threads = [threading.Thread(target=api_server.json, args=("/v1/completions", body)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    busy = []
+    while any(t.is_alive() for t in threads):
+        busy.append(api_server.metrics().get("seqtopk_routing_state_rows", 0.0))
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    deadline = time.monotonic() + 10
+    while (after := api_server.metrics())["seqtopk_routing_state_rows"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert max(busy) > 0, busy
+    assert after["seqtopk_routing_state_rows"] == 0 and after["seqtopk_routing_state_bytes"] == 0
+    assert 2.0 <= after['seqtopk_experts_per_token{phase="prompt"}'] <= 4.0
+    assert 1.0 <= after['seqtopk_experts_per_token{phase="generated"}'] <= 4.0
+    assert after["seqtopk_expert_rows_per_token"] > 0

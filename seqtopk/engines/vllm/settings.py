@@ -40,6 +40,10 @@ def install() -> None:
         if config is not None:
             from vllm.platforms import current_platform
 
+            from seqtopk.engines.vllm import metrics
+
+            metrics.install()  # the API server's entry module is loaded by now, if this process serves HTTP
+
             if not current_platform.is_cpu():
                 keep_cuda_graphs(vllm_config.compilation_config, logger)
         return vllm_config

@@ -57,7 +57,7 @@ def record(router, step, mask: torch.Tensor, ids: torch.Tensor, rows: int, graph
 
 def snapshot() -> dict:
     """Experts per token so far, per layer (None before any token), expert rows computed per token, token
-    counts, and routing-state memory."""
+    counts, routing-state memory, and the state rows running requests hold."""
     out = {"layers": [], "prompt": [], "generated": [], "expert_rows": [], "prompt_tokens": 0,
            "generated_tokens": 0, **WORKER.memory}
     for router in WORKER.routers.values():
@@ -69,7 +69,20 @@ def snapshot() -> dict:
         tokens = counts[0] + counts[2]
         out["expert_rows"].append(counts[4] / tokens if tokens else None)
         out["prompt_tokens"], out["generated_tokens"] = counts[0], counts[2]
+    out["state_rows_in_use"] = state_rows_in_use()
     return out
+
+
+def state_rows_in_use() -> int:
+    """Rows of each layer's routing store that running requests hold: the KV slots of their blocks (a
+    request's state is released with its blocks, so this is 0 whenever no request runs)."""
+    source = WORKER.source
+    runner = source.runner() if source.runner is not None else None
+    if runner is None or source.group is None:
+        return 0
+    batch = runner.input_batch
+    table = batch.block_table[source.group]
+    return int(table.num_blocks_per_row[: batch.num_reqs].sum()) * table.block_size
 
 
 def _mean(values):
