@@ -2,7 +2,8 @@
 
 The counters live in the worker process (seqtopk.engines.vllm.stats); /metrics is served by the API server
 process. With SeqTopK on, the API server polls the workers every SEQTOPK_METRICS_INTERVAL seconds (default
-5; 0 turns the gauges off) through the engine's collective RPC (`seqtopk_stats`, one device read) and sets:
+5; 0 turns the gauges off) through the engine's collective RPC (`seqtopk_stats`, one device read) while
+requests run, and once after they finish, and sets:
 - seqtopk_routing_state_rows: rows of paged routing state held by running requests (one per KV slot of
   their blocks; it returns to 0 when no request runs, so a leak shows as a floor that does not drop);
 - seqtopk_routing_state_bytes: the same in bytes, over every MoE layer;
@@ -71,12 +72,21 @@ def publish(stats: dict) -> None:
 
 
 async def poll(engine_client) -> None:
-    """Refresh the gauges until the server stops; a failed read is logged and retried, never raised."""
+    """Refresh the gauges until the server stops; a failed read is logged and retried, never raised.
+
+    Reads only while requests run, and once more when they have all finished (the state rows then read 0):
+    each read wakes the worker, whose message queue then spins a CPU core for a second, so an idle server
+    is left alone."""
+    settled = False
     while True:
         await asyncio.sleep(interval())
+        busy = engine_client.get_num_unfinished_requests() > 0
+        if settled and not busy:
+            continue
         try:
             replies = await engine_client.collective_rpc("seqtopk_stats", timeout=30)
             publish(replies[0])
+            settled = not busy
         except asyncio.CancelledError:
             raise
         except Exception as err:  # the server must keep serving whatever the read does
