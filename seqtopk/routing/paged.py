@@ -1,5 +1,5 @@
-"""The streaming rule's history in paged storage, addressed like a paged KV cache. Pure torch (+ an optional
-compiled CPU kernel); no engine imports.
+"""The streaming rule's history in paged storage, addressed like a paged KV cache. Pure torch (+ optional fused
+kernels: compiled C++ on CPU, Triton on CUDA); no engine imports.
 
 Each layer keeps the capped scores of every token it routed in a store with one row per slot; a row's
 earlier tokens are found through its block table (slot = block_id * block_size + offset), up to its history
@@ -8,9 +8,9 @@ length. The history therefore lives and dies with the sequence's cache blocks. A
 
 `PagedLayout` is what one step knows about where histories are (shared by every layer of the step);
 `PagedHistory` is one layer's store seen through it. The streaming rule (seqtopk.routing.rules.select_causal)
-takes a PagedHistory: a one-token step is decided by the compiled kernel straight from the store when it is
-built (seqtopk.kernels.compiled, CPU only; same decisions), anything else gathers the history and runs the
-torch rule.
+takes a PagedHistory: a one-token step is decided by a fused kernel straight from the store where one serves
+the device (the compiled C++ kernel on CPU when built, seqtopk.kernels.compiled; the Triton kernel on CUDA,
+seqtopk.kernels.decode_step; same decisions), anything else gathers the history and runs the torch rule.
 """
 
 from __future__ import annotations
