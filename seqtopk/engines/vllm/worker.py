@@ -138,6 +138,9 @@ def attach_state(runner, kv_cache_config, log: bool = True) -> None:
                            f"({type(layers[fused[0]].routed_experts.quant_method).__name__}) routes inside "
                            "the kernel and ignores the router; choose another MoE backend or quantization")
     if not layers:
+        if runner.parallel_config.pipeline_parallel_size > 1:
+            WORKER.keep_routers([])  # a pipeline stage of dense layers only: the other stages route
+            return
         raise RuntimeError("SeqTopK is on, but this model has no fused MoE layer to route")
     groups = [(i, g) for i, g in enumerate(kv_cache_config.kv_cache_groups)
               if isinstance(g.kv_cache_spec, FullAttentionSpec) and g.layer_names]
