@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "seqtopk.cli.vllm_cpu_metadata",
     "seqtopk.cli.lm_eval",
     "seqtopk.cli.csr",
+    "seqtopk.cli.ssr",
     "seqtopk.cli.kernels",
     "seqtopk.cli.doctor",
 )

@@ -1,0 +1,76 @@
+"""BERT backbone + the SSR token SAE, as a vLLM pooling model: one unit-norm sparse code per token.
+
+vLLM's BertEmbeddingModel runs the backbone; the `token_embed` pooler hands each request's token states
+(all tokens, [CLS] and [SEP] included) to the SSR head, which normalises each token vector, takes the top-k
+SAE code and normalises it, exactly as seqtopk.sparse.ssr.encoder does. Which tokens a query or a document
+keeps, and the sparse form, are the output plugin's job (seqtopk.sparse.vllm.ssr_output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Set
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from vllm.config import PoolerConfig, VllmConfig
+from vllm.model_executor.layers.pooler import DispatchPooler, Pooler
+from vllm.model_executor.layers.pooler.tokwise import TokenPooler, TokenPoolerHead, get_tok_pooling_method
+from vllm.model_executor.models.bert import BertEmbeddingModel
+from vllm.model_executor.models.interfaces_base import default_pooling_type
+from vllm.tasks import PoolingTask
+
+from seqtopk.sparse.csr.sparse_coding import pre_activations, topk_relu
+from seqtopk.sparse.ssr.folder import HEAD_DIR, check_ssr_folder
+
+
+class SSRHeadLayer(nn.Module):
+    """token states (n, d) -> unit-norm k-sparse codes (n, h), in float32 whatever the backbone dtype."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.weight = nn.Parameter(torch.empty(hidden_dim, input_dim, dtype=torch.float32), requires_grad=False)
+        self.pre_bias = nn.Parameter(torch.empty(input_dim, dtype=torch.float32), requires_grad=False)
+        self.latent_bias = nn.Parameter(torch.empty(hidden_dim, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(states.float(), dim=-1)
+        codes = topk_relu(pre_activations(x, self.weight, self.pre_bias, self.latent_bias), self.k)
+        return F.normalize(codes, dim=-1)
+
+
+class SSRTokenHead(TokenPoolerHead):
+    def __init__(self, layer: SSRHeadLayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def get_supported_tasks(self) -> Set[PoolingTask]:
+        return {"token_embed"}
+
+    def forward_chunk(self, pooled_data, pooling_param):
+        return None if pooled_data is None else self.layer(pooled_data)  # None: an unfinished chunked prefill
+
+
+@default_pooling_type(seq_pooling_type="MEAN", tok_pooling_type="ALL")
+class SSRBertTokenModel(BertEmbeddingModel):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        self._folder = Path(vllm_config.model_config.model)
+        self._head_config = check_ssr_folder(self._folder)  # a bad folder fails here, named
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+    def _build_pooler(self, pooler_config: PoolerConfig) -> Pooler:
+        c = self._head_config
+        self.ssr_head = SSRHeadLayer(c["input_dim"], c["hidden_dim"], c["k"])
+        pooling = get_tok_pooling_method(pooler_config.get_tok_pooling_type())
+        return DispatchPooler({"token_embed": TokenPooler(pooling=pooling, head=SSRTokenHead(self.ssr_head))})
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = set(super().load_weights(weights))
+        state = load_file(str(self._folder / HEAD_DIR / "model.safetensors"))
+        with torch.no_grad():
+            for name in ("weight", "pre_bias", "latent_bias"):
+                getattr(self.ssr_head, name).copy_(state[name])
+        return loaded | {f"ssr_head.{name}" for name in ("weight", "pre_bias", "latent_bias")}
