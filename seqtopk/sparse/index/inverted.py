@@ -1,8 +1,9 @@
 """Exact inverted index over sparse vectors: latent -> posting list, scored without clustering.
 
 One document is one sparse vector and a document's score is the sum over shared latents of query value x
-document value (CSR's aggregation). SSR's late interaction (a document is many token vectors; MaxSim) will
-build on the same posting lists. Pure numpy (numba when installed); no engine import.
+document value (CSR's aggregation). SSR's late interaction (a document is many token vectors; MaxSim) is
+the other aggregation over the same posting lists, in multivector.py. Pure numpy (numba when installed);
+no engine import.
 """
 
 from __future__ import annotations
