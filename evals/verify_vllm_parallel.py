@@ -102,9 +102,12 @@ def main(argv=None) -> int:
     from tests.vllm.test_families import FAMILIES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
-    parser.add_argument("--out", type=Path, default=RESULTS / "vllm_parallel.json")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES), metavar="FAMILY",
+                        help=f"default: every vLLM-verified family ({' '.join(FAMILIES)})")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
+                        help="tp2: --tensor-parallel-size 2; pp2: --pipeline-parallel-size 2 (default: both)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "vllm_parallel.json",
+                        help="JSON, rewritten after every engine; the PNG goes next to it")
     args = parser.parse_args(argv)
 
     import os
@@ -124,8 +127,12 @@ def main(argv=None) -> int:
             run = verify(family, layout, Path(tmp))
             report["runs"][f"{family} {layout}"] = run
             save(report, args.out)
-            verdict = "pass" if run["passed"] else ("did not run: " + run["error"][:200] if "error" in run else
-                                                    "FAIL: " + ", ".join(n for n, ok in run["checks"].items() if not ok))
+            if run["passed"]:
+                verdict = "pass"
+            elif "error" in run:
+                verdict = "did not run: " + run["error"][:200]
+            else:
+                verdict = "FAIL: " + ", ".join(name for name, ok in run["checks"].items() if not ok)
             tqdm.write(f"{family} {layout}: {verdict} ({run['seconds']} s)")
     return 0 if all(run["passed"] for run in report["runs"].values()) else 1
 

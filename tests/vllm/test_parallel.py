@@ -7,8 +7,8 @@ add up if all ranks choose the same experts: the check is exact equality of each
 pipeline parallelism each stage routes its own layers. Each 2-rank engine costs minutes on 2 shared cores
 (three processes start and import vLLM), so the suite runs three: one family per scoring scheme (softmax,
 sigmoid with groups, softmax over the chosen) across TP=2 and PP=2; evals/verify_vllm_parallel.py runs every
-family at both (results in evals/results/vllm_parallel.json). The ranks' threads are bound one core each (VLLM_CPU_OMP_THREADS_BIND=0|1);
-vLLM's automatic binding fails on a 2-core machine.
+family at both (results in evals/results/vllm_parallel.json). The ranks' threads are bound one core each
+(VLLM_CPU_OMP_THREADS_BIND=0|1): vLLM's automatic binding fails on a 2-core machine.
 """
 
 import pytest
