@@ -1,31 +1,32 @@
-"""Per-family adapters for transformers MoE models: where the router lives, how it scores and normalises.
+"""Per-family adapters for transformers MoE models: where the routing call lives, how it scores and weighs.
 
-Adding a family = one module here defining FAMILY, listed in FAMILY_MODULES, plus a tiny fixture config
-in seqtopk/testing/tiny.py. Routing rules never appear here (see seqtopk.routing.rules).
+Every family is one row of patches/table.py (patched, or refused with the reason). A block class no row
+names is still patched when its router and block are literal copies of a known family's (patches/recognize.py);
+anything else is refused with the list of supported families. Routing rules never appear here (see
+seqtopk.routing.rules).
 """
 
 from __future__ import annotations
 
-import importlib
-
 from seqtopk.patches._base import Family
+from seqtopk.patches.table import FAMILIES
 
-FAMILY_MODULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "granitemoe", "phimoe")
+_BY_CLASS = {cls: family for family in FAMILIES for cls in family.block_classes}
 
 
 def families() -> list[Family]:
-    return [importlib.import_module(f"seqtopk.patches.{name}").FAMILY for name in FAMILY_MODULES]
+    return list(FAMILIES)
 
 
 def family_for_block(module) -> Family | None:
-    """The family whose MoE block class this module is, if any."""
-    cls = type(module).__name__
-    for family in families():
-        if cls in family.block_classes:
-            return family
-    return None
+    """The family whose MoE block class this module is, or whose router shape it copies exactly."""
+    family = _BY_CLASS.get(type(module).__name__)
+    if family is None and hasattr(module, "experts"):
+        from seqtopk.patches.recognize import recognize
+
+        family = recognize(module)
+    return family
 
 
 def supported_summary() -> str:
-    names = [f.name for f in families() if f.unsupported is None]
-    return ", ".join(names)
+    return ", ".join(f.name for f in FAMILIES if f.unsupported is None)

@@ -23,8 +23,10 @@ class Candidates(NamedTuple):
     scores: torch.Tensor  # [N, E] the family's scores the weights are taken from
 
 
-def _renormalize(weights: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    total = weights.sum(dim=-1, keepdim=True) + eps
+def _renormalize(weights: torch.Tensor, eps: float = 0.0, min_total: float = 0.0, p: float | None = None) -> torch.Tensor:
+    """Chosen weights divided by their sum (or p-norm), as the family does it: + eps, or clamped below."""
+    total = weights.sum(dim=-1, keepdim=True) if p is None else torch.norm(weights, p=p, dim=-1, keepdim=True)
+    total = total.clamp(min=min_total) if min_total > 0 else total + eps
     # A token with no chosen expert (padding, or min_experts=0) keeps all-zero weights instead of 0/0.
     return torch.where(total > 0, weights / total, torch.zeros_like(weights))
 
@@ -51,34 +53,63 @@ class SoftmaxScoring:
         return _renormalize(chosen) if self.renormalize else chosen
 
 
-@dataclass(frozen=True)
-class SigmoidGroupScoring:
-    """DeepSeek-V3: sigmoid scores; a selection-only bias; group-limited choice; scaled weights.
+ACTIVATIONS = {
+    "softmax": lambda logits: torch.softmax(logits.float(), dim=-1),
+    "sigmoid": lambda logits: torch.sigmoid(logits.float()),
+}
 
-    A token may only choose experts in its `topk_group` best groups (group score = sum of its two best
-    biased scores). Tokens compete on the biased scores; weights use the unbiased ones.
+
+@dataclass(frozen=True)
+class BiasedScoring:
+    """Scores over all experts, chosen by a selection-only bias and an optional group limit; weights from the
+    unbiased scores, optionally renormalised, then scaled.
+
+    DeepSeek-V3 and its descendants (sigmoid, bias, groups ranked by the sum of their two best biased scores,
+    `topk_group` groups kept), DeepSeek-V2 (softmax; groups ranked by their best score), ERNIE 4.5 (softmax plus a
+    bias, renormalised with a clamped denominator), MiniMax-M2, Laguna, LFM2-MoE and others (sigmoid, bias, no
+    groups). Tokens compete on the biased scores; with no bias they are the family's scores themselves.
+    Groups are masked with -inf. Mistral 4 and AXK2 fill them with 0.0 instead: the same choice whenever the
+    allowed scores are positive (always for softmax, and for sigmoid unless a bias is below -score).
     """
 
     bias: torch.Tensor | None
-    n_group: int
-    topk_group: int
-    renormalize: bool
-    scaling: float
+    n_group: int = 1
+    topk_group: int = 1
+    renormalize: bool = False
+    scaling: float = 1.0
+    activation: str = "sigmoid"
+    group_score: str = "top2"  # "top2": sum of a group's two best choice scores; "max": its best one
+    eps: float = 1e-20  # added to the renormalisation denominator ...
+    min_total: float = 0.0  # ... or, when > 0, the denominator clamped below (ERNIE 4.5's moe_norm_min)
+    norm_p: float | None = None  # divide by this p-norm instead of the sum (DBRX's moe_normalize_expert_weights)
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, not {self.activation!r}")
+        if self.group_score not in ("top2", "max"):
+            raise ValueError(f"group_score must be 'top2' or 'max', not {self.group_score!r}")
+
+    @property
+    def grouped(self) -> bool:
+        return self.n_group > 1 and self.topk_group < self.n_group
 
     def max_candidates(self, num_experts: int) -> int:
-        return self.topk_group * (num_experts // self.n_group)
+        return self.topk_group * (num_experts // self.n_group) if self.grouped else num_experts
 
     def _biased(self, logits: torch.Tensor):
-        scores = torch.sigmoid(logits.float())
+        scores = ACTIVATIONS[self.activation](logits)
         choice = scores + self.bias if self.bias is not None else scores
         return scores, choice
 
     def candidates(self, logits: torch.Tensor, cap: int) -> Candidates:
         scores, choice = self._biased(logits)
         n, experts = choice.shape
-        if self.n_group > 1 and self.topk_group < self.n_group:
+        if self.grouped:
             grouped = choice.view(n, self.n_group, experts // self.n_group)
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+            if self.group_score == "top2":
+                group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.max(dim=-1).values
             keep = torch.topk(group_scores, self.topk_group, dim=-1, sorted=False).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = choice.masked_fill(~group_mask.repeat_interleave(experts // self.n_group, dim=1),
@@ -89,17 +120,20 @@ class SigmoidGroupScoring:
     def weights(self, logits: torch.Tensor, cand: Candidates, mask: torch.Tensor) -> torch.Tensor:
         chosen = cand.scores.gather(-1, cand.ids) * mask  # unbiased scores: the bias only selects
         if self.renormalize:
-            chosen = _renormalize(chosen, eps=1e-20)
-        return chosen * self.scaling
+            chosen = _renormalize(chosen, eps=self.eps, min_total=self.min_total, p=self.norm_p)
+        return chosen * self.scaling if self.scaling != 1.0 else chosen
 
 
 @dataclass(frozen=True)
 class ChosenSoftmaxScoring:
-    """GPT-OSS and Granite-MoE: TopK on the logits, then softmax over the chosen logits only.
+    """GPT-OSS, Granite-MoE, Aria, Cohere2-MoE (softmax): TopK on the logits, then softmax over the chosen
+    logits only, optionally scaled (OpenAI's privacy filter divides by k).
 
     Logits are not comparable across tokens (each token's can shift freely), so tokens compete on their
     softmax probabilities over all experts; within a token that order is the logits' order.
     """
+
+    scaling: float = 1.0
 
     def max_candidates(self, num_experts: int) -> int:
         return num_experts
@@ -112,4 +146,5 @@ class ChosenSoftmaxScoring:
     def weights(self, logits: torch.Tensor, cand: Candidates, mask: torch.Tensor) -> torch.Tensor:
         chosen = logits.gather(-1, cand.ids).masked_fill(~mask, float("-inf"))
         weights = torch.softmax(chosen, dim=-1, dtype=logits.dtype)
-        return torch.nan_to_num(weights, nan=0.0)  # a token with nothing chosen: all -inf -> NaN -> 0
+        weights = torch.nan_to_num(weights, nan=0.0)  # a token with nothing chosen: all -inf -> NaN -> 0
+        return weights * self.scaling if self.scaling != 1.0 else weights

@@ -64,7 +64,7 @@ def check_paged_step(device: str, exact_budget: bool, min_experts: int, renormal
                      dtype: torch.dtype = torch.float32) -> None:
     """One decode step of 24 tokens over 20 rows: fused kernel vs the torch rule (ids, weights, store, stats)."""
     from seqtopk.routing.rules import budget_split, pack, select_causal
-    from seqtopk.routing.scoring import Candidates, SigmoidGroupScoring, SoftmaxScoring
+    from seqtopk.routing.scoring import Candidates, BiasedScoring, SoftmaxScoring
 
     d = paged_case(device, dtype, rows=20, tokens=24)
     split = budget_split(K, CAP, min_experts, exact_budget)
@@ -101,7 +101,7 @@ def check_paged_step(device: str, exact_budget: bool, min_experts: int, renormal
 
     # From candidate values (any family; here DeepSeek-V3's group-limited sigmoid): the choice only, nothing written.
     bias = torch.linspace(-0.1, 0.1, EXPERTS, device=device)
-    cand = SigmoidGroupScoring(bias=bias, n_group=8, topk_group=4, renormalize=True, scaling=2.5).candidates(
+    cand = BiasedScoring(bias=bias, n_group=8, topk_group=4, renormalize=True, scaling=2.5).candidates(
         d["logits"], CAP)
     store = d["store"].clone()
     mask = fused.paged_decode(cand.values, store, d["table"], BLOCK, d["context"], d["seen"], d["valid"], split,

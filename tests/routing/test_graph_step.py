@@ -16,7 +16,7 @@ from seqtopk.engines.vllm.step import step_from_buffers
 from seqtopk.kernels import compiled
 from seqtopk.kernels import decode_step as fused_gpu
 from seqtopk.routing.router import route
-from seqtopk.routing.scoring import SigmoidGroupScoring, SoftmaxScoring
+from seqtopk.routing.scoring import BiasedScoring, SoftmaxScoring
 
 TOKENS, EXPERTS, BLOCK, MAX_BLOCKS, CAP = 8, 32, 4, 6, 6
 SLOTS = 64 * BLOCK + 1  # the store's last row is scratch
@@ -69,7 +69,7 @@ def eager_reference(b: dict, cfg, scoring, live: int):
 
 SCORINGS = {
     "softmax": SoftmaxScoring(renormalize=True),  # the fused softmax step
-    "sigmoid_groups": SigmoidGroupScoring(bias=torch.linspace(-0.05, 0.05, EXPERTS), n_group=4, topk_group=2,
+    "sigmoid_groups": BiasedScoring(bias=torch.linspace(-0.05, 0.05, EXPERTS), n_group=4, topk_group=2,
                                           renormalize=True, scaling=2.0),  # values path: scoring in torch
 }
 

@@ -94,7 +94,7 @@ def test_routing_attributes_map_onto_family_scoring(vllm_helpers):
     import torch
 
     from seqtopk.engines.vllm.router import scoring_for
-    from seqtopk.routing.scoring import SigmoidGroupScoring, SoftmaxScoring
+    from seqtopk.routing.scoring import BiasedScoring, SoftmaxScoring
 
     base = dict(use_grouped_topk=False, num_expert_group=None, topk_group=None, scoring_func="softmax",
                 renormalize=True, routed_scaling_factor=1.0, e_score_correction_bias=None)
@@ -102,10 +102,13 @@ def test_routing_attributes_map_onto_family_scoring(vllm_helpers):
     bias = torch.zeros(8)
     deepseek = scoring_for({**base, "scoring_func": "sigmoid", "use_grouped_topk": True, "num_expert_group": 4,
                             "topk_group": 2, "e_score_correction_bias": bias, "routed_scaling_factor": 2.5})
-    assert isinstance(deepseek, SigmoidGroupScoring) and deepseek.max_candidates(8) == 4
+    assert isinstance(deepseek, BiasedScoring) and deepseek.max_candidates(8) == 4
     assert deepseek.scaling == 2.5 and deepseek.bias is bias
+    # DeepSeek-V2's group-limited softmax: groups ranked by their best score, weights scaled
+    v2 = scoring_for({**base, "use_grouped_topk": True, "num_expert_group": 4, "topk_group": 2,
+                      "renormalize": False, "routed_scaling_factor": 16.0})
+    assert (v2.activation, v2.group_score, v2.scaling, v2.bias) == ("softmax", "max", 16.0, None)
     for extra, message in [({"custom_routing_function": max}, "custom routing function"),
-                           ({"use_grouped_topk": True, "num_expert_group": 4, "topk_group": 2}, "group-limited"),
                            ({"scoring_func": "sqrtsoftplus"}, "scoring_func"),
                            ({"eplb_state": object()}, "load balancing")]:
         with pytest.raises(ValueError, match=message):

@@ -1,8 +1,9 @@
 """transformers adapter: SeqTopK routing inside HF MoE models, in place and reversibly.
 
 Three instance-level changes per MoE layer, all undone by unpatch:
-- router.forward: the family's own logits (patches/), then seqtopk.routing.router.route, the one routing
-  call, with the rule seqtopk.routing.rules picks for this forward;
+- the family's routing call (router.forward, or a block method for a few families): the family's own logits
+  (patches/), then seqtopk.routing.router.route, the one routing call, with the rule seqtopk.routing.rules
+  picks for this forward;
 - experts.forward: only the chosen (token, expert) pairs run (seqtopk.engines.hf.experts), so compute
   follows the real number of pairs instead of cap slots per token;
 - streaming state: the capped scores of every token routed so far, per layer, tied to the KV-cache object
@@ -89,7 +90,7 @@ class _Layer:
     family: object
     cfg: ResolvedConfig
     scoring: object
-    saved: dict = field(default_factory=dict)  # module -> its own instance-level forward, if it had one
+    saved: dict = field(default_factory=dict)  # (module, method) -> its own instance-level method, if it had one
     plan: object = None  # the PairPlan of the last routing, consumed by the experts call that follows
 
 
@@ -106,15 +107,14 @@ def _plan_layers(model: torch.nn.Module, config: SeqTopKConfig) -> list[_Layer]:
         if family.unsupported:
             raise UnsupportedModelError(f"{name}: {family.unsupported}. Supported families: {supported_summary()}.")
         router = family.router(module)
-        scoring = family.scoring(router)
+        scoring = family.scoring(router, module)
         num_experts = family.num_experts(module)
         cfg = config.resolve(family.top_k(module), scoring.max_candidates(num_experts), where=name)
         layers.append(_Layer(index=len(layers), name=name, block=module, family=family, cfg=cfg, scoring=scoring))
     if not layers:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no MoE layer seqtopk can patch. Supported families: {supported_summary()}. "
-            "To add one, write patches/<family>.py defining FAMILY (router attribute, logits, scoring, outputs) "
-            "and list it in patches/__init__.py FAMILY_MODULES."
+            "To add one, add a row to patches/table.py (routing call, logits, scoring, outputs)."
         )
     return layers
 
@@ -143,10 +143,11 @@ class SeqTopKPatch:
         for layer in self.layers:
             router = layer.family.router(layer.block)
             experts = layer.family.experts(layer.block)
-            for module in (router, experts):
-                layer.saved[module] = module.__dict__.get("forward")
-            router.forward = _bind_router(self, layer, router)
-            experts.forward = _bind_experts(layer, experts, layer.saved[experts] or experts.forward)
+            method = layer.family.route_method
+            for module, name in ((router, method), (experts, "forward")):
+                layer.saved[(module, name)] = module.__dict__.get(name)
+            setattr(router, method, _bind_router(self, layer, router))
+            experts.forward = _bind_experts(layer, experts, layer.saved[(experts, "forward")] or experts.forward)
         self._hooks = [
             self.base.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             # always_call: a forward that raises still closes its view
@@ -158,11 +159,11 @@ class SeqTopKPatch:
             hook.remove()
         self._hooks = []
         for layer in self.layers:
-            for module, own_forward in layer.saved.items():
-                if own_forward is None:
-                    module.__dict__.pop("forward", None)
+            for (module, name), own in layer.saved.items():
+                if own is None:
+                    module.__dict__.pop(name, None)
                 else:
-                    module.forward = own_forward
+                    setattr(module, name, own)
             layer.saved = {}
         self._view = self._replay = None
 
@@ -282,8 +283,11 @@ class SeqTopKPatch:
             return ForwardView.standalone(tokens, device)
         return view
 
-    def route_layer(self, layer: _Layer, router, hidden: torch.Tensor):
-        logits = layer.family.logits(router, hidden)
+    def route_layer(self, layer: _Layer, router, *args):
+        """The family's routing call, with its own arguments (hidden states first; a few block methods take
+        the logits themselves)."""
+        logits = layer.family.logits(router, *args)
+        dtype = args[0].dtype
         n = logits.shape[0]
         view = self._view_for(layer, n, logits.device)
         cfg = layer.cfg
@@ -297,7 +301,7 @@ class SeqTopKPatch:
         if (rule == CAUSAL and view.tokens == 1 and view.state is not None and _FUSED_DECODE
                 and not torch.is_grad_enabled() and isinstance(layer.scoring, SoftmaxScoring)
                 and self.stats.tracing is False and fused_decode.available(logits.device)):
-            return self._route_fused_step(layer, router, logits, view)
+            return self._route_fused_step(layer, router, logits, view, dtype)
         layout = DenseLayout(view.batch, view.tokens, view.valid, view.seen if view.continuing else None)
         routed = route(logits, layer.scoring, cfg, layout, rules, history=history, unchosen="drop")
         mask = routed.mask.view(view.batch, view.tokens, cfg.cap)
@@ -314,9 +318,9 @@ class SeqTopKPatch:
         if cfg.cap > cfg.k:  # with cap == k every real slot is chosen: stock dispatch, bit for bit
             rows = row_count(routed.mask, known_pair_count(rule, cfg, n))
             layer.plan = plan_pairs(routed.ids, routed.weights, routed.mask, rows)
-        return layer.family.outputs(router, logits, routed.weights, routed.ids)
+        return layer.family.outputs(router, logits, routed.weights, routed.ids, dtype)
 
-    def _route_fused_step(self, layer: _Layer, router, logits: torch.Tensor, view: ForwardView):
+    def _route_fused_step(self, layer: _Layer, router, logits: torch.Tensor, view: ForwardView, dtype):
         """A one-token decode step in a single fused kernel (seqtopk.kernels.decode_step)."""
         cfg = layer.cfg
         probs = torch.softmax(logits.float(), dim=-1)
@@ -331,14 +335,14 @@ class SeqTopKPatch:
         ids = ids.long()
         view.routed_layers.add(layer.index)
         layer.plan = plan_pairs(ids, weights, mask, row_count(mask, None))
-        return layer.family.outputs(router, logits, weights, pack(ids, mask, "drop"))
+        return layer.family.outputs(router, logits, weights, pack(ids, mask, "drop"), dtype)
 
 
 def _bind_router(patch: SeqTopKPatch, layer: _Layer, router):
-    def forward(hidden_states, *args, **kwargs):
-        return patch.route_layer(layer, router, hidden_states)
+    def routing_call(*args, **kwargs):
+        return patch.route_layer(layer, router, *args, *kwargs.values())
 
-    return forward
+    return routing_call
 
 
 def _bind_experts(layer: _Layer, experts, original):
@@ -348,6 +352,12 @@ def _bind_experts(layer: _Layer, experts, original):
         plan, layer.plan = layer.plan, None
         if args or kwargs:
             return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        if hidden_states.dim() > 2:  # DBRX hands its experts [batch, tokens, hidden]
+            flat = forward_flat(hidden_states.reshape(-1, hidden_states.shape[-1]), top_k_index, top_k_weights, plan)
+            return flat.view(hidden_states.shape)
+        return forward_flat(hidden_states, top_k_index, top_k_weights, plan)
+
+    def forward_flat(hidden_states, top_k_index, top_k_weights, plan):
         if plan is not None and plan.tokens == hidden_states.shape[0]:
             return run_plan(experts, original, hidden_states, plan)
         if not bool((top_k_index < 0).any()):

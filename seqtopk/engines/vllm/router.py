@@ -32,7 +32,7 @@ from seqtopk.kernels import decode_step as fused_gpu
 from seqtopk.routing.dispatch import PairPlan, plan_pairs, row_count
 from seqtopk.routing.router import route
 from seqtopk.routing.rules import TOPK, TokenRules, known_pair_count
-from seqtopk.routing.scoring import SigmoidGroupScoring, SoftmaxScoring
+from seqtopk.routing.scoring import BiasedScoring, SoftmaxScoring
 
 logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
 WARM_UP = TokenRules.uniform(TOPK)  # forwards that carry no request: any valid choice will do
@@ -56,19 +56,16 @@ def scoring_for(args: dict):
         (args["num_expert_group"] or 1) <= 1 and (args["topk_group"] or 1) <= 1)
     bias = args.get("e_score_correction_bias")
     scaling = float(args["routed_scaling_factor"])
-    if args["scoring_func"] == "softmax":
-        if grouped or bias is not None or scaling != 1.0:
-            raise ValueError("SeqTopK supports softmax routing without expert groups, selection bias or "
-                             "routed scaling (DeepSeek-V2-style group-limited softmax is not supported)")
+    func = args["scoring_func"]
+    if func not in ("softmax", "sigmoid"):
+        raise ValueError(f"SeqTopK does not support scoring_func={func!r}")
+    if func == "softmax" and not grouped and bias is None and scaling == 1.0:
         return SoftmaxScoring(renormalize=bool(args["renormalize"]))
-    if args["scoring_func"] == "sigmoid":
-        if grouped and bias is None:
-            raise ValueError("SeqTopK supports group-limited sigmoid routing only with a selection bias "
-                             "(DeepSeek-V3 style)")
-        return SigmoidGroupScoring(bias=bias, n_group=args["num_expert_group"] if grouped else 1,
-                                   topk_group=args["topk_group"] if grouped else 1,
-                                   renormalize=bool(args["renormalize"]), scaling=scaling)
-    raise ValueError(f"SeqTopK does not support scoring_func={args['scoring_func']!r}")
+    # vLLM's grouped top-k ranks groups by their two best biased scores with a bias, by their best one without
+    return BiasedScoring(bias=bias, activation=func, n_group=args["num_expert_group"] if grouped else 1,
+                         topk_group=args["topk_group"] if grouped else 1,
+                         group_score="top2" if bias is not None else "max",
+                         renormalize=bool(args["renormalize"]), scaling=scaling)
 
 
 class SeqTopKRouter(BaseRouter):

@@ -1,0 +1,158 @@
+"""Every patched family (patches/table.py) on its tiny offline checkpoint: one test per family, five checks on one
+loaded model, so that 35+ families stay cheap. Refused families are refused by name, with their reason.
+
+1. cap == k is the family's own TopK, bit for bit; cap > k changes the routing; unpatch restores it exactly.
+2. Batch invariance: prompts padded together route as they do alone (to within what the stock model itself
+   keeps: hybrid layers such as Mamba may not be padding-invariant even without SeqTopK).
+3. Streaming = causal prefill: token-by-token decoding with a KV cache equals one causal pass.
+4. generate() runs with SeqTopK on, and some token takes more than k experts.
+5. Training: gradients reach the router and the experts.
+"""
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+
+import seqtopk
+from seqtopk.patches import families
+from seqtopk.testing.tiny import FAMILY_CONFIGS
+
+PATCHED = [f.name for f in families() if f.unsupported is None]
+REFUSED = [f.name for f in families() if f.unsupported is not None]
+
+
+def test_every_patched_family_has_a_fixture():
+    assert [name for name in PATCHED if name not in FAMILY_CONFIGS] == []
+
+
+def _ids(batch, length, seed):
+    return torch.randint(3, 259, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield None
+
+
+def _router_params(model):
+    from seqtopk.engines.hf import require_patch
+
+    patch = require_patch(model)
+    routers = {id(layer.family.router(layer.block)) for layer in patch.layers}
+    return [p for m in model.modules() if id(m) in routers for n, p in m.named_parameters(recurse=False)
+            if p.dim() == 2] or [p for layer in patch.layers for n, p in layer.block.named_parameters()
+                                 if p.dim() == 2 and ("router" in n or "gate" in n) and "expert" not in n]
+
+
+@pytest.mark.parametrize("family", PATCHED)
+def test_family_contract(load_tiny, family):
+    from seqtopk.patches import family_for_block
+
+    model, tok = load_tiny(family)
+    block = next(m for m in model.modules() if family_for_block(m) is not None)
+    assert family_for_block(block).name == family
+    k = family_for_block(block).top_k(block)
+    x = _ids(2, 16, seed=0)
+    with torch.no_grad():
+        stock = model(x).logits
+        with seqtopk.patched(model, cap=k, min_experts=0):
+            same = model(x).logits
+        with seqtopk.patched(model):
+            changed = model(x).logits
+        restored = model(x).logits
+    assert torch.equal(stock, same), "1. cap == k must be the family's TopK, bit for bit"
+    assert (stock - changed).abs().max() > 1e-4, "1. cap > k should change routing"
+    assert torch.equal(stock, restored), "1. unpatch must restore the model exactly"
+
+    # 2. batch invariance, left padding, against the stock model's own padding error
+    tok.padding_side = "left"
+    prompts = ["Sequence level routing spends the budget.", "Hi", "MoE"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+
+    def padding_error():
+        with torch.no_grad():
+            batched = model(**enc).logits
+            worst = 0.0
+            for i, text in enumerate(prompts):
+                alone = model(**tok(text, return_tensors="pt")).logits[0]
+                got = batched[i][enc["attention_mask"][i].bool()]
+                worst = max(worst, float((got - alone).abs().max()))
+        return worst
+
+    stock_error = padding_error()
+    seqtopk.patch(model)
+    assert padding_error() <= stock_error + 1e-4, "2. padding changed SeqTopK's routing"
+
+    # 3. streaming = causal prefill: the same experts at every position, and logits as close as the stock
+    # model's own decoding is to its one pass (sparse-attention indexers and linear attention differ a little)
+    def stream_error(traced):
+        y = _ids(1, 12, seed=1)
+        with torch.no_grad(), seqtopk.trace_routing(model) if traced else _nothing() as trace:
+            one_shot = model(y).logits
+            cache, steps = None, []  # the model's own cache class (hybrid families have their own)
+            for t in range(12):
+                out = model(y[:, t:t + 1], past_key_values=cache, use_cache=True)
+                cache, steps = out.past_key_values, steps + [out.logits]
+        error = float((torch.cat(steps, 1) - one_shot).abs().max())
+        if traced:
+            whole = trace.forwards[0].ids[:, 0]  # [layers, T, cap]
+            stepped = torch.cat([f.ids[:, 0] for f in trace.forwards[1:]], dim=1)
+            chosen = lambda ids: [sorted(i for i in row if i >= 0) for row in ids.reshape(-1, ids.shape[-1]).tolist()]  # noqa: E731
+            assert chosen(stepped) == chosen(whole), "3. decoding token by token chose other experts"
+        return error
+
+    stock_stream_error = stream_error(traced=False)
+    seqtopk.patch(model, prefill="causal")
+    if stock_stream_error < 1e-3:
+        assert stream_error(traced=True) <= stock_stream_error + 1e-4, "3. streaming and the causal pass differ"
+    else:  # the stock model's own decoding departs from its one pass: routing inputs differ, nothing to compare
+        warnings.warn(f"{family}: stock decoding differs from the one pass by {stock_stream_error:.3g}; "
+                      "streaming = causal prefill not checked")
+
+    # 4. generate, with SeqTopK spending more than k on some token
+    seqtopk.patch(model)
+    with seqtopk.trace_routing(model) as trace:
+        out = model.generate(**tok(["The quick brown fox"], return_tensors="pt"), max_new_tokens=6,
+                             do_sample=False, pad_token_id=0)
+    assert out.shape[1] > len("The quick brown fox")
+    experts = torch.cat([f.experts_per_token.flatten() for f in trace.forwards])
+    assert experts.max() > k, "4. no token took more than k"
+
+    # 5. training: gradients reach router and experts
+    model.train()
+    labels = x.clone()
+    model(x, labels=labels).loss.backward()
+    patch = seqtopk.engines.hf.require_patch(model)
+    experts_grads = [p.grad for layer in patch.layers for p in layer.family.experts(layer.block).parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in experts_grads), "5. no gradient reached the experts"
+    router_grads = [p.grad for p in _router_params(model)]
+    assert router_grads and any(g is not None and g.abs().sum() > 0 for g in router_grads), \
+        "5. no gradient reached the router"
+    seqtopk.unpatch(model)
+
+
+@pytest.mark.parametrize("family", REFUSED)
+def test_refused_families_say_why(family):
+    from seqtopk.engines.hf import UnsupportedModelError
+
+    found = next(f for f in families() if f.name == family)
+    # A module carrying the refused block's class name is enough: families are found by block class.
+    block = type(found.block_classes[0], (torch.nn.Module,), {})()
+    block.experts = torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(block)
+    with pytest.raises(UnsupportedModelError) as err:
+        seqtopk.patch(model)
+    assert found.unsupported in str(err.value) and "Supported families: mixtral" in str(err.value)
+    assert not seqtopk.is_patched(model)
+
+
+def test_readme_support_table_is_generated_from_the_code():
+    from pathlib import Path
+
+    from seqtopk.patches import support
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert support.replace_in(readme) == readme, "README's support table is stale: python -m seqtopk.patches.support --write"
+    assert len([f for f in families() if f.unsupported is None]) >= 35
