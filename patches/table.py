@@ -162,7 +162,11 @@ FAMILIES: list[Family] = [
     sigmoid_biased("hy_v3", "hy_v3", "HYV3MoE", bias="e_score_correction_bias", scaling="router_scaling_factor",
                    eps=1e-20, upcast="input"),
     sigmoid_biased("minimax_m2", "minimax_m2", "MiniMaxM2SparseMoeBlock", bias="e_score_correction_bias"),
-    sigmoid_biased("step3p7", "step3p7", "Step3p7SparseMoeBlock", bias="gate.e_score_correction_bias"),
+    # MiniMax-M3's text block; Step-3.7's (a multimodal model without a causal LM in transformers 5.19) is the
+    # same code (tests/hf/test_families.py checks the two sources match)
+    dataclasses.replace(
+        sigmoid_biased("minimax_m3_vl", "minimax_m3_vl", "MiniMaxM3VLSparseMoeBlock", bias="gate.e_score_correction_bias"),
+        block_classes=("MiniMaxM3VLSparseMoeBlock", "Step3p7SparseMoeBlock")),
     sigmoid_biased("laguna", "laguna", "LagunaSparseMoeBlock", bias="gate.e_score_correction_bias",
                    upcast="output", cast="input", softcap="router_logit_softcapping",
                    scheme_extra=" (tanh soft-capped logits)"),
@@ -173,6 +177,7 @@ FAMILIES: list[Family] = [
     Family("gpt_oss", ("GptOssMLP",), "router", linear(bias="bias"), lambda r, b: ChosenSoftmaxScoring(),
            logits_first(), scheme="top-k on biased logits, softmax over the chosen", module="gpt_oss"),
     chosen_softmax("granitemoe", "granitemoe", "GraniteMoeMoE"),
+    chosen_softmax("aria", "aria", "AriaTextMoELayer", upcast="none", outputs=ids_first(None)),
     chosen_softmax("granitemoe_swa", "granitemoe_swa", "GraniteMoeSWAMoE", outputs=logits_first("input")),
     chosen_softmax("granitemoehybrid", "granitemoehybrid", "GraniteMoeHybridMoE"),
     chosen_softmax("granitemoeshared", "granitemoeshared", "GraniteMoeSharedMoE"),

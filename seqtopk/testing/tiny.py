@@ -69,6 +69,24 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
              qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4, scoring_func="sigmoid",
              topk_method="noaux_tc"),
     ),
+    "mistral4": (  # no AutoModelForCausalLM mapping in transformers 5.19: registered in build_checkpoint
+        "Mistral4Config",
+        dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+             n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+             first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=64, qk_rope_head_dim=32,
+             qk_nope_head_dim=32, v_head_dim=32, num_key_value_heads=4),
+    ),
+    "minimax_m3_vl": (  # the text model of MiniMax-M3-VL (its causal LM); routes like Step-3.7
+        "MiniMaxM3VLTextConfig",
+        dict(intermediate_size=64, dense_intermediate_size=64, shared_intermediate_size=32, num_local_experts=8,
+             num_experts_per_tok=2, head_dim=32, routed_scaling_factor=2.0, mlp_layer_types=["sparse", "sparse"],
+             layer_types=["full_attention", "full_attention"], index_n_heads=2, index_head_dim=32, **_TWO_HEADS),
+    ),
+    "aria": (  # the text model of Aria (its causal LM)
+        "AriaTextConfig",
+        dict(intermediate_size=64, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1, head_dim=32,
+             **_TWO_HEADS),
+    ),
     "gpt_oss": (
         "GptOssConfig",
         dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, head_dim=32,
@@ -127,10 +145,12 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
         dict(intermediate_size=64, moe_intermediate_size=32, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1,
              moe_layer_start_index=0, moe_layer_interval=1, **_TWO_HEADS),
     ),
-    "longcat_flash": (  # a LongCat layer holds two attention sublayers and one MoE: 4 "hidden layers" = 2 MoE blocks
+    "longcat_flash": (  # a LongCat layer holds two attention sublayers and one MoE: 4 "hidden layers" = 2 MoE blocks;
+        # vLLM reads the mla_scale_* flags (LongCat's released configs set them) that transformers always applies
         "LongcatFlashConfig",
         dict(num_hidden_layers=4, ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=8, moe_topk=2,
-             zero_expert_num=2, routed_scaling_factor=6.0, q_lora_rank=64, **_MLA),
+             zero_expert_num=2, routed_scaling_factor=6.0, q_lora_rank=64, mla_scale_q_lora=True,
+             mla_scale_kv_lora=True, **_MLA),
     ),
     "cohere2_moe": (
         "Cohere2MoeConfig",
@@ -291,16 +311,35 @@ def family_config(family: str, **overrides):
     return getattr(transformers, cls_name)(**kwargs)
 
 
+# Families whose causal LM transformers 5.19 ships without an AutoModelForCausalLM mapping.
+_UNMAPPED_CAUSAL_LM = {"Mistral4Config": "Mistral4ForCausalLM"}
+
+
+def register_causal_lm_classes() -> None:
+    """Map those configs to their causal LM, so AutoModelForCausalLM builds and loads the tiny checkpoints."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    for config_name, model_name in _UNMAPPED_CAUSAL_LM.items():
+        config_cls, model_cls = getattr(transformers, config_name, None), getattr(transformers, model_name, None)
+        if config_cls is None or model_cls is None:
+            continue
+        if config_cls not in AutoModelForCausalLM._model_mapping:
+            AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+
+
 def build_checkpoint(family: str, out_dir: str | os.PathLike, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
     """Write a tiny random-weight checkpoint of `family` (config, safetensors, tokenizer) to `out_dir`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
+    register_causal_lm_classes()
     config = family_config(family, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     _spread_selection_biases(model, seed)
+    _spread_router_weights(model, seed)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     build_tokenizer().save_pretrained(out)
@@ -309,6 +348,25 @@ def build_checkpoint(family: str, out_dir: str | os.PathLike, seed: int = 0, dty
 
 
 _SELECTION_BIASES = ("e_score_correction_bias", "expert_bias")
+
+
+def _spread_router_weights(model, seed: int) -> None:
+    """Give all-zero router weights (some families' _init_weights zero them, e.g. AFMoE, ERNIE 4.5) random
+    values, so that router scores differ between tokens and SeqTopK has something to rank."""
+    import torch
+
+    from seqtopk.patches import family_for_block
+
+    gen = torch.Generator().manual_seed(seed + 2)
+    std = float(getattr(model.config, "initializer_range", 0.1) or 0.1)
+    for module in model.modules():
+        family = family_for_block(module)
+        if family is None or family.unsupported:
+            continue
+        for param in family.router(module).parameters():
+            if param.dim() == 2 and not bool(param.detach().any()):
+                with torch.no_grad():
+                    param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
 def _spread_selection_biases(model, seed: int) -> None:
@@ -327,6 +385,7 @@ def _spread_selection_biases(model, seed: int) -> None:
 
 def cached_checkpoint(family: str, root: str | os.PathLike | None = None, seed: int = 0, **overrides) -> Path:
     """Build the tiny checkpoint once under `root` (default ~/.cache/seqtopk) and reuse it afterwards."""
+    register_causal_lm_classes()
     root = Path(root) if root is not None else default_cache_dir()
     tag = "-".join(f"{k}={v}" for k, v in sorted(overrides.items()))
     out = root / "tiny" / f"{family}-s{seed}{'-' + tag if tag else ''}"

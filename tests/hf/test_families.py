@@ -156,3 +156,28 @@ def test_readme_support_table_is_generated_from_the_code():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert support.replace_in(readme) == readme, "README's support table is stale: python -m seqtopk.patches.support --write"
     assert len([f for f in families() if f.unsupported is None]) >= 35
+
+
+def _fingerprint(module: str, block: str, router_attr: str = "gate"):
+    import importlib
+
+    from seqtopk.patches.recognize import _fingerprint, _router_class
+
+    modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    cls = getattr(modeling, block)
+    return cls, _router_class(modeling, cls, router_attr)
+
+
+def test_copies_of_a_known_block_are_recognised_and_nothing_else():
+    from seqtopk.patches.recognize import _fingerprint as fingerprint
+    from seqtopk.patches.recognize import _recognize_class
+
+    # Step-3.7's block is listed under minimax_m3_vl because it is the same code
+    step, minimax = _fingerprint("step3p7", "Step3p7SparseMoeBlock"), _fingerprint("minimax_m3_vl", "MiniMaxM3VLSparseMoeBlock")
+    assert fingerprint(*step, "forward") == fingerprint(*minimax, "forward")
+    # Qwen3-Omni's thinker block is Qwen3-MoE's under another name; Qwen3-VL-MoE's text block is not (its router
+    # differs), so it is refused rather than guessed
+    omni = _recognize_class(*_fingerprint("qwen3_omni_moe", "Qwen3OmniMoeThinkerTextSparseMoeBlock"))
+    assert omni is not None and omni.name.startswith("qwen3_moe") and omni.block_classes == (
+        "Qwen3OmniMoeThinkerTextSparseMoeBlock",)
+    assert _recognize_class(*_fingerprint("qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock")) is None
