@@ -2,11 +2,11 @@
 
 Shared by tests/vllm/test_parallel.py and evals/verify_vllm_parallel.py. One engine per call: its ranks'
 expert choices per model layer (from `collective_rpc("seqtopk_trace")`, one list per worker), the greedy
-tokens, and each rank's routing-state rows while the request runs and after it finished
-(`collective_rpc("seqtopk_stats")`). Callers compare the choices with the transformers path.
+tokens, each rank's routing-state rows while it routed the request (in the trace records) and once the request
+finished and a second one was aborted (`collective_rpc("seqtopk_stats")`), and whether a dummy batch moved any
+state. Callers compare the choices with the transformers path.
 
-vLLM on CPU pins each rank's OpenMP threads to cores; its automatic binding fails on small machines (one
-NUMA node, fewer cores than it reserves), so `one_core_per_rank()` sets VLLM_CPU_OMP_THREADS_BIND to
+vLLM on CPU pins each rank's OpenMP threads to cores; its automatic binding needs a NUMA node per rank, so `one_core_per_rank()` sets VLLM_CPU_OMP_THREADS_BIND to
 "0|1|..." unless the caller set it. Engine processes are spawned: scripts must start them from under
 `if __name__ == "__main__":`.
 """
@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
-HELD_TOKENS = 150  # the request that is asked about mid-decode, then aborted
+HELD_TOKENS = 150  # the request aborted after its first token
 
 
 def one_core_per_rank(world_size: int) -> str:
@@ -51,7 +51,7 @@ def choices_by_layer(records: list) -> dict:
 class ParallelRun:
     tokens: list[int]  # greedy tokens generated
     choices: list[dict]  # per worker (rank order): {model layer: {position: expert ids}} of the one request
-    rows_running: list[int]  # per worker: routing-state rows a request held mid-decode
+    rows_running: list[int]  # per worker: most routing-state rows in use while it routed the request
     rows_after: list[int]  # per worker: rows still held once requests finished or were aborted (most of the two)
     layers: list[list[str]] = field(default_factory=list)  # per worker: the MoE layers it routes
     dummy_changed: list[bool] = field(default_factory=list)  # per worker: a dummy batch moved its state (TP runs)
@@ -75,14 +75,12 @@ def run_request(path, settings: dict, prompt: list[int], max_tokens: int, *, ten
         tokens = _generate(engine, "compared", prompt, max_tokens)
         traces = llm.collective_rpc("seqtopk_trace", args=(False,))
         rows_done = _rows_once_released(llm)
-        # State held while a request runs: a request long enough to be mid-decode when each rank is asked (the
-        # engine core runs ahead of this client, and a short one may be done by then), then aborted.
-        engine.add_request("held", TokensPrompt(prompt_token_ids=list(prompt)),
+        # Released on abort too: a request aborted after its first token.
+        engine.add_request("aborted", TokensPrompt(prompt_token_ids=list(prompt)),
                            SamplingParams(max_tokens=HELD_TOKENS, temperature=0, ignore_eos=True))
         while not any(output.outputs[0].token_ids for output in engine.step()):
             pass
-        rows_running = _rows(llm)
-        engine.abort_request(["held"])
+        engine.abort_request(["aborted"])
         rows_aborted = _rows_once_released(llm)
         dummy_changed = []
         if pipeline_parallel == 1:
@@ -95,6 +93,8 @@ def run_request(path, settings: dict, prompt: list[int], max_tokens: int, *, ten
         llm.llm_engine.engine_core.shutdown()
         del llm
     choices = [next(iter(choices_by_layer(records).values()), {}) for records in traces]
+    # Read by each rank as it routed the request (asking from here races the engine core, which runs ahead).
+    rows_running = [max((r["state_rows"] for r in records), default=0) for records in traces]
     return ParallelRun(tokens=tokens, choices=choices, rows_running=rows_running,
                        rows_after=[max(done, aborted) for done, aborted in zip(rows_done, rows_aborted)],
                        layers=layers, dummy_changed=dummy_changed)

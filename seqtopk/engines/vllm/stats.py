@@ -50,7 +50,7 @@ def record(router, step, mask: torch.Tensor, ids: torch.Tensor, rows: int, graph
         # process's routers; `layer_name` is the model's (a pipeline stage numbers only its own layers).
         WORKER.trace.append(dict(layer=router.index, layer_name=router.layer_name, req_ids=step.req_ids,
                                  row=step.batch.row[real].tolist(), position=step.batch.positions()[real].tolist(),
-                                 ids=pack(ids, mask, "drop")[real].tolist()))
+                                 ids=pack(ids, mask, "drop")[real].tolist(), state_rows=state_rows_in_use()))
     if router is WORKER.first_router() and interval() > 0 and time.monotonic() - _last_log[0] >= interval():
         _last_log[0] = time.monotonic()
         log_line()
