@@ -1,4 +1,5 @@
-"""`seqtopk csr`: train CSR / CSRv2 heads and evaluate them with MTEB on the shared data."""
+"""`seqtopk csr`: train CSR / CSRv2 heads, evaluate them with MTEB on the shared data, export their codes to a
+vector engine (Milvus, Qdrant) and search them there."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 
 
 def add_parser(sub) -> None:
-    csr = sub.add_parser("csr", help="CSR / CSRv2 sparse embedding heads: train, evaluate", description=__doc__)
+    csr = sub.add_parser("csr", help="CSR / CSRv2 sparse embedding heads: train, evaluate, export", description=__doc__)
     commands = csr.add_subparsers(dest="csr_command", metavar="ACTION", required=True)
     _add_train(commands)
     _add_eval(commands)
+    _add_export(commands)
+    _add_engine_search(commands)
 
 
 def _add_train(commands) -> None:
@@ -69,6 +72,100 @@ def _add_eval(commands) -> None:
     p.add_argument("--no-cache", action="store_true", help="encode with SparseEncoder.encode instead of cached backbone embeddings")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON summary here")
     p.set_defaults(func=run_eval)
+
+
+def _add_engine_options(p) -> None:
+    p.add_argument("--engine", choices=("milvus", "qdrant"), required=True, help="the vector engine")
+    p.add_argument("--uri", required=True,
+                   help="milvus: a Milvus Lite file (./codes.db, in-process) or a server (http://host:19530); "
+                   "qdrant: :memory:, a local-mode folder, or a server (http://host:6333)")
+    p.add_argument("--collection", required=True, help="collection name (letters, digits, _)")
+    p.add_argument("--token", default=None,
+                   help="server credentials: Milvus user:password or token, Qdrant API key (default: $SEQTOPK_ENGINE_TOKEN)")
+
+
+def _add_export(commands) -> None:
+    p = commands.add_parser(
+        "export",
+        help="encode a JSONL corpus with a head and write its codes to Milvus or Qdrant",
+        description="Encode every text of a JSONL corpus ({\"_id\", \"text\", optional \"title\"} a line, BEIR's "
+        "corpus.jsonl format) with a saved CSR head and write the L2-normalised codes to a Milvus collection "
+        "(SPARSE_FLOAT_VECTOR, SPARSE_INVERTED_INDEX, inner product) or a Qdrant collection (sparse vectors). "
+        "The corpus and the head are checked and encoded before the engine is touched.",
+        formatter_class=_HelpWithDefaults,
+    )
+    p.add_argument("head", type=Path, metavar="HEAD_DIR")
+    p.add_argument("--corpus", type=Path, required=True, help="JSONL file of documents")
+    _add_engine_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing collection of that name")
+    p.add_argument("--batch-size", type=int, default=5000, help="rows per insert call")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_export)
+
+
+def _add_engine_search(commands) -> None:
+    p = commands.add_parser(
+        "engine-search",
+        help="search codes exported by `csr export` with query texts; prints JSON hits",
+        description="Encode query texts with the head the collection was exported with and print the k best "
+        "documents of each (doc id and inner product of the normalised codes, i.e. cosine) as JSON.",
+        formatter_class=_HelpWithDefaults,
+    )
+    p.add_argument("head", type=Path, metavar="HEAD_DIR")
+    _add_engine_options(p)
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--query", action="append", metavar="TEXT", help="a query text, repeatable")
+    given.add_argument("--queries", type=Path, help="JSONL file of queries ({\"_id\", \"text\"} a line)")
+    p.add_argument("--k", type=int, default=10, help="documents per query")
+    p.add_argument("--drop-ratio-search", type=float, default=0.0,
+                   help="milvus only: share of each query's smallest values to ignore (0 = exact)")
+    p.set_defaults(func=run_engine_search)
+
+
+def _open(args, **options):
+    import os
+
+    from seqtopk.sparse.export import open_engine
+
+    return open_engine(args.engine, args.uri, args.collection, token=args.token or os.environ.get("SEQTOPK_ENGINE_TOKEN"),
+                       **options)
+
+
+def run_export(args) -> int:
+    from seqtopk.sparse.export.texts import HeadEncoder, read_jsonl_texts
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    doc_ids, texts = read_jsonl_texts(args.corpus)
+    encoder = HeadEncoder(args.head)
+    codes = encoder.encode(texts, progress=not args.quiet)
+    with _open(args) as engine:
+        rows = engine.write(codes, doc_ids, encoder.info, overwrite=args.overwrite, batch_size=args.batch_size,
+                            progress=not args.quiet)
+        print(f"exported {rows} codes of {args.head} to {engine.where}")
+    return 0
+
+
+def run_engine_search(args) -> int:
+    from seqtopk.sparse.export.texts import HeadEncoder, read_jsonl_texts
+
+    if args.engine != "milvus" and args.drop_ratio_search:
+        raise ValueError("--drop-ratio-search applies to Milvus only (Qdrant's sparse search is exact)")
+    if args.queries:
+        query_ids, texts = read_jsonl_texts(args.queries)
+    else:
+        if any(not t.strip() for t in args.query):
+            raise ValueError("a --query text is empty; give it some words")
+        query_ids, texts = [str(i) for i in range(len(args.query))], args.query
+    options = {"drop_ratio_search": args.drop_ratio_search} if args.engine == "milvus" else {}
+    with _open(args, **options) as engine:
+        engine.info()  # a missing or foreign collection fails before the head is loaded
+        encoder = HeadEncoder(args.head)
+        results = engine.search(encoder.encode(texts), k=args.k)
+    rows = [{"query_id": qid, "query": text, "hits": [{"doc_id": h.doc_id, "score": h.score} for h in hits]}
+            for qid, text, hits in zip(query_ids, texts, results)]
+    print(json.dumps(rows, indent=2))
+    return 0
 
 
 def run_train(args) -> int:
