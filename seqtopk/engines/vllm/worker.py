@@ -145,6 +145,11 @@ def attach_state(runner, kv_cache_config, log: bool = True) -> None:
     groups = [(i, g) for i, g in enumerate(kv_cache_config.kv_cache_groups)
               if isinstance(g.kv_cache_spec, FullAttentionSpec) and g.layer_names]
     if not groups:
+        if runner.parallel_config.pipeline_parallel_size > 1:
+            # e.g. a stage of GPT-OSS's sliding-window layers only: their KV cache keeps just the window
+            raise RuntimeError("SeqTopK keeps its routing state next to a full-attention KV cache, and this "
+                               "pipeline stage has none (its layers attend over a sliding window only); split the "
+                               "layers so that every stage holds a full-attention layer (VLLM_PP_LAYER_PARTITION)")
         raise RuntimeError("SeqTopK keeps its routing state next to a full-attention KV cache, which this "
                            "model does not have")
     index, group = groups[0]
