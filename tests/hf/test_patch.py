@@ -5,7 +5,6 @@ import torch
 
 import seqtopk
 from seqtopk.engines.hf import UnsupportedModelError
-from tests.conftest import ROUTED_FAMILIES
 
 
 def random_ids(batch, length, seed=0):
@@ -17,22 +16,6 @@ def first_moe_block(model):
     from seqtopk.patches import family_for_block
 
     return next(m for m in model.modules() if family_for_block(m) is not None)
-
-
-@pytest.mark.parametrize("family", ROUTED_FAMILIES)
-def test_cap_equal_k_reproduces_stock_topk(load_tiny, family):
-    model, _ = load_tiny(family)
-    x = random_ids(2, 17)
-    with torch.no_grad():
-        stock = model(x).logits
-        with seqtopk.patched(model, cap=model.config.num_experts_per_tok, min_experts=0):
-            same = model(x).logits
-        with seqtopk.patched(model):
-            seq = model(x).logits
-        restored = model(x).logits
-    assert torch.equal(stock, same), "cap == k must be plain TopK, bit for bit"
-    assert (stock - seq).abs().max() > 1e-3, "cap > k should change routing"
-    assert torch.equal(stock, restored), "unpatch must restore the model exactly"
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
@@ -87,7 +70,8 @@ def test_unsupported_models_get_a_clear_error(tiny_checkpoint, load_tiny):
     assert not seqtopk.is_patched(phi)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "granitemoe"])
+# Every family is checked with left padding in tests/hf/test_families.py; both sides here.
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
 def test_batch_invariance_left_and_right_padding(load_tiny, family):
     model, tok = load_tiny(family)
     seqtopk.patch(model)

@@ -17,7 +17,8 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss"])
+# Every family is checked in tests/hf/test_families.py; the checks here name the parameters.
+@pytest.mark.parametrize("family", ["deepseek_v3"])
 def test_gradients_reach_router_and_experts(load_tiny, family):
     model, tok = load_tiny(family)
     model.train()
