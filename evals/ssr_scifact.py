@@ -1,0 +1,196 @@
+"""SSR on SciFact test, side by side with the baselines that share its backbone (all-MiniLM-L6-v2).
+
+One run, same token vectors for every late-interaction system (cached backbone token outputs):
+- exact dense MaxSim over all document token vectors (what SSR approximates; brute force, no index);
+- a k-means centroid index (faiss k-means over the document token vectors, inverted lists by centroid,
+  probe n centroids per query token, exact dense MaxSim over the candidates' tokens: PLAID/ColBERTv1);
+- SSR exhaustive exact MaxSim from the inverted index, and SSR two-stage (pool, then exact);
+- the single-vector dense MiniLM (brute-force cosine) and, when a trained CSR head is given, its sparse
+  inverted index, for reference.
+For each: nDCG@10 (MTEB's retrieval evaluator), index build time, index bytes, p50/p95 query latency.
+Build times exclude the backbone (shared by all); query latency excludes query encoding (shared too).
+Timed: wrap in `flock /tmp/seqtopk-bench.lock`. Writes evals/results/ssr_scifact.{json,png}.
+
+    .venv/bin/python evals/ssr_scifact.py --ssr ~/.cache/seqtopk/ssr/ssr-k32-h4096 [--csr HEAD_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from seqtopk.sparse.ssr.baselines import KMeansIndex, dense_maxsim_scores
+from seqtopk.sparse.ssr.evaluate import latency_summary, retrieval_scores, run_queries, scifact_test
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_dense_maxsim(queries, doc_vectors, doc_offsets, data, k):
+    starts = doc_offsets[:-1]
+
+    def search(q):
+        scores = dense_maxsim_scores(q, doc_vectors, starts)
+        best = np.argpartition(-scores, k - 1)[:k]
+        best = best[np.argsort(-scores[best], kind="stable")]
+        return best, scores[best]
+
+    results, lat, _ = run_queries(search, queries, data.query_ids, data.doc_ids)
+    return {"system": "dense MaxSim (exact, brute force)", **retrieval_scores(results, data.qrels),
+            **latency_summary(lat), "index_build_s": 0.0, "index_bytes": int(doc_vectors.nbytes)}
+
+
+def run_single_vector(backbone, data, k):
+    from seqtopk.sparse.backbone import CachedBackbone
+
+    model = CachedBackbone(backbone)
+    docs = model.encode(data.doc_texts, desc="dense docs")
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    qs = model.encode(data.query_texts, desc="dense queries")
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+
+    def search(q):
+        scores = docs @ q
+        best = np.argpartition(-scores, k - 1)[:k]
+        best = best[np.argsort(-scores[best], kind="stable")]
+        return best, scores[best]
+
+    results, lat, _ = run_queries(search, list(qs), data.query_ids, data.doc_ids)
+    return {"system": "single-vector dense MiniLM (brute force)", **retrieval_scores(results, data.qrels),
+            **latency_summary(lat), "index_build_s": 0.0, "index_bytes": int(docs.nbytes)}
+
+
+def run_csr(head, data, k):
+    import torch
+
+    from seqtopk.sparse.backbone import CachedBackbone
+    from seqtopk.sparse.index import InvertedIndex, SparseRows
+    from seqtopk.sparse.mteb.models import CSRHeadModel
+
+    model = CSRHeadModel(head, CachedBackbone(head))
+    docs = model.encode_texts(data.doc_texts)
+    queries = model.encode_texts(data.query_texts)
+    docs = torch.nn.functional.normalize(docs, dim=-1).numpy()  # the head is trained for cosine
+    queries = torch.nn.functional.normalize(queries, dim=-1).numpy()
+    start = time.perf_counter()
+    index = InvertedIndex(SparseRows.from_dense(docs))
+    build = time.perf_counter() - start
+    rows = SparseRows.from_dense(queries)
+    index.search(*rows.row(0), k)  # compile once, outside the timing
+    results, lat, _ = run_queries(lambda i: index.search(*rows.row(i), k), list(range(rows.n_rows)), data.query_ids, data.doc_ids)
+    return {"system": f"CSR head {Path(head).name} (single-vector sparse)", **retrieval_scores(results, data.qrels),
+            **latency_summary(lat), "index_build_s": build, "index_bytes": int(index.nbytes)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ssr", type=Path, required=True, help="trained SSR folder")
+    parser.add_argument("--csr", type=Path, default=None, help="a trained CSR head folder, for reference")
+    parser.add_argument("--centroids", type=int, default=1024, help="k-means centroids")
+    parser.add_argument("--niter", type=int, default=10, help="k-means iterations")
+    parser.add_argument("--nprobe", default="1,2,4", help="centroids probed per query token")
+    parser.add_argument("--pools", default="30,100,300", help="SSR two-stage pool sizes")
+    parser.add_argument("--probe", type=int, default=8, help="SSR first stage: strongest latents per query token")
+    parser.add_argument("--queries", type=int, default=None, help="first N queries only (quick runs)")
+    parser.add_argument("--extra-docs", type=int, default=None, help="judged docs + first N others (quick runs)")
+    parser.add_argument("--tag", default="ssr_scifact", help="output name under evals/results/")
+    args = parser.parse_args()
+    load_at_start = __import__("os").getloadavg()
+
+    from seqtopk.sparse.backbone import default_backbone
+    from seqtopk.sparse.index.multivector import MultiVectorIndex
+    from seqtopk.sparse.ssr.encoder import SSREncoder
+    from seqtopk.sparse.ssr.train import read_summary
+
+    k = 100
+    data = scifact_test()
+    if args.queries or args.extra_docs is not None:
+        data = data.head(args.queries, args.extra_docs)
+    encoder = SSREncoder(args.ssr)
+    doc_tokens = encoder.tokens.encode(data.doc_texts, "document", progress=True)
+    query_tokens = encoder.tokens.encode(data.query_texts, "query", progress=True)
+    queries = [query_tokens.text(i) for i in range(len(query_tokens))]
+    rows = []
+
+    print("dense MaxSim ...", flush=True)
+    rows.append(run_dense_maxsim(queries, doc_tokens.vectors, doc_tokens.offsets, data, k))
+
+    print("k-means index ...", flush=True)
+    km = KMeansIndex(doc_tokens.vectors, doc_tokens.offsets, args.centroids, args.niter)
+    for nprobe in [int(n) for n in args.nprobe.split(",")]:
+        results, lat, _ = run_queries(lambda q: km.search(q, k, nprobe), queries, data.query_ids, data.doc_ids)
+        rows.append({"system": f"k-means index ({args.centroids} centroids, nprobe={nprobe})", "nprobe": nprobe,
+                     **retrieval_scores(results, data.qrels), **latency_summary(lat), "index_build_s": km.build_s,
+                     "kmeans_train_s": km.train_s, "index_bytes": km.nbytes})
+
+    print("SSR ...", flush=True)
+    start = time.perf_counter()
+    codes = encoder.sae.sparse_codes(doc_tokens.vectors)
+    coded = time.perf_counter()
+    index = MultiVectorIndex(codes, doc_tokens.offsets, data.doc_ids, doc_tokens.token_ids)
+    built = time.perf_counter()
+    q_codes = [encoder.sae.sparse_codes(q) for q in queries]
+    index.search(q_codes[0], k)  # compile the kernels once, outside the timing
+    index.search(q_codes[0], 10, pool=30, probe=args.probe)
+    build = {"index_build_s": built - start, "sae_codes_s": coded - start, "inverted_lists_s": built - coded,
+             "index_bytes": int(index.nbytes)}
+    results, lat, exhaustive = run_queries(lambda q: index.search(q, k), q_codes, data.query_ids, data.doc_ids)
+    rows.append({"system": "SSR exhaustive exact MaxSim", **retrieval_scores(results, data.qrels),
+                 **latency_summary(lat), **build})
+    for pool in [int(p) for p in args.pools.split(",")]:
+        results, lat, ranked = run_queries(lambda q: index.search(q, min(k, pool), pool=pool, probe=args.probe),
+                                           q_codes, data.query_ids, data.doc_ids)
+        recall = float(np.mean([len(set(r[:10]) & set(e[:10])) / max(1, min(10, len(e))) for r, e in zip(ranked, exhaustive)]))
+        rows.append({"system": f"SSR two-stage (pool {pool}, {args.probe} latents/token)", "pool": pool,
+                     "pool_recall_at_10": recall, **retrieval_scores(results, data.qrels), **latency_summary(lat), **build})
+
+    print("single-vector references ...", flush=True)
+    rows.append(run_single_vector(default_backbone(), data, k))
+    if args.csr:
+        rows.append(run_csr(args.csr, data, k))
+
+    summary = read_summary(args.ssr)
+    out = {"load_average_start_end": [load_at_start, __import__("os").getloadavg()], "docs": len(data.doc_ids), "queries": len(data.query_ids), "doc_tokens": int(len(doc_tokens.vectors)),
+           "ssr": {"folder": str(args.ssr), "k": encoder.sae.k, "latents": encoder.sae.hidden_dim,
+                   "dead_latent_fraction_heldout": summary.get("dead_latent_fraction_heldout"),
+                   "train_steps": summary.get("config", {}).get("max_steps")},
+           "kmeans": {"centroids": args.centroids, "niter": args.niter},
+           "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+           "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(out, indent=2) + "\n")
+    plot(out, RESULTS / f"{args.tag}.png")
+    for r in rows:
+        print(f"{r['system']:55s} nDCG@10 {r['ndcg_at_10']:5.1f}  build {r['index_build_s']:7.1f} s  "
+              f"{r['index_bytes'] / 2**20:8.1f} MiB  p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms")
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    for r in out["rows"]:
+        ax1.scatter(r["p50_ms"], r["ndcg_at_10"], s=40)
+        ax1.annotate(r["system"].replace(" exact MaxSim", ""), (r["p50_ms"], r["ndcg_at_10"]), fontsize=7)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("p50 query latency (ms, log)")
+    ax1.set_ylabel("SciFact nDCG@10")
+    ax1.set_title(f"SciFact test: {out['queries']} queries, {out['docs']} docs, {out['doc_tokens']:,} doc tokens")
+    builds = [r for r in out["rows"] if r["index_build_s"] > 0]
+    names = list(dict.fromkeys(r["system"].split(" (")[0] for r in builds))
+    times = [next(r["index_build_s"] for r in builds if r["system"].startswith(n)) for n in names]
+    ax2.barh(names, times)
+    ax2.set_xlabel("index build time (s; backbone excluded)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
