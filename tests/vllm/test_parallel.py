@@ -21,9 +21,10 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 PROMPT = list(range(5, 75))  # 70 tokens: three chunks of at most 32, so chunks continue each rank's state
 SETTINGS = {"k": 2, "cap": 4, "prefill": "causal"}
 MAX_TOKENS = 6
-# One family per scoring scheme (softmax; sigmoid with groups, bias and shared experts; softmax over the chosen)
-# and both layouts, in three engines; the script covers every family at both.
-SUITE = [("qwen3_moe", 2, 1), ("deepseek_v3", 2, 1), ("granitemoe", 1, 2)]
+# Both layouts and two scoring schemes (softmax; softmax over the chosen) in two engines, to stay within CI's
+# time (a 2-rank engine costs ~1 min here); evals/verify_vllm_parallel.py covers every family at both layouts
+# (DeepSeek-V3's sigmoid groups included: evals/results/vllm_parallel.json).
+SUITE = [("qwen3_moe", 2, 1), ("granitemoe", 1, 2)]
 
 
 def engine_options(family: str, pipeline_parallel: int) -> dict:
