@@ -34,11 +34,21 @@ def plugin_class() -> str:
 def parse_sparse_request(data: object) -> list[str]:
     """The request's texts, or ValueError (HTTP 400) saying what a valid request looks like."""
     usage = f'expected "data": {{"input": "text" or ["text", ...]}} for the {SPARSE_IO_PLUGIN} plugin'
+    check_fields(data, usage, allowed={"input"})
+    return request_texts(data, usage)
+
+
+def check_fields(data: object, usage: str, allowed: set[str]) -> None:
+    """`data` is an object with "input" and no field outside `allowed`, or ValueError naming the problem."""
     if not isinstance(data, dict) or "input" not in data:
         raise ValueError(f"missing 'input': {usage}")
-    extra = sorted(set(data) - {"input"})
+    extra = sorted(set(data) - allowed)
     if extra:
         raise ValueError(f"unknown field(s) {extra}: {usage}")
+
+
+def request_texts(data: dict, usage: str) -> list[str]:
+    """data["input"] as a non-empty list of non-empty strings (at most MAX_INPUTS), or ValueError."""
     texts = data["input"]
     if isinstance(texts, str):
         texts = [texts]

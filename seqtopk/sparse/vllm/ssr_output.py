@@ -26,7 +26,7 @@ from vllm.pooling_params import PoolingParams
 
 from seqtopk.sparse.ssr.tokens import KINDS, keep_mask, max_tokens, punctuation_ids
 from seqtopk.sparse.vllm.registry import SSR_SPARSE_IO_PLUGIN
-from seqtopk.sparse.vllm.sparse_output import MAX_INPUTS, to_sparse
+from seqtopk.sparse.vllm.sparse_output import check_fields, request_texts, to_sparse
 
 
 def plugin_class() -> str:
@@ -38,26 +38,11 @@ def parse_ssr_request(data: object) -> tuple[list[str], str]:
     """(texts, kind), or ValueError (HTTP 400) saying what a valid request looks like."""
     usage = (f'expected "data": {{"input": "text" or ["text", ...], "kind": "query" or "document"}} for the '
              f"{SSR_SPARSE_IO_PLUGIN} plugin")
-    if not isinstance(data, dict) or "input" not in data:
-        raise ValueError(f"missing 'input': {usage}")
-    extra = sorted(set(data) - {"input", "kind"})
-    if extra:
-        raise ValueError(f"unknown field(s) {extra}: {usage}")
+    check_fields(data, usage, allowed={"input", "kind"})
     kind = data.get("kind", "document")
     if kind not in KINDS:
         raise ValueError(f"'kind' must be 'query' or 'document', got {kind!r}")
-    texts = data["input"]
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, list) or not texts:
-        raise ValueError(f"'input' must be a non-empty string or a non-empty list of strings: {usage}")
-    if len(texts) > MAX_INPUTS:
-        raise ValueError(f"'input' holds {len(texts)} texts; send at most {MAX_INPUTS} per request")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ValueError(f"input[{i}] is {type(text).__name__}, not a string: {usage}")
-        if not text.strip():
-            raise ValueError(f"input[{i}] is empty; every input needs some text")
+    texts = request_texts(data, usage)
     return texts, kind
 
 
