@@ -4,19 +4,19 @@
 directory, keyed by the sources and the torch version, so a rebuilt torch or an edited kernel never loads a
 stale library. The set-up script runs it (`seqtopk kernels --build`). `load()` only loads a library that is
 already built: engine processes never start a compiler. Without it every caller keeps the pure-torch path,
-which makes the same decisions; `status()` says which path runs and why.
+which makes the same decisions; `status()` says why. Which path runs is decided in seqtopk.kernels.backend.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
 NAME = "seqtopk_cpu"
 logger = logging.getLogger("seqtopk")
 
@@ -25,7 +25,7 @@ _state: dict = {}  # "loaded": bool, "reason": str
 
 def _tag() -> str:
     digest = hashlib.sha256(torch.__version__.encode())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -41,7 +41,7 @@ def _library() -> Path:
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile the CPU kernels (about a minute), load them, and return the library's path."""
+    """Compile the CPU kernels (about 30 s on 2 cores), load them, and return the library's path."""
     from torch.utils import cpp_extension
 
     folder = build_dir()
@@ -74,18 +74,3 @@ def status() -> str:
     load()
     return ("compiled CPU kernels: " + _state["reason"]) if _state["loaded"] else (
         "compiled CPU kernels unavailable, torch path in use: " + _state["reason"])
-
-
-def paged_decode_available(device: torch.device) -> bool:
-    return device.type == "cpu" and load() and not _state.get("off", False)
-
-
-@contextmanager
-def switched_off():
-    """Run the torch path inside this block even where the kernels are built (benchmarks compare both)."""
-    load()
-    _state["off"] = True
-    try:
-        yield
-    finally:
-        _state["off"] = False

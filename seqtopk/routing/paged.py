@@ -1,5 +1,4 @@
-"""The streaming rule's history in paged storage, addressed like a paged KV cache. Pure torch (+ optional fused
-kernels: compiled C++ on CPU, Triton on CUDA); no engine imports.
+"""The streaming rule's history in paged storage, addressed like a paged KV cache. Pure torch; no engine imports.
 
 Each layer keeps the capped scores of every token it routed in a store with one row per slot; a row's
 earlier tokens are found through its block table (slot = block_id * block_size + offset), up to its history
@@ -7,20 +6,18 @@ length. The history therefore lives and dies with the sequence's cache blocks. A
 [B, S, C] is the special case of one block per row (`PagedLayout.dense`).
 
 `PagedLayout` is what one step knows about where histories are (shared by every layer of the step);
-`PagedHistory` is one layer's store seen through it. The streaming rule (seqtopk.routing.rules.select_causal)
-takes a PagedHistory: a one-token step is decided by a fused kernel straight from the store where one serves
-the device (the compiled C++ kernel on CPU when built, seqtopk.kernels.compiled; the Triton kernel on CUDA,
-seqtopk.kernels.decode_step; same decisions), anything else gathers the history and runs the torch rule.
+`PagedHistory` is one layer's store seen through it, optionally with the layer's decode bands: a cache, per
+(sequence, layer), of the history around the streaming cut, which the compiled CPU kernel keeps so that a decode
+step does not walk the whole history (seqtopk/kernels/cpu/history.h). The store stays the source of truth: a
+band that does not match it is rebuilt from it. The torch reference (seqtopk.routing.rules.select_causal)
+gathers the history (`PagedHistory.gather`) and ignores bands.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-
-from seqtopk.kernels import compiled
-from seqtopk.kernels import decode_step as fused_gpu
 
 NEG_INF = float("-inf")
 
@@ -53,6 +50,24 @@ def write_paged(store: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) 
     store.index_copy_(0, torch.where(slots >= 0, slots.long(), scratch.long()), values.to(store.dtype))
 
 
+def new_bands(rows: int, device=None) -> torch.Tensor:
+    """`rows` decode bands for the compiled CPU kernel, all stale (built from the store on first use)."""
+    from seqtopk.kernels import compiled
+
+    size = int(torch.ops.seqtopk_cpu.band_bytes()) if compiled.load() else 8
+    bands = torch.zeros(rows, size, dtype=torch.uint8, device=device)
+    mark_stale(bands)
+    return bands
+
+
+def mark_stale(bands: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Mark bands (all, or `rows`) stale: their first field, the history length they reflect, becomes -1."""
+    if rows is None:
+        bands[:, :8] = 255  # int64 -1, little-endian
+    else:
+        bands[rows, :8] = 255
+
+
 @dataclass
 class PagedLayout:
     """Where each row's history is, for one step: shared by every layer."""
@@ -63,16 +78,19 @@ class PagedLayout:
     width: int  # host int >= every length: the dense width a gather produces
     num_slots: int  # rows of each layer's store
     write_slots: torch.Tensor | None = None  # [N] where this step's tokens are recorded (-1: padding)
+    row_band: torch.Tensor | None = None  # [R] int64: each row's decode band (-1: none)
     _slots: tuple | None = None
+    _kernel: dict = field(default_factory=dict)
 
     @classmethod
-    def dense(cls, buffer: torch.Tensor, length: int) -> "PagedLayout":
+    def dense(cls, buffer: torch.Tensor, length: int, write_slots: torch.Tensor | None = None,
+              row_band: torch.Tensor | None = None) -> "PagedLayout":
         """Rows of a dense [B, S, C] buffer (one block of S positions per row), `length` positions each."""
         rows, positions = buffer.shape[:2]
         length = min(length, positions)
         table = torch.arange(rows, dtype=torch.int32, device=buffer.device).unsqueeze(1)
         return cls(table, positions, torch.full((rows,), length, dtype=torch.long, device=buffer.device),
-                   length, rows * positions)
+                   length, rows * positions, write_slots=write_slots, row_band=row_band)
 
     def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot, live) [R, width] of the gather, computed once per step."""
@@ -80,16 +98,28 @@ class PagedLayout:
             self._slots = history_slots(self.block_table, self.block_size, self.length, self.width, self.num_slots)
         return self._slots
 
-    def of(self, store: torch.Tensor) -> "PagedHistory":
-        return PagedHistory(store, self)
+    def kernel_args(self) -> dict:
+        """The layout as the compiled kernel takes it (contiguous, its dtypes), converted once per step."""
+        if not self._kernel:
+            self._kernel.update(
+                block_table=self.block_table.to(torch.int32).contiguous(), block_size=int(self.block_size),
+                row_length=self.length.to(torch.long).contiguous(),
+                write_slots=None if self.write_slots is None else self.write_slots.to(torch.long).contiguous(),
+                row_band=None if self.row_band is None else self.row_band.to(torch.long).contiguous())
+        return self._kernel
+
+    def of(self, store: torch.Tensor, bands: torch.Tensor | None = None) -> "PagedHistory":
+        return PagedHistory(store, self, bands)
 
 
 @dataclass
 class PagedHistory:
-    """One layer's store ([num_slots, C] capped scores) seen through a step's layout."""
+    """One layer's store ([num_slots, C] capped scores) seen through a step's layout, with its decode bands
+    ([sequences, band bytes] uint8, seqtopk.routing.paged.new_bands) when the engine keeps them."""
 
     store: torch.Tensor
     layout: PagedLayout
+    bands: torch.Tensor | None = None
 
     def gather(self) -> torch.Tensor | None:
         """[R, width, C], -inf past each row's length; None when no row has a history."""
@@ -97,57 +127,12 @@ class PagedHistory:
             return None
         return gather_paged(self.store, *self.layout.slots())
 
-    def record(self, values: torch.Tensor) -> None:
-        """Store this step's capped scores [N, C] at the tokens' slots (layout.write_slots)."""
-        if self.layout.write_slots is not None:
-            write_paged(self.store, self.layout.write_slots, values)
-
-    def single_token_choice(self, values: torch.Tensor, seen: torch.Tensor, split,
-                            valid: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The streaming rule for one new token per row, from a fused kernel straight from the store: bool [N, C],
-        or None when no kernel serves this device (the caller gathers and runs the torch rule). values: [N, C]
-        float32, token n of row n; seen: [R] real earlier tokens (the budget is (seen + 1) * per_token); split:
-        rules.BudgetSplit; valid: [N] real tokens (None: all). Nothing is recorded (the caller records the step's values)."""
-        if values.dtype != torch.float32:
-            return None
-        layout = self.layout
-        if compiled.paged_decode_available(values.device):
-            mask = torch.ops.seqtopk_cpu.paged_causal_decode(
-                values, self.store, layout.block_table.contiguous(), layout.block_size, layout.length.contiguous(),
-                seen.long().contiguous(), split.forced, split.first, split.per_token)
-            return mask if valid is None else mask & valid.unsqueeze(-1)
-        if fused_gpu.available(values.device):
-            return fused_gpu.paged_decode(values, self.store, layout.block_table, layout.block_size, layout.length,
-                                          seen, _all_real(values, valid), split,
-                                          cap=values.shape[1], from_probs=False)
-        return None
-
-    def softmax_decode_step(self, probs: torch.Tensor, seen: torch.Tensor, cap: int, split, renormalize: bool,
-                            valid: torch.Tensor | None = None):
-        """A whole one-token step of a softmax-scored layer in a fused kernel, this step's scores recorded:
-        (values, weights, ids int32, mask) [N, C] with unchosen slots repeating the best expert at weight 0;
-        None when no kernel serves this device. probs: [N, E] float32, token n of row n (rows past R: padding);
-        valid: [N] real tokens (None: the first R)."""
-        layout = self.layout
-        if layout.write_slots is None or probs.dtype != torch.float32:
-            return None
-        if compiled.paged_decode_available(probs.device):
-            values, weights, ids, mask = torch.ops.seqtopk_cpu.softmax_decode_step(
-                probs, self.store, layout.block_table.contiguous(), layout.block_size, layout.length.contiguous(),
-                seen.long().contiguous(), layout.write_slots.long().contiguous(), cap, split.forced, split.first,
-                split.per_token, renormalize)
-            if valid is not None:  # rows the kernel counts as real but the step calls padding
-                keep = valid.unsqueeze(-1)
-                mask, weights = mask & keep, weights * keep
-            return values, weights, ids, mask
-        if fused_gpu.available(probs.device):
-            if valid is None:
-                valid = torch.arange(probs.shape[0], device=probs.device) < layout.length.shape[0]
-            return fused_gpu.paged_decode(probs, self.store, layout.block_table, layout.block_size, layout.length,
-                                          seen, valid, split, cap=cap, from_probs=True, renormalize=renormalize,
-                                          write_slots=layout.write_slots)
-        return None
-
-
-def _all_real(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    return valid if valid is not None else torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
+    def record(self, values: torch.Tensor, real: torch.Tensor | None = None) -> None:
+        """Store this step's capped scores [N, C] at the tokens' slots (layout.write_slots); tokens that are not
+        real (real [N] False) are stored as -inf. Bands are not updated: they no longer match the store, so the
+        kernel rebuilds them."""
+        if self.layout.write_slots is None:
+            return
+        if real is not None:
+            values = values.masked_fill(~real.unsqueeze(-1), NEG_INF)
+        write_paged(self.store, self.layout.write_slots, values)

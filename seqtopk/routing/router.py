@@ -4,16 +4,22 @@ Engine adapters hand over router logits of N flattened tokens, the family's scor
 settings, the per-token rules (seqtopk.routing.rules.TokenRules) and where the tokens sit in their
 sequences (a layout: `DenseLayout` for [B, T] batches with padding, as transformers runs them;
 seqtopk.routing.ragged.RaggedBatch for packed serving steps). They get back ids and weights in the
-fixed-width [N, C] form MoE kernels take, with unchosen slots written by the engine's convention.
+fixed-width [N, C] form MoE kernels take, with unchosen slots written by the engine's convention; the routing
+history (a seqtopk.routing.paged.PagedHistory) and the statistics (`RouteStats`) are updated in the same call.
+
+Where the decisions are computed is decided by seqtopk.kernels.backend (one place for both engines): the
+compiled CPU op applies every rule in one call; on CUDA the Triton kernels take the sequence cut and one-token
+steps; otherwise the torch reference in seqtopk.routing.rules runs. All make the same decisions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from seqtopk.config import ResolvedConfig
+from seqtopk.kernels.backend import CPU_KERNELS, TRITON, backend_for
 from seqtopk.routing.paged import PagedHistory
 from seqtopk.routing.ragged import RaggedBatch, select_ragged
 from seqtopk.routing.rules import CAUSAL, TokenRules, budget_split, choose, pack
@@ -28,13 +34,31 @@ class DenseLayout:
     tokens: int
     valid: torch.Tensor | None = None  # [B, T] real tokens (None: all)
     seen: torch.Tensor | None = None  # [B] real tokens of each sequence before these (streaming rule)
+    _kernel: dict = field(default_factory=dict, repr=False)
 
     def choose(self, values: torch.Tensor, rules: TokenRules, cfg: ResolvedConfig,
-               history: torch.Tensor | None) -> torch.Tensor:
+               history: torch.Tensor | PagedHistory | None, fused: bool = False) -> torch.Tensor:
         shape = (self.batch, self.tokens)
         dense_rules = rules.laid_out(lambda codes: codes.view(shape))
-        mask = choose(values.view(*shape, -1), self.valid, dense_rules, cfg, history, self.seen)
+        mask = choose(values.view(*shape, -1), self.valid, dense_rules, cfg, history, self.seen, fused=fused)
         return mask.view(values.shape)
+
+    def real_tokens(self) -> torch.Tensor | None:
+        """[N] real tokens (None: all)."""
+        return None if self.valid is None else self.valid.reshape(-1)
+
+    def kernel_rows(self, device) -> dict:
+        """Rows as the compiled kernel takes them, built once per layout."""
+        if not self._kernel:
+            self._kernel.update(
+                row_start=torch.arange(self.batch + 1, dtype=torch.long, device=device) * self.tokens,
+                token_valid=None if self.valid is None else self.valid.reshape(-1).contiguous(),
+                row_seen=(self.seen.long().contiguous() if self.seen is not None
+                          else torch.zeros(self.batch, dtype=torch.long, device=device)))
+        return self._kernel
+
+    def kernel_rules(self, rules: TokenRules) -> TokenRules:
+        return rules
 
 
 @dataclass
@@ -44,48 +68,111 @@ class Routed:
     ids: torch.Tensor  # [N, C] expert ids, unchosen slots by the engine's convention (rules.pack)
     weights: torch.Tensor  # [N, C] combine weights, 0 in unchosen slots
 
-    def experts_per_token(self) -> torch.Tensor:
-        return self.mask.sum(dim=-1)
+
+@dataclass
+class RouteStats:
+    """Where a routing call adds its statistics (device tensors, updated in place, never read back here).
+
+    histogram: [width + 1] int64, tokens per number of experts taken, padding tokens in the last bin;
+    token_class: [N] int8 (1, 2: two classes of tokens, e.g. prompt and generated; 0: neither) with
+    counters: [>= 4] int64, tokens and pairs of class 1, then of class 2.
+    """
+
+    histogram: torch.Tensor | None = None
+    token_class: torch.Tensor | None = None
+    counters: torch.Tensor | None = None
 
 
 def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: DenseLayout | RaggedBatch | None,
-          rules: TokenRules, history: torch.Tensor | None = None, unchosen: str = "drop") -> Routed:
+          rules: TokenRules, history: PagedHistory | None = None, unchosen: str = "drop",
+          stats: RouteStats | None = None, record: bool = True) -> Routed:
     """Route the N tokens of one layer. layout None: the N tokens are one sequence, all real.
 
-    history: earlier capped scores of each sequence in the layout's rows, for the causal rule: [rows, S, C],
-    or a PagedHistory, which also records this step's scores when its layout names their slots.
+    history: the layer's routing history for the causal rule; this step's capped scores are recorded in it at
+    its layout's write slots. record=False: neither the history nor the statistics are written (a second,
+    identical routing of the same tokens, e.g. gradient-checkpointing recomputation).
     """
+    if layout is None:
+        layout = DenseLayout(1, logits.shape[0])
     if isinstance(layout, DenseLayout) and logits.shape[0] != layout.batch * layout.tokens:
         raise ValueError(f"router got {logits.shape[0]} tokens, expected {layout.batch}x{layout.tokens}")
-    fused = _fused_decode_step(logits, scoring, cfg, layout, rules, history, unchosen)
-    if fused is not None:
-        return fused
+    path = backend_for(logits.device)
+    if path == TRITON:
+        fused = _triton_decode_step(logits, scoring, cfg, layout, rules, history, unchosen, stats, record)
+        if fused is not None:
+            return fused
     cand = scoring.candidates(logits, cfg.cap)
-    if isinstance(layout, RaggedBatch):
-        mask = select_ragged(cand.values, layout, rules, cfg, history)
-    elif layout is None:
-        mask = choose(cand.values.unsqueeze(0), None, rules, cfg).squeeze(0)
+    if path == CPU_KERNELS and cand.values.dtype == torch.float32:
+        mask = _kernel_choose(cand.values, layout, rules, cfg, history, stats if record else None, record)
     else:
-        mask = layout.choose(cand.values, rules, cfg, history)
+        fused = path == TRITON
+        if isinstance(layout, RaggedBatch):
+            mask = select_ragged(cand.values, layout, rules, cfg, history, fused=fused)
+        else:
+            mask = layout.choose(cand.values, rules, cfg, history, fused=fused)
+        real = layout.real_tokens()
+        if record and isinstance(history, PagedHistory):
+            history.record(cand.values, real)
+        if record and stats is not None:
+            add_stats(stats, mask, real)
     weights = scoring.weights(logits, cand, mask)
-    if isinstance(history, PagedHistory):
-        history.record(cand.values)
     return Routed(values=cand.values, mask=mask, ids=pack(cand.ids, mask, unchosen), weights=weights)
 
 
-def _fused_decode_step(logits, scoring, cfg, layout, rules, history, unchosen) -> Routed | None:
-    """A one-token step of a softmax-scored layer under the streaming rule, from paged history, in one fused
-    kernel (seqtopk/kernels/cpu/paged_decode.cpp on CPU, seqtopk/kernels/decode_step.py on CUDA: the same
-    decisions as the torch path, one call instead of ~25 small ops). None when any of that does not hold, or no
-    kernel serves the device (seqtopk.routing.paged decides)."""
-    if not (isinstance(layout, RaggedBatch) and layout.max_query == 1 and isinstance(history, PagedHistory)
-            and type(scoring) is SoftmaxScoring and unchosen == "repeat_best"
-            and rules.single_tokens().present == (CAUSAL,)):
-        return None
+def _kernel_choose(values, layout, rules: TokenRules, cfg: ResolvedConfig, history: PagedHistory | None,
+                   stats: RouteStats | None, record: bool) -> torch.Tensor:
+    """Every rule in one call of the compiled CPU op (seqtopk/kernels/cpu/route.cpp)."""
+    rows = layout.kernel_rows(values.device)
+    rules = layout.kernel_rules(rules)
+    paged = history.layout.kernel_args() if history is not None else {}
     split = budget_split(cfg.k, cfg.cap, cfg.min_experts, cfg.exact_budget)
-    probs = torch.softmax(logits.float(), dim=-1)
-    out = history.softmax_decode_step(probs, layout.context, cfg.cap, split, scoring.renormalize, valid=layout.real)
-    if out is None:
+    stats = stats or RouteStats()
+    return torch.ops.seqtopk_cpu.route_step(
+        values.contiguous(), rows["row_start"], rows["token_valid"],
+        None if rules.codes is None else rules.codes.reshape(-1).to(torch.int8).contiguous(),
+        rules.code() if rules.codes is None else -1, rows["row_seen"],
+        history.store if history is not None else None, paged.get("block_table"), paged.get("block_size", 1),
+        paged.get("row_length"), paged.get("write_slots") if record else None,
+        history.bands if (history is not None and record) else None, paged.get("row_band") if record else None,
+        split.forced, split.first, split.per_token, cfg.k, stats.histogram, stats.token_class, stats.counters)
+
+
+def add_stats(stats: RouteStats, mask: torch.Tensor, real: torch.Tensor | None) -> None:
+    """The statistics of one routing call with torch ops (what the compiled op adds in its own pass)."""
+    chosen = mask.sum(dim=-1)
+    if stats.histogram is not None:
+        spill = stats.histogram.numel() - 1
+        bins = chosen.clamp(max=spill - 1) if real is None else torch.where(real, chosen.clamp(max=spill - 1), spill)
+        stats.histogram.scatter_add_(0, bins, torch.ones_like(bins))
+    if stats.token_class is not None and stats.counters is not None:
+        classes = torch.stack([stats.token_class == 1, stats.token_class == 2]).long()  # [2, N]
+        update = torch.stack([classes.sum(dim=1), (classes * chosen).sum(dim=1)], dim=1).view(4)
+        stats.counters[:4] += update
+
+
+def _triton_decode_step(logits, scoring, cfg, layout, rules, history, unchosen, stats, record) -> Routed | None:
+    """A one-token step of a softmax-scored layer under the streaming rule, from paged history, in one Triton
+    kernel (seqtopk/kernels/decode_step.py): the same decisions as the torch path, one launch instead of ~25
+    small ops, and no host read (CUDA graphs). None when that does not apply."""
+    from seqtopk.kernels import decode_step
+
+    one_token = layout.max_query == 1 if isinstance(layout, RaggedBatch) else layout.tokens == 1
+    seen = layout.context if isinstance(layout, RaggedBatch) else layout.seen
+    real = layout.real_tokens()
+    if not (one_token and isinstance(history, PagedHistory) and type(scoring) is SoftmaxScoring and record
+            and rules.single_tokens().present == (CAUSAL,) and seen is not None):
         return None
-    values, weights, ids, mask = out
-    return Routed(values=values, mask=mask, ids=ids, weights=weights)
+    tokens = logits.shape[0]
+    if real is None:
+        real = torch.ones(tokens, dtype=torch.bool, device=logits.device)
+    paged = history.layout
+    probs = torch.softmax(logits.float(), dim=-1)
+    histogram = stats.histogram if stats is not None else None
+    values, weights, ids, mask = decode_step.paged_decode(
+        probs, history.store, paged.block_table, paged.block_size, paged.length, seen, real,
+        budget_split(cfg.k, cfg.cap, cfg.min_experts, cfg.exact_budget), cap=cfg.cap, from_probs=True,
+        renormalize=scoring.renormalize, write_slots=paged.write_slots, stats_row=histogram)
+    if stats is not None and stats.counters is not None:
+        add_stats(RouteStats(token_class=stats.token_class, counters=stats.counters), mask, real)
+    ids = ids.long()
+    return Routed(values=values, mask=mask, ids=pack(ids, mask, unchosen), weights=weights)

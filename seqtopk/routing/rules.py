@@ -1,8 +1,9 @@
 """SeqTopK rules: which rule routes each token, and which (token, expert) pairs each rule keeps.
 
-This is the only place where routing decisions are made; every engine adapter, and the fused decode kernel
-(its torch reference is `select_causal`), takes them from here. Pure torch, no engine imports. Shapes use
-B sequences, T (or L) tokens per sequence, C = cap candidate experts per token (sorted best first).
+This is the only place where routing decisions are made, and the torch reference of every kernel that applies
+them (the compiled CPU ops in seqtopk/kernels/cpu, the Triton kernels in seqtopk/kernels; which one runs is
+decided in seqtopk.kernels.backend). Pure torch, no engine imports. Shapes use B sequences, T (or L) tokens per
+sequence, C = cap candidate experts per token (sorted best first).
 
 Which rule (`rule_for`, the one decision):
 - a token that starts its sequence's routing (a prompt routed from its first token, training, a plain
@@ -36,7 +37,6 @@ from typing import NamedTuple
 
 import torch
 
-from seqtopk.kernels import sequence_cut as fused_cut
 from seqtopk.routing.counting import causal_greater_counts
 from seqtopk.routing.paged import PagedHistory
 
@@ -130,6 +130,20 @@ class TokenRules:
             codes = torch.where(codes == RULES.index(SEQUENCE), torch.full_like(codes, RULES.index(CAUSAL)), codes)
         return TokenRules(present=present, codes=codes)
 
+    def rows_of_one(self, single: torch.Tensor) -> "TokenRules":
+        """The rules with `single_tokens` applied to some tokens only: those whose sequence has one new token in
+        this step (single: [N] bool), as a packed step of mixed chunk lengths routes them. Always per-token codes."""
+        if SEQUENCE not in self.present:
+            return self
+        codes = self.codes if self.codes is not None else torch.full(
+            single.shape, RULES.index(self.present[0]), dtype=torch.int8, device=single.device)
+        codes = torch.where(single & (codes == RULES.index(SEQUENCE)), torch.full_like(codes, RULES.index(CAUSAL)), codes)
+        return TokenRules(present=tuple(r for r in RULES if r in set(self.present) | {CAUSAL}), codes=codes)
+
+    def code(self) -> int:
+        """The rule's code when one rule routes every token (codes is None)."""
+        return RULES.index(self.present[0])
+
     def tokens(self, rule: str) -> torch.Tensor | None:
         """Bool, shaped like `codes`: the tokens this rule routes (None: every token, when it is the only rule)."""
         if self.codes is None:
@@ -146,26 +160,27 @@ class TokenRules:
 
 
 def choose(values: torch.Tensor, valid: torch.Tensor | None, rules: TokenRules, cfg,
-           history: torch.Tensor | None = None, seen: torch.Tensor | None = None) -> torch.Tensor:
+           history: torch.Tensor | None = None, seen: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
     """Apply each token's rule. values: [B, T, C] capped scores, best first; valid: [B, T] real tokens.
 
     rules: with per-token codes laid out [B, T] like `values` (engines lay out `TokenRules.codes` as they
     lay out the values; padding positions may hold any code outside RULES).
     history / seen: the earlier tokens of each sequence, for the causal rule (see select_causal).
-    Returns the chosen slots, bool [B, T, C].
+    fused: let the Triton kernels take the sequence cut and one-token causal steps (CUDA tensors; the caller
+    decides, from seqtopk.kernels.backend). Returns the chosen slots, bool [B, T, C].
     """
     k, min_experts, exact = cfg.k, cfg.min_experts, cfg.exact_budget
     mask = None
     if SEQUENCE in rules.present:
         flagged = rules.tokens(SEQUENCE)
         routed = valid if flagged is None else (flagged if valid is None else valid & flagged)
-        mask = select_sequence(values, routed, k, min_experts, exact)
+        mask = select_sequence(values, routed, k, min_experts, exact, fused=fused)
     if CAUSAL in rules.present:
         flagged = rules.tokens(CAUSAL)
         # Mixed steps with the sequence rule are prefill steps, which may read the device: a step of fresh
         # prompts only skips the causal pass.
         if mask is None or flagged is None or bool(flagged.any()):
-            causal = select_causal(values, valid, k, min_experts, exact, history, seen)
+            causal = select_causal(values, valid, k, min_experts, exact, history, seen, fused=fused)
             mask = causal if mask is None or flagged is None else torch.where(flagged.unsqueeze(-1), causal, mask)
     if TOPK in rules.present:
         flagged = rules.tokens(TOPK)
@@ -242,13 +257,17 @@ def _assemble(forced: torch.Tensor, first: int, take: torch.Tensor) -> torch.Ten
 
 
 def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_experts: int = 1,
-                    exact_budget: bool = False, fused: bool = True) -> torch.Tensor:
+                    exact_budget: bool = False, fused: bool = False) -> torch.Tensor:
     """Published prefill rule. values: [B, T, C] capped scores, best first. Returns a bool mask [B, T, C].
-    fused=False keeps the torch code below (the reference) where a fused kernel would serve the device."""
+    fused=True: the same cut in the Triton kernel (seqtopk.kernels.sequence_cut) where it serves the tensors;
+    the torch code below is its reference (and the compiled CPU kernel's)."""
     batch, tokens, cap = values.shape
-    if fused and fused_cut.available(values.device) and values.dtype in fused_cut.DTYPES:
-        # CUDA: the same cut in one fused kernel (radix select), no host sync; the torch code below is its reference
-        return fused_cut.select_sequence_dense(values, valid, budget_split(k, cap, min_experts, exact_budget))
+    if fused:
+        from seqtopk.kernels import sequence_cut as fused_cut
+
+        if fused_cut.available(values.device) and values.dtype in fused_cut.DTYPES:
+            # radix select, no host sync
+            return fused_cut.select_sequence_dense(values, valid, budget_split(k, cap, min_experts, exact_budget))
     valid, forced, (_, first, per_token) = _split_forced(values, valid, k, min_experts, exact_budget)
     if per_token <= 0 or tokens == 0:
         return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
@@ -264,7 +283,9 @@ def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, mi
     budget = tokens * per_token
     threshold = torch.kthvalue(flat, flat.shape[1] - budget + 1, dim=1, keepdim=True).values
     above = flat > threshold
-    at = flat == threshold
+    # Ties at the cut go to real tokens only: a padding token's -inf slots never take budget from a real
+    # token whose candidates are -inf too.
+    at = (flat == threshold) & valid.unsqueeze(-1).expand(batch, tokens, width).reshape(batch, tokens * width)
     room = budget - above.sum(dim=1, keepdim=True)
     if flat.is_cuda:  # ties at the cut resolved without a host sync
         take = above | (at & (at.cumsum(dim=1) <= room))
@@ -279,13 +300,14 @@ def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, mi
 
 def select_causal(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_experts: int = 1,
                   exact_budget: bool = False, history: torch.Tensor | None = None,
-                  seen: torch.Tensor | None = None) -> torch.Tensor:
+                  seen: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
     """Streaming rule for a chunk of new tokens. Returns a bool mask [B, L, C].
 
     values: [B, L, C] capped scores of the new tokens, best first. valid: [B, L] real (non-pad) tokens.
     history: [B, S, C] capped scores of earlier tokens of the same sequences (-inf rows for padding), a
     seqtopk.routing.paged.PagedHistory of them, or None.
     seen: [B] number of real earlier tokens (defaults to the real rows of history, or 0).
+    fused: a one-token step from paged history runs in the Triton kernel where it serves the tensors.
     """
     batch, length, cap = values.shape
     valid, forced, split = _split_forced(values, valid, k, min_experts, exact_budget)
@@ -293,9 +315,14 @@ def select_causal(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_
     if per_token <= 0 or length == 0:
         return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
     if isinstance(history, PagedHistory):
-        if length == 1 and seen is not None:  # one new token per row: a fused kernel, where one serves
-            mask = history.single_token_choice(values.view(batch, cap), seen, split, valid.view(batch))
-            if mask is not None:
+        if fused and length == 1 and seen is not None and values.dtype == torch.float32:
+            from seqtopk.kernels import decode_step
+
+            if decode_step.available(values.device):  # one new token per row, straight from the store
+                paged = history.layout
+                mask = decode_step.paged_decode(values.view(batch, cap), history.store, paged.block_table,
+                                                paged.block_size, paged.length, seen, valid.view(batch), split,
+                                                cap=cap, from_probs=False)
                 return mask.view(batch, 1, cap)
         history = history.gather()
     if seen is None:

@@ -80,17 +80,10 @@ class RoutingStats:
     def reset(self) -> None:
         self._histogram = None
 
-    def record(self, layer: int, mask: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor | None = None) -> None:
-        """mask: [B, T, cap] chosen slots; valid: [B, T] real tokens; ids (traces only): [B, T, cap], -1 unchosen.
-
-        One histogram row per layer; padding lands in a spill bin. Tokens and assignments are read off the
-        histogram when asked, so recording is three small kernels and no host sync.
-        """
-        width = self._width
-        self.histogram_row(layer, mask.device)
-        bins = torch.where(valid, mask.sum(dim=-1), width).flatten() + layer * (width + 1)
-        self._histogram.view(-1).scatter_add_(0, bins, torch.ones_like(bins))
-        if self._trace is not None and ids is not None:
+    def trace(self, layer: int, ids: torch.Tensor) -> None:
+        """Keep this forward's chosen ids of a layer ([B, T, cap], -1 unchosen) for the trace, while tracing.
+        (The histogram is added to by the routing call itself: seqtopk.routing.router.RouteStats.)"""
+        if self._trace is not None:
             self._pending[layer] = ids.detach()
 
     @property
@@ -98,7 +91,8 @@ class RoutingStats:
         return self._trace is not None
 
     def histogram_row(self, layer: int, device) -> torch.Tensor:
-        """This layer's histogram row (bins 0..width-1 experts, then the padding spill bin), for fused kernels."""
+        """This layer's histogram row (bins 0..width-1 experts, then the padding spill bin), which routing calls
+        add to in place (no host sync); tokens and assignments are read off it when asked."""
         if self._histogram is None or self._histogram.device != torch.device(device):
             self._histogram = torch.zeros(len(self.layers), self._width + 1, dtype=torch.long, device=device)
         return self._histogram[layer]

@@ -103,6 +103,7 @@ def test_family_contract(load_tiny, family):
             assert chosen(stepped) == chosen(whole), "3. decoding token by token chose other experts"
         return error
 
+    seqtopk.unpatch(model)
     stock_stream_error = stream_error(traced=False)
     seqtopk.patch(model, prefill="causal")
     if stock_stream_error < 1e-3:

@@ -13,7 +13,7 @@ import torch
 
 from seqtopk.config import SeqTopKConfig
 from seqtopk.engines.vllm.step import step_from_buffers
-from seqtopk.kernels import compiled
+from seqtopk.kernels import backend
 from seqtopk.kernels import decode_step as fused_gpu
 from seqtopk.routing.router import route
 from seqtopk.routing.scoring import BiasedScoring, SoftmaxScoring
@@ -100,7 +100,7 @@ def test_decode_step_compiles_as_one_graph_and_matches_eager(decode, family):
     torch._dynamo.reset()
     step = torch.compile(lambda b: decode_routing_step(b, cfg, scoring, TOKENS, width), fullgraph=True,
                          dynamic=True, backend="eager")
-    with compiled.switched_off():  # the C++ kernel is an opaque op in vLLM; here the torch rule is traced
+    with backend.forced(backend.TORCH):  # the C++ kernel is an opaque op in vLLM; here the torch rule is traced
         step(layout(0, TOKENS, "cpu"))
         with torch._dynamo.config.patch(error_on_recompile=True):
             check_replays(step, "cpu", decode, SCORINGS[family])
@@ -144,10 +144,10 @@ def check_fused_path(decode: str, family: str) -> None:
     width = MAX_BLOCKS * BLOCK
 
     def fused(b):
-        with mock.patch.object(fused_gpu, "available", lambda device: True):
+        with mock.patch.object(fused_gpu, "available", lambda device: True), backend.forced(backend.TRITON):
             return decode_routing_step(b, cfg, scoring, TOKENS, width)
 
-    with compiled.switched_off():
+    with backend.forced(backend.TORCH):
         check_replays(fused, "cpu", decode, scoring)
 
 

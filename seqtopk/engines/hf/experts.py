@@ -2,21 +2,20 @@
 
 - Modules that use transformers' `grouped_mm` experts implementation (its default) or `batched_mm` (which
   generate() switches to for decoding on GPUs), have the fused weights (`gate_up_proj`/`up_proj`,
-  `down_proj`, `_apply_gate`) and are not expert-parallel take the grouped path: the rows are sorted by
-  expert and fed to transformers' grouped GEMM helper, then combined per token in one pass. Each active
-  expert's weights are read once, there is no host sync, and no more memory traffic than stock TopK's own
-  gather / weight / sum. (batched_mm itself would copy an expert's weights for every row; the grouped GEMM
-  measured faster at decode batch 32, see evals/results.)
+  `down_proj`, `_apply_gate`) and are not expert-parallel take the grouped path: the rows, sorted by expert
+  (the compiled CPU plan already is; the torch plan is sorted here), go through transformers' grouped GEMM
+  helper, then `dispatch.combine` sums them per token with the routing weights. Each active expert's weights
+  are read once, with no host sync.
 - Every other module (the `eager` implementation, older module layouts, expert-parallel experts, or a
   transformers without the grouped helper) runs itself on the gathered rows as if each were a token with
-  one expert, and the rows are summed back per token.
+  one expert at weight 1, and the rows are combined the same way.
 """
 
 from __future__ import annotations
 
 import torch
 
-from seqtopk.routing.dispatch import PairPlan, combine_rows, plan_pairs, row_count
+from seqtopk.routing.dispatch import PairPlan, combine, gather_rows, plan
 
 try:  # transformers' grouped GEMM helper (5.x); without it every implementation takes the generic path
     from transformers.integrations.moe import _grouped_linear
@@ -24,19 +23,19 @@ except ImportError:  # pragma: no cover - depends on the installed transformers
     _grouped_linear = None
 
 
-def run_plan(experts: torch.nn.Module, original, hidden: torch.Tensor, plan: PairPlan) -> torch.Tensor:
+def run_plan(experts: torch.nn.Module, original, hidden: torch.Tensor, pairs: PairPlan) -> torch.Tensor:
     if _grouped_linear is not None and _uses_grouped_mm(experts):
-        return _grouped(experts, hidden, plan)
-    rows = original(hidden[plan.token], plan.expert.unsqueeze(1), plan.weight.unsqueeze(1))
-    return combine_rows(rows, plan, weighted=True).to(hidden.dtype)
+        return _grouped(experts, hidden, pairs)
+    rows = original(gather_rows(hidden, pairs.token), pairs.expert.long().unsqueeze(1),
+                    torch.ones(pairs.rows, 1, dtype=hidden.dtype, device=hidden.device))
+    return combine(rows.reshape(pairs.rows, -1), pairs)  # (DBRX's experts return [R, 1, H])
 
 
 def run_chosen(experts: torch.nn.Module, original, hidden: torch.Tensor, ids: torch.Tensor,
                weights: torch.Tensor) -> torch.Tensor:
     """hidden [N, H]; ids [N, C] with -1 in unchosen slots; weights [N, C]. Returns [N, H]."""
     mask = ids >= 0
-    plan = plan_pairs(ids, weights, mask, row_count(mask, None))
-    return run_plan(experts, original, hidden, plan)
+    return run_plan(experts, original, hidden, plan(ids.clamp(min=0), weights, mask, experts.num_experts))
 
 
 def _uses_grouped_mm(experts) -> bool:
@@ -46,18 +45,14 @@ def _uses_grouped_mm(experts) -> bool:
             and hasattr(experts, "down_proj") and hasattr(experts, "_apply_gate"))
 
 
-def _grouped(experts, hidden: torch.Tensor, plan: PairPlan) -> torch.Tensor:
-    num_experts = experts.num_experts
-    sorted_ids, order = torch.sort(plan.expert)
-    plan = plan.reordered(order)
-    x = hidden[plan.token]
-    # histc, not bincount: no host sync and a static output size (as transformers does).
-    counts_input = sorted_ids.float() if hidden.device.type in ("cpu", "mps") else sorted_ids.int()
-    per_expert = torch.histc(counts_input, bins=num_experts, min=0, max=num_experts - 1)
-    offsets = torch.cumsum(per_expert, dim=0, dtype=torch.int32)
+def _grouped(experts, hidden: torch.Tensor, pairs: PairPlan) -> torch.Tensor:
+    pairs = pairs.by_expert(experts.num_experts)
+    x = gather_rows(hidden, pairs.token)
+    offsets = pairs.expert_end
     has_gate = getattr(experts, "has_gate", True)
     has_bias = getattr(experts, "has_bias", False)
     transposed = getattr(experts, "is_transposed", False)
+    sorted_ids = pairs.expert.long()
     if has_gate:
         up_weight = experts.gate_up_proj
         up_bias = experts.gate_up_proj_bias[sorted_ids] if has_bias else None
@@ -68,4 +63,4 @@ def _grouped(experts, hidden: torch.Tensor, plan: PairPlan) -> torch.Tensor:
     projected = experts._apply_gate(projected) if has_gate else experts.act_fn(projected)
     down_bias = experts.down_proj_bias[sorted_ids] if has_bias else None
     rows = _grouped_linear(projected, experts.down_proj, offsets, bias=down_bias, is_transposed=transposed)
-    return combine_rows(rows, plan).to(hidden.dtype)
+    return combine(rows, pairs).to(hidden.dtype)

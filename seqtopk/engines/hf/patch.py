@@ -8,7 +8,9 @@ Three instance-level changes per MoE layer, all undone by unpatch:
   follows the real number of pairs instead of cap slots per token;
 - streaming state: the capped scores of every token routed so far, per layer, tied to the KV-cache object
   (seqtopk.engines.hf.state: a new cache starts a new state; beam reordering, batch selection and cropping
-  follow the cache).
+  follow the cache), and per row the decode band the compiled CPU kernel answers decode steps from.
+Where the routing and the row plan are computed (compiled CPU kernels, Triton, torch) is decided in
+seqtopk.kernels.backend, as for vLLM.
 Two hooks on the base model hand each forward's sequence view to the routers: it is open from the
 pre-hook to the post-hook only (kept past it solely for gradient-checkpointing recomputation).
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import weakref
 from dataclasses import dataclass, field
 
@@ -26,20 +27,14 @@ import torch
 from seqtopk.config import ResolvedConfig, SeqTopKConfig
 from seqtopk.engines.hf.experts import run_chosen, run_plan
 from seqtopk.engines.hf.state import ForwardView, RoutingState, follow_cache
-from seqtopk.kernels import decode_step as fused_decode
-from seqtopk.routing.dispatch import plan_pairs, row_count
-from seqtopk.routing.paged import PagedLayout
-from seqtopk.routing.router import DenseLayout, route
-from seqtopk.routing.rules import CAUSAL, NEG_INF, budget_split, known_pair_count, pack, rule_for
-from seqtopk.routing.scoring import SoftmaxScoring
+from seqtopk.routing.dispatch import plan
+from seqtopk.routing.router import RouteStats, route
+from seqtopk.routing.rules import CAUSAL, known_pair_count, rule_for
 from seqtopk.routing.stats import RoutingStats
 
 logger = logging.getLogger("seqtopk")
 
 _PATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, SeqTopKPatch]" = weakref.WeakKeyDictionary()
-# One-token decode steps of softmax-scored families run as one fused Triton kernel on CUDA
-# (SEQTOPK_FUSED_DECODE=0 forces the torch path, e.g. to compare the two).
-_FUSED_DECODE = os.environ.get("SEQTOPK_FUSED_DECODE", "1") != "0"
 
 
 class UnsupportedModelError(ValueError):
@@ -90,6 +85,7 @@ class _Layer:
     family: object
     cfg: ResolvedConfig
     scoring: object
+    num_experts: int = 0
     saved: dict = field(default_factory=dict)  # (module, method) -> its own instance-level method, if it had one
     plan: object = None  # the PairPlan of the last routing, consumed by the experts call that follows
 
@@ -110,7 +106,8 @@ def _plan_layers(model: torch.nn.Module, config: SeqTopKConfig) -> list[_Layer]:
         scoring = family.scoring(router, module)
         num_experts = family.num_experts(module)
         cfg = config.resolve(family.top_k(module), scoring.max_candidates(num_experts), where=name)
-        layers.append(_Layer(index=len(layers), name=name, block=module, family=family, cfg=cfg, scoring=scoring))
+        layers.append(_Layer(index=len(layers), name=name, block=module, family=family, cfg=cfg, scoring=scoring,
+                             num_experts=num_experts))
     if not layers:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no MoE layer seqtopk can patch. Supported families: {supported_summary()}. "
@@ -292,50 +289,21 @@ class SeqTopKPatch:
         view = self._view_for(layer, n, logits.device)
         cfg = layer.cfg
         rules = view.rules(cfg)
-        (rule,) = rules.present  # one rule for the whole forward
-        history = view.state.history(layer.index) if (view.state is not None and rule == CAUSAL) else None
-        if history is not None and view.tokens == 1:
-            # One new token per row: read the buffer as paged history (one block per row), so the compiled
-            # CPU kernel decides the step without gathering it, where built (seqtopk.routing.paged).
-            history = PagedLayout.dense(history, view.start).of(history.view(-1, cfg.cap))
-        if (rule == CAUSAL and view.tokens == 1 and view.state is not None and _FUSED_DECODE
-                and not torch.is_grad_enabled() and isinstance(layer.scoring, SoftmaxScoring)
-                and self.stats.tracing is False and fused_decode.available(logits.device)):
-            return self._route_fused_step(layer, router, logits, view, dtype)
-        layout = DenseLayout(view.batch, view.tokens, view.valid, view.seen if view.continuing else None)
-        routed = route(logits, layer.scoring, cfg, layout, rules, history=history, unchosen="drop")
-        mask = routed.mask.view(view.batch, view.tokens, cfg.cap)
-        if layer.index not in view.routed_layers:
-            # Once per forward and layer: gradient-checkpointing recomputation routes again (identically)
-            # but must not extend the history or count twice.
-            view.routed_layers.add(layer.index)
-            if view.state is not None:
-                values = routed.values.detach().view(view.batch, view.tokens, cfg.cap)
-                view.state.append(layer.index, torch.where(view.valid.unsqueeze(-1), values, NEG_INF),
-                                  start=view.start)
-            self.stats.record(layer.index, mask, view.valid, ids=routed.ids.view(view.batch, view.tokens, cfg.cap))
+        # Once per forward and layer the history and the statistics are written: gradient-checkpointing
+        # recomputation routes again (identically) and must not extend the history or count twice.
+        first = layer.index not in view.routed_layers
+        view.routed_layers.add(layer.index)
+        stats = RouteStats(histogram=self.stats.histogram_row(layer.index, logits.device)) if first else None
+        routed = route(logits, layer.scoring, cfg, view.layout, rules, view.history(layer.index, cfg.cap, logits.device),
+                       unchosen="drop", stats=stats, record=first)
+        if first and self.stats.tracing:
+            self.stats.trace(layer.index, routed.ids.view(view.batch, view.tokens, cfg.cap))
         layer.plan = None
         if cfg.cap > cfg.k:  # with cap == k every real slot is chosen: stock dispatch, bit for bit
-            rows = row_count(routed.mask, known_pair_count(rule, cfg, n))
-            layer.plan = plan_pairs(routed.ids, routed.weights, routed.mask, rows)
+            (rule,) = rules.present  # one rule for the whole forward
+            layer.plan = plan(routed.ids, routed.weights, routed.mask, layer.num_experts,
+                              exact_total=known_pair_count(rule, cfg, n))
         return layer.family.outputs(router, logits, routed.weights, routed.ids, dtype)
-
-    def _route_fused_step(self, layer: _Layer, router, logits: torch.Tensor, view: ForwardView, dtype):
-        """A one-token decode step in a single fused kernel (seqtopk.kernels.decode_step)."""
-        cfg = layer.cfg
-        probs = torch.softmax(logits.float(), dim=-1)
-        history = view.state.reserve(layer.index, view.start + 1, view.batch, cfg.cap, logits.device)
-        paged = PagedLayout.dense(history, view.start)  # one block per row; this token goes to position `start`
-        write = torch.arange(view.batch, device=logits.device) * history.shape[1] + view.start
-        _, weights, ids, mask = fused_decode.paged_decode(
-            probs, history.view(-1, cfg.cap), paged.block_table, paged.block_size, paged.length, view.seen,
-            view.valid.reshape(-1), budget_split(cfg.k, cfg.cap, cfg.min_experts, cfg.exact_budget), cap=cfg.cap,
-            from_probs=True, renormalize=layer.scoring.renormalize, write_slots=write,
-            stats_row=self.stats.histogram_row(layer.index, logits.device))
-        ids = ids.long()
-        view.routed_layers.add(layer.index)
-        layer.plan = plan_pairs(ids, weights, mask, row_count(mask, None))
-        return layer.family.outputs(router, logits, weights, pack(ids, mask, "drop"), dtype)
 
 
 def _bind_router(patch: SeqTopKPatch, layer: _Layer, router):

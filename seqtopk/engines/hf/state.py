@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seqtopk.routing.rules import NEG_INF, TokenRules
+from seqtopk.routing.paged import NEG_INF, PagedHistory, PagedLayout, mark_stale, new_bands
+from seqtopk.routing.router import DenseLayout
+from seqtopk.routing.rules import TokenRules
 
 
 @dataclass
 class ForwardView:
-    """The sequence structure of one model forward, as the routers need it."""
+    """The sequence structure of one model forward, as the routers need it (built once per forward)."""
 
     batch: int
     tokens: int
@@ -26,9 +28,35 @@ class ForwardView:
     state: "RoutingState | None"
     start: int = 0  # cache position of the first new token
     routed_layers: set = field(default_factory=set)
+    _rules: dict = field(default_factory=dict)
+    _layout: DenseLayout | None = None
+    _paged: dict = field(default_factory=dict)
 
     def rules(self, cfg) -> TokenRules:
-        return TokenRules.for_forward(cfg, self.continuing)
+        key = (cfg.prefill, cfg.decode)
+        if key not in self._rules:
+            self._rules[key] = TokenRules.for_forward(cfg, self.continuing)
+        return self._rules[key]
+
+    @property
+    def layout(self) -> DenseLayout:
+        if self._layout is None:
+            self._layout = DenseLayout(self.batch, self.tokens, self.valid, self.seen if self.continuing else None)
+        return self._layout
+
+    def history(self, layer: int, cap: int, device) -> PagedHistory | None:
+        """The layer's history as paged storage (one block per row), with this forward's tokens' write slots
+        (positions start..start+T) and the rows' decode bands; None without a routing state."""
+        if self.state is None:
+            return None
+        buffer = self.state.reserve(layer, self.start + self.tokens, self.batch, cap, device)
+        positions = buffer.shape[1]
+        paged = self._paged.get(positions)
+        if paged is None:
+            rows = torch.arange(self.batch, device=device)
+            write = (rows.unsqueeze(1) * positions + self.start + torch.arange(self.tokens, device=device)).reshape(-1)
+            paged = self._paged[positions] = PagedLayout.dense(buffer, self.start, write_slots=write, row_band=rows)
+        return paged.of(buffer.view(-1, cap), self.state.bands_of(layer, self.batch, device))
 
     @classmethod
     def standalone(cls, tokens: int, device) -> "ForwardView":
@@ -41,12 +69,14 @@ class RoutingState:
     """Capped scores of every position routed so far, per layer, tied to one KV cache.
 
     Each layer keeps a preallocated [B, capacity, cap] buffer filled with -inf beyond `length` (padding
-    positions are -inf too, so they never count as greater). Appending writes in place and doubles the
-    capacity when full, so a decode step costs O(1) copies and the shapes routing sees change rarely.
+    positions are -inf too, so they never count as greater), written in place by the routing call; the
+    capacity doubles when full, so a decode step costs O(1) copies. Next to it, one decode band per row
+    (seqtopk.routing.paged): the bands follow the cache's reordering, and are marked stale when it is cropped.
     """
 
     def __init__(self):
         self.buffers: dict[int, torch.Tensor] = {}
+        self.bands: dict[int, torch.Tensor] = {}
         self.length = 0
         self.batch: int | None = None
 
@@ -64,23 +94,27 @@ class RoutingState:
         self.batch = batch
         return buffer
 
-    def append(self, layer: int, values: torch.Tensor, start: int) -> None:
-        """Write values [B, L, cap] at positions start..start+L of this layer's history."""
-        batch, length, cap = values.shape
-        buffer = self.reserve(layer, start + length, batch, cap, values.device)
-        buffer[:, start:start + length] = values
+    def bands_of(self, layer: int, batch: int, device) -> torch.Tensor:
+        bands = self.bands.get(layer)
+        if bands is None or bands.shape[0] != batch:
+            self.bands[layer] = bands = new_bands(batch, device)
+        return bands
 
     def truncate(self, length: int) -> None:
         for buffer in self.buffers.values():
             buffer[:, length:] = NEG_INF
+        for bands in self.bands.values():
+            mark_stale(bands)
         self.length = min(self.length, length)
 
     def select(self, rows: torch.Tensor) -> None:
         self.buffers = {i: b.index_select(0, rows.to(b.device)) for i, b in self.buffers.items()}
+        self.bands = {i: b.index_select(0, rows.to(b.device)) for i, b in self.bands.items()}
         self.batch = int(rows.numel())
 
     def repeat_interleave(self, repeats: int) -> None:
         self.buffers = {i: b.repeat_interleave(repeats, dim=0) for i, b in self.buffers.items()}
+        self.bands = {i: b.repeat_interleave(repeats, dim=0) for i, b in self.bands.items()}
         if self.batch is not None:
             self.batch *= repeats
 

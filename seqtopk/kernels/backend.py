@@ -1,0 +1,60 @@
+"""Which implementation routes tensors on a device: the one place that decides, for every engine.
+
+- "cpu-kernels": the compiled C++ ops (seqtopk/kernels/cpu, built by `seqtopk kernels --build`) for tensors on
+  the CPU: every rule, the history write, the decode bands, the row plan and the combine;
+- "triton": the fused Triton kernels for tensors on a CUDA GPU (the sequence cut and the one-token decode step;
+  what they do not cover runs on the torch reference);
+- "torch": the pure-torch reference (seqtopk.routing.rules and seqtopk.routing.dispatch), everywhere else.
+
+All three make the same routing decisions (tests compare them slot for slot). `forced(path)` runs a block on
+another path where it can run (benchmarks and tests compare the paths side by side).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from seqtopk.kernels import compiled
+from seqtopk.kernels import decode_step
+
+CPU_KERNELS, TRITON, TORCH = "cpu-kernels", "triton", "torch"
+PATHS = (CPU_KERNELS, TRITON, TORCH)
+_forced: list[str] = []
+
+
+def backend_for(device: torch.device) -> str:
+    """The implementation that routes tensors on `device`."""
+    device = torch.device(device)
+    if _forced:
+        wanted = _forced[-1]
+        if wanted == CPU_KERNELS and device.type == "cpu" and compiled.load():
+            return CPU_KERNELS
+        if wanted == TRITON and decode_step.available(device):  # (tests run it on CPU in Triton's interpreter)
+            return TRITON
+        return TORCH
+    if device.type == "cpu" and compiled.load():
+        return CPU_KERNELS
+    return TRITON if decode_step.available(device) else TORCH
+
+
+@contextmanager
+def forced(path: str):
+    """Route on `path` inside this block where the device offers it, else on the torch reference
+    (forced(TORCH) switches every kernel off)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    _forced.append(path)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def describe(device: torch.device) -> str:
+    """What routes tensors on `device`, and why, in words (start-up lines, `seqtopk doctor`)."""
+    path = backend_for(device)
+    if torch.device(device).type == "cpu":
+        return f"{path} ({compiled.status()})"
+    return path
