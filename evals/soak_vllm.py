@@ -14,7 +14,9 @@ embedding). Reports per server (after --warm-up requests of the same mix): reque
 (vLLM's counter), routing-state rows in use after the run (SeqTopK's gauge on /metrics), server RSS after
 warm-up and at the end, whether the probe's output stayed the same, fuzz responses by status, and whether the
 server was alive at the end. Targets (the issue's): 0 lost or failed valid requests, 0 5xx, state rows back to
-0, RSS growth < 5%, probe unchanged, fuzz 0 responses >= 500. Writes JSON and a PNG next to it.
+0, RSS growth < 5%, probe unchanged, fuzz 0 responses >= 500. With --plateau N, N more rounds of the same soak
+follow on each server (use it with --baseline), RSS recorded after each: whether memory growth flattens, and
+from which round, with SeqTopK on and off. Writes JSON and a PNG next to it.
 
     python evals/soak_vllm.py [--requests 500] [--concurrency 64] [--fuzz 1000] [--prefill sequence causal]
 """
@@ -333,11 +335,26 @@ def drive(server, soak_run, fuzz_run, args) -> dict:
     result["soak_seconds"] = round(time.monotonic() - began, 1)
     rss["after the soak"] = server_rss(server)
     result["fuzz"] = fuzz_run(server.url, model, args.fuzz) if args.fuzz else {}
+    if args.plateau:
+        result["plateau"] = plateau(server, soak_run, model, args)
     rss["at the end"] = server_rss(server)
     result.update(rss_mb=rss, rss_after_warm_up_mb=rss["after warm-up"]["total"],
                   rss_end_mb=rss["at the end"]["total"], alive_at_end=server.healthy())
     result["rss_growth"] = result["rss_end_mb"] / result["rss_after_warm_up_mb"] - 1
     return result
+
+
+def plateau(server, soak_run, model: str, args) -> dict:
+    """args.plateau more rounds of the same soak; the server's RSS after each. Growth is called flat from the
+    first round after which no round adds more than 1% of the RSS it started from."""
+    rss = [server_rss(server)["total"]]
+    for round_index in range(args.plateau):
+        asyncio.run(soak_run(server.url, model, args, random.Random(args.seed + 100 + round_index)))
+        rss.append(server_rss(server)["total"])
+    deltas = [b - a for a, b in zip(rss, rss[1:])]
+    flat_from = next((i + 1 for i in range(len(deltas)) if all(d <= 0.01 * rss[0] for d in deltas[i:])), None)
+    return {"rss_per_round_mb": rss, "growth_per_round_mb": [round(d, 1) for d in deltas],
+            "flat_from_round": flat_from}
 
 
 def run_server(prefill: str | None, args, workdir: Path) -> dict:
@@ -396,7 +413,17 @@ def draw(report: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = report["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 3.6), squeeze=False)
+    plateaus = {name: run["plateau"] for name, run in runs.items() if "plateau" in run}
+    fig, axes = plt.subplots(1, len(runs) + bool(plateaus), figsize=(6 * (len(runs) + bool(plateaus)), 3.6),
+                             squeeze=False)
+    if plateaus:
+        ax = axes[0][-1]
+        for name, result in plateaus.items():
+            ax.plot(range(len(result["rss_per_round_mb"])), result["rss_per_round_mb"], marker="o", label=name)
+        ax.set_xlabel("soak rounds after the first")
+        ax.set_ylabel("server RSS, MB (all processes)")
+        ax.set_title("memory per round: does growth flatten?", fontsize=8)
+        ax.legend(fontsize=7)
     for ax, (name, run) in zip(axes[0], runs.items()):
         names = sorted(run["outcomes"])
         ax.barh(names, [run["outcomes"][n] for n in names], color="tab:blue")
@@ -424,6 +451,8 @@ def main(argv=None) -> int:
                         help="also soak the same server with SeqTopK off, to tell its memory growth from vLLM's")
     parser.add_argument("--csr-head", type=Path, default=None,
                         help="also soak this CSR head folder served as a pooling model (/v1/embeddings, /pooling)")
+    parser.add_argument("--plateau", type=int, default=0,
+                        help="rounds of the soak repeated after it, RSS recorded per round (>= 5 to see a plateau)")
     parser.add_argument("--request-timeout", type=float, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "soak_vllm.json")
@@ -445,6 +474,9 @@ def main(argv=None) -> int:
                   f"RSS {run['rss_after_warm_up_mb']} -> {run['rss_end_mb']} MB; probe unchanged "
                   f"{run['probe_unchanged']}; fuzz {json.dumps(fuzzed)}")
             print("  " + "; ".join(f"{check}: {'yes' if ok else 'NO'}" for check, ok in run["verdict"].items()))
+            if "plateau" in run:  # a finding recorded, not a pass/fail check
+                print(f"  RSS per round {run['plateau']['rss_per_round_mb']} MB; flat from round "
+                      f"{run['plateau']['flat_from_round']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     draw(report, args.out.with_suffix(".png"))

@@ -22,7 +22,7 @@ from seqtopk.config import ResolvedConfig
 from seqtopk.kernels.backend import CPU_KERNELS, TRITON, backend_for
 from seqtopk.routing.paged import PagedHistory
 from seqtopk.routing.ragged import RaggedBatch, select_ragged
-from seqtopk.routing.rules import CAUSAL, TokenRules, budget_split, choose, pack
+from seqtopk.routing.rules import CAUSAL, UNCHOSEN, TokenRules, budget_split, choose, pack
 from seqtopk.routing.scoring import SoftmaxScoring
 
 
@@ -103,7 +103,14 @@ def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: DenseLayou
             return fused
     cand = scoring.candidates(logits, cfg.cap)
     if path == CPU_KERNELS and cand.values.dtype == torch.float32:
-        mask = _kernel_choose(cand.values, layout, rules, cfg, history, stats if record else None, record)
+        # The op also weighs softmax-scored layers (except at cap == k, where the family's own TopK weights must
+        # come out bit for bit) and packs the ids.
+        mode = getattr(scoring, "kernel_weights", 0) if cfg.cap > cfg.k and type(scoring) is SoftmaxScoring else 0
+        mask, weights, ids = _kernel_choose(cand.values, layout, rules, cfg, history, stats if record else None,
+                                            record, cand.ids, unchosen, mode)
+        if not mode:
+            weights = scoring.weights(logits, cand, mask)
+        return Routed(values=cand.values, mask=mask, ids=ids, weights=weights)
     else:
         fused = path == TRITON
         if isinstance(layout, RaggedBatch):
@@ -120,8 +127,9 @@ def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: DenseLayou
 
 
 def _kernel_choose(values, layout, rules: TokenRules, cfg: ResolvedConfig, history: PagedHistory | None,
-                   stats: RouteStats | None, record: bool) -> torch.Tensor:
-    """Every rule in one call of the compiled CPU op (seqtopk/kernels/cpu/route.cpp)."""
+                   stats: RouteStats | None, record: bool, ids: torch.Tensor, unchosen: str, weight_mode: int):
+    """Every rule in one call of the compiled CPU op (seqtopk/kernels/cpu/route.cpp): (mask, weights or an
+    empty tensor when weight_mode is 0, ids packed by the `unchosen` convention)."""
     rows = layout.kernel_rows(values.device)
     rules = layout.kernel_rules(rules)
     paged = history.layout.kernel_args() if history is not None else {}
@@ -134,7 +142,8 @@ def _kernel_choose(values, layout, rules: TokenRules, cfg: ResolvedConfig, histo
         history.store if history is not None else None, paged.get("block_table"), paged.get("block_size", 1),
         paged.get("row_length"), paged.get("write_slots") if record else None,
         history.bands if (history is not None and record) else None, paged.get("row_band") if record else None,
-        split.forced, split.first, split.per_token, cfg.k, stats.histogram, stats.token_class, stats.counters)
+        split.forced, split.first, split.per_token, cfg.k, stats.histogram, stats.token_class, stats.counters,
+        ids.long(), UNCHOSEN.index(unchosen), weight_mode)
 
 
 def add_stats(stats: RouteStats, mask: torch.Tensor, real: torch.Tensor | None) -> None:

@@ -52,6 +52,12 @@ class SoftmaxScoring:
         chosen = cand.values * mask  # the chosen probabilities themselves
         return _renormalize(chosen) if self.renormalize else chosen
 
+    @property
+    def kernel_weights(self) -> int:
+        """The compiled CPU op computes these weights itself (its weight_mode): 1 the chosen probabilities,
+        2 renormalised over the chosen (summed in slot order, so equal to `weights` to float rounding)."""
+        return 2 if self.renormalize else 1
+
 
 ACTIVATIONS = {
     "softmax": lambda logits: torch.softmax(logits.float(), dim=-1),

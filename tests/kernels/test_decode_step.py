@@ -129,21 +129,21 @@ def test_fused_step_equals_torch_rule_in_the_triton_interpreter():
 
 
 @needs_cuda
-def test_generate_is_the_same_with_and_without_the_fused_kernel(tiny_checkpoint, monkeypatch):
+def test_generate_is_the_same_with_and_without_the_fused_kernel(tiny_checkpoint):
     from transformers import AutoModelForCausalLM
 
     import seqtopk
-    import seqtopk.engines.hf.patch as hf
+    from seqtopk.kernels import backend
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("qwen3_moe")).cuda().eval()
     seqtopk.patch(model, cap=4)
     prompt = torch.randint(3, 259, (6, 20), generator=torch.Generator().manual_seed(0)).cuda()
     outputs, stats = [], []
-    for fused_on in (True, False):
-        monkeypatch.setattr(hf, "_FUSED_DECODE", fused_on)
+    for path in (backend.TRITON, backend.TORCH):
         seqtopk.reset_routing_stats(model)
-        outputs.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
-                                      do_sample=False))
+        with backend.forced(path):
+            outputs.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                          do_sample=False))
         stats.append(seqtopk.routing_stats(model).histogram)
     assert torch.equal(outputs[0], outputs[1])
     assert stats[0] == stats[1]

@@ -21,7 +21,7 @@ def test_small_soak_loses_nothing_and_never_answers_5xx(tmp_path, vllm_root):
 
     out = tmp_path / "soak.json"
     args = ["--requests", "100", "--concurrency", "16", "--fuzz", "100", "--prefill", "causal", "--kv-blocks", "24",
-            "--csr-head", str(tiny_head()), "--out", str(out)]
+            "--plateau", "2", "--csr-head", str(tiny_head()), "--out", str(out)]
     result = subprocess.run([sys.executable, str(REPO / "evals" / "soak_vllm.py"), *args], cwd=REPO,
                             capture_output=True, text=True, timeout=1200)
     report = json.loads(out.read_text()) if out.is_file() else None
@@ -33,5 +33,6 @@ def test_small_soak_loses_nothing_and_never_answers_5xx(tmp_path, vllm_root):
         assert all(r["examples"] == 100 for r in run["fuzz"].values())
     assert text["outcomes"]["valid: dropped by the client"] > 0 and text["outcomes"]["malformed: refused 4xx"] > 0
     assert text["preemptions"] > 0  # the KV cache was small enough to preempt
+    assert len(text["plateau"]["rss_per_round_mb"]) == 3  # RSS after the soak, then after each plateau round
     assert result.returncode == 0
     assert out.with_suffix(".png").stat().st_size > 0

@@ -1,4 +1,4 @@
-"""The SeqTopK router for vLLM's fused MoE layers, chosen at layer construction.
+"""The SeqTopK router for vLLM's fused MoE layers, chosen at layer construction, and the op that runs a layer.
 
 vLLM picks one router per MoE layer in `create_fused_moe_router`; we wrap that factory: it builds the stock
 router as usual, reads the layer's routing attributes off the factory arguments, maps them onto one of
@@ -6,13 +6,17 @@ seqtopk's scoring objects, and returns a SeqTopKRouter in its place. Routing tha
 (custom routing functions, hash or zero-expert routing, expert parallel load balancing...) stops the
 engine with a clear message instead of falling back to TopK.
 
-The routing itself is seqtopk.routing.router.route, called in a custom op (`seqtopk::vllm_route`): vLLM
-traces the model once with dynamo on CPU and would otherwise bake the data-dependent choice into the graph.
-The router returns C = cap slots per token with the "repeat_best" convention (an unchosen slot repeats the
-token's best expert with weight 0: a valid id; -1 gives wrong sums in vLLM's CPU kernel), as the router
-interface requires. In layers without shared experts the experts do not compute those slots: the router
-also lists the chosen pairs (`plan`), and the MoE runner runs them as rows of one expert each
-(seqtopk.engines.vllm.worker.run_rows), so expert work follows the real choices.
+A SeqTopK layer's routed experts run as one opaque custom op, `seqtopk::moe(hidden_states, router_logits,
+layer)`, called by the MoE runner in place of its router + experts call (seqtopk.engines.vllm.worker): vLLM
+traces the model once with dynamo on CPU (and piecewise on GPU), and whatever the traced graph depends on must
+flow through an op's tensors, not Python attributes set by another op. Inside the op, with each step's own
+layout: the routing (seqtopk.routing.router.route: every rule, the history write and the statistics in one
+call on CPU), then only the chosen (token, expert) pairs through the layer's own fused-MoE kernel, and the
+combine. On CPU the kernel takes a fixed number of experts per token, so tokens are grouped by how many they
+chose (seqtopk.routing.dispatch.count_groups): one kernel call per group, with the token's own weighted sum
+done by the kernel in float32. Elsewhere the pairs run as rows of one expert each and are combined after.
+The rows the experts computed are counted inside the op (`counts`, read by `seqtopk_stats` and /metrics).
+Shared experts stay outside the op, computed by the runner as vLLM computes them.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from seqtopk.engines.vllm import stats
 from seqtopk.engines.vllm.registry import WORKER
 from seqtopk.engines.vllm.step import capturing, current_step
 from seqtopk.kernels import decode_step as fused_gpu
-from seqtopk.routing.dispatch import PairPlan, plan_pairs, row_count
-from seqtopk.routing.router import route
+from seqtopk.kernels.backend import CPU_KERNELS, backend_for
+from seqtopk.routing.dispatch import combine, count_groups, gather_rows, plan
+from seqtopk.routing.router import RouteStats, route
 from seqtopk.routing.rules import TOPK, TokenRules, known_pair_count
 from seqtopk.routing.scoring import BiasedScoring, SoftmaxScoring
 
@@ -68,6 +73,13 @@ def scoring_for(args: dict):
                          renormalize=bool(args["renormalize"]), scaling=scaling)
 
 
+# vLLM's CPU fused-MoE kernel, per call: a fixed cost, in expert rows (a call's thread fork-joins and buffer set-up
+# measured ~50 us, about 4 MFLOP of expert work at 2 cores' rate), and re-reading the weights of the experts it
+# touches (~4 rows of work per expert at ~20 GB/s and ~80 GFLOP/s). See evals/results/vllm_bench_cpu.json.
+CALL_FLOPS = 4e6
+RELOAD_ROWS = 4.0
+
+
 class SeqTopKRouter(BaseRouter):
     """Routes one MoE layer by SeqTopK; the stock router it replaces only answers questions about itself."""
 
@@ -76,61 +88,95 @@ class SeqTopKRouter(BaseRouter):
         self.stock = stock
         self.scoring = scoring
         self.cfg = cfg
+        self.num_experts = num_experts
         self.store: torch.Tensor | None = None  # paged history of capped scores, allocated with the KV cache
+        self.bands: torch.Tensor | None = None  # decode bands, one per request slot (registry.BandSlots)
         self.counts: torch.Tensor | None = None  # stats.COUNTERS, on the device (allocated with the KV cache)
-        # Set with the KV cache (worker.attach_state) for layers without shared experts: the experts then run
-        # the chosen (token, expert) pairs as rows of one expert each (worker.run_rows), from `plan`.
-        self.rows_dispatch = False
-        self.plan: PairPlan | None = None
-        self.index = WORKER.add_router(self)  # the number the traced graph calls the routing op with
+        self.call_rows = 16.0  # per-call cost of the layer's kernel in rows (set with the KV cache)
+        self.index = WORKER.add_router(self)  # the number the traced graph calls the MoE op with
         self.layer_name = f"moe layer {self.index}"  # replaced by the runner's name once the model is built
+        self.runner = None  # the MoE runner this router belongs to (set with the KV cache)
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
         return self.stock.routing_method_type
 
-    def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
-        return torch.ops.seqtopk.vllm_route(router_logits, self.index)
+    def moe_runner(self):
+        """The MoE runner this router belongs to, found once among the forward context's layers."""
+        if self.runner is None:
+            from vllm.forward_context import get_forward_context
 
-    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            layers = get_forward_context().no_compile_layers
+            self.runner = next(layer for layer in layers.values() if getattr(layer, "router", None) is self)
+        return self.runner
+
+    def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
+        raise RuntimeError("a SeqTopK layer routes inside its seqtopk::moe op (seqtopk.engines.vllm.worker); "
+                           "nothing else should ask its router for experts")
+
+    def forward(self, hidden_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The layer's routed experts: route, run the chosen pairs, combine. Runs inside seqtopk::moe."""
         step = current_step(logits.shape[0])
-        self.plan = None
+        experts = self.moe_runner().routed_experts
         if step is None or self.store is None:
-            # No sequences in this forward (profiling or warm-up on dummy tokens): cap slots, no plan.
-            routed = route(logits, self.scoring, self.cfg, None, WARM_UP, unchosen="repeat_best")
+            # No sequences in this forward (profiling or warm-up on dummy tokens): plain TopK, no state, no counts.
+            routed = route(logits, self.scoring, self.cfg, None, WARM_UP, unchosen="repeat_best", record=False)
+            return self._run_groups(experts, hidden_states, routed)[0]
+        rules = step.rules(self.cfg)
+        graph = capturing(WORKER.source.runner())
+        if graph and not fused_gpu.available(logits.device):
+            raise RuntimeError("SeqTopK needs Triton to route inside CUDA graphs (pip install triton), or "
+                               "run with --enforce-eager")
+        routed = route(logits, self.scoring, self.cfg, step.batch, rules, step.history(self.store, self.bands),
+                       unchosen="repeat_best", stats=RouteStats(token_class=step.token_class(), counters=self.counts))
+        if graph:
+            # A captured step must keep its shapes: every cap slot runs (unchosen ones at weight 0).
+            out = experts.forward_modular(x=hidden_states, topk_weights=routed.weights.float(),
+                                          topk_ids=routed.ids.to(torch.int32))
+            rows = routed.ids.numel()
+        elif backend_for(logits.device) == CPU_KERNELS:
+            out, rows = self._run_groups(experts, hidden_states, routed)
         else:
-            # The history records this step's scores at the tokens' KV slots (step.paged.write_slots).
-            rules = step.rules(self.cfg)
-            graph = capturing(WORKER.source.runner())
-            if graph and not fused_gpu.available(logits.device):
-                raise RuntimeError("SeqTopK needs Triton to route inside CUDA graphs (pip install triton), or "
-                                   "run with --enforce-eager")
-            routed = route(logits, self.scoring, self.cfg, step.batch, rules, step.history(self.store),
-                           unchosen="repeat_best")
-            # Chosen-pairs dispatch sizes its rows on the host, which a graph replay cannot: captured steps
-            # run the cap slots (unchosen ones at weight 0).
-            if self.rows_dispatch and not graph:
-                known = known_pair_count(rules.present[0], self.cfg, logits.shape[0]) if len(rules.present) == 1 else None
-                rows = row_count(routed.mask, known)
-                self.plan = plan_pairs(routed.ids, routed.weights, routed.mask, rows)
-            else:
-                rows = routed.mask.numel()  # every cap slot goes through the experts
-            stats.record(self, step, routed.mask, routed.ids, rows, graph)
-        return routed.weights.float().contiguous(), routed.ids.to(torch.int32).contiguous()
+            known = known_pair_count(rules.present[0], self.cfg, logits.shape[0]) if len(rules.present) == 1 else None
+            out, rows = self._run_rows(experts, hidden_states, routed, known)
+        self.counts[4] += rows
+        stats.after_step(self, step, routed.mask, routed.ids, graph)
+        return out
+
+    def _run_groups(self, experts, hidden: torch.Tensor, routed) -> tuple[torch.Tensor, int]:
+        """Tokens grouped by their number of chosen experts, one kernel call per group (count_groups)."""
+        groups = count_groups(routed.ids, routed.weights, routed.mask, self.num_experts, self.call_rows, RELOAD_ROWS)
+        tokens = hidden.shape[0]
+        rows = sum(group[1].numel() for group in groups)
+        if len(groups) == 1 and groups[0][0].numel() == tokens:  # every token, in order: no copies
+            _, ids, weights = groups[0]
+            return experts.forward_modular(x=hidden, topk_weights=weights, topk_ids=ids), rows
+        out = hidden.new_zeros(hidden.shape) if sum(g[0].numel() for g in groups) < tokens else torch.empty_like(hidden)
+        for members, ids, weights in groups:
+            part = experts.forward_modular(x=gather_rows(hidden, members), topk_weights=weights, topk_ids=ids)
+            torch.ops.seqtopk_cpu.scatter_rows(out, members, part.contiguous())
+        return out, rows
+
+    def _run_rows(self, experts, hidden: torch.Tensor, routed, known: int | None) -> tuple[torch.Tensor, int]:
+        """Each chosen pair as a row of one expert through the kernel with top-1, then the weighted sum per token
+        (a GPU's grouped kernel takes rows of one expert at full speed)."""
+        pairs = plan(routed.ids, routed.weights, routed.mask, self.num_experts, exact_total=known)
+        ones = torch.ones(pairs.rows, 1, dtype=torch.float32, device=hidden.device)
+        rows = experts.forward_modular(x=gather_rows(hidden, pairs.token), topk_weights=ones,
+                                       topk_ids=pairs.expert.to(torch.int32).unsqueeze(1))
+        return combine(rows, pairs).to(hidden.dtype), pairs.rows
 
 
 # Registered with torch at import: the op must exist before vLLM traces the model, and this module is
 # imported while the model's MoE layers are built.
-@torch.library.custom_op("seqtopk::vllm_route", mutates_args=())
-def vllm_route(logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return WORKER.routers[layer].route(logits)
+@torch.library.custom_op("seqtopk::moe", mutates_args=())
+def moe(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer: int) -> torch.Tensor:
+    return WORKER.routers[layer].forward(hidden_states, router_logits)
 
 
-@vllm_route.register_fake
-def _vllm_route_shape(logits: torch.Tensor, layer: int):
-    width = WORKER.routers[layer].cfg.cap
-    return (logits.new_empty((logits.shape[0], width), dtype=torch.float32),
-            logits.new_empty((logits.shape[0], width), dtype=torch.int32))
+@moe.register_fake
+def _moe_shape(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer: int):
+    return torch.empty_like(hidden_states)
 
 
 def wrap_router_factory(original):

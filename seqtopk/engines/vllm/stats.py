@@ -1,8 +1,10 @@
 """Routing statistics of a running vLLM engine: experts per token, per layer, prompt and generated tokens.
 
-Counters stay on the device and are added to without reading them back; they are read (one sync) only
-when a log line is due, every SEQTOPK_LOG_INTERVAL seconds (default 10; 0 turns the lines off), or when a
-client asks through the worker extension (`collective_rpc("seqtopk_stats")`). A trace of the chosen ids
+Counters stay on the device and are added to without reading them back, by the code that does the work: the
+routing call adds the tokens and pairs it chose (seqtopk.routing.router.RouteStats), the MoE op adds the
+expert rows it ran (seqtopk.engines.vllm.router.SeqTopKRouter.forward). They are read (one sync) only when a
+log line is due, every SEQTOPK_LOG_INTERVAL seconds (default 10; 0 turns the lines off), or when a client
+asks through the worker extension (`collective_rpc("seqtopk_stats")`). A trace of the chosen ids
 per token can be switched on for checks (`seqtopk_trace`); it reads every step back and is for tests. Steps
 replayed from CUDA graphs add to the counters on the device but run no Python: they write no trace records
 and no log lines (the next eager step, or a client's request, reports them).
@@ -31,17 +33,9 @@ def interval() -> float:
 COUNTERS = ("prompt_tokens", "prompt_pairs", "generated_tokens", "generated_pairs", "expert_rows")
 
 
-def record(router, step, mask: torch.Tensor, ids: torch.Tensor, rows: int, graph: bool = False) -> None:
-    """Add one step of a layer to its counters (device ops only). rows: (token, expert) rows its experts compute.
-    graph: the step is being captured in a CUDA graph, whose replays repeat the additions but none of the
-    host work (trace records, log lines)."""
-    classes, tokens = step.token_classes()  # [2, N] prompt / generated flags, [2] their counts
-    pairs = (classes * mask.sum(dim=-1)).sum(dim=1)
-    update = torch.stack([tokens, pairs], dim=1).view(4)  # prompt tokens, prompt pairs, generated ...
-    if router.counts is None or router.counts.device != update.device:
-        router.counts = torch.zeros(len(COUNTERS), dtype=torch.long, device=update.device)
-    router.counts[:4] += update
-    router.counts[4] += rows
+def after_step(router, step, mask: torch.Tensor, ids: torch.Tensor, graph: bool = False) -> None:
+    """Host work after a layer's step: its trace record while a client traces, and the periodic log line.
+    graph: the step is being captured in a CUDA graph, whose replays repeat its device work but none of this."""
     if graph:
         return
     if WORKER.trace is not None:

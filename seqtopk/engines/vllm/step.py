@@ -11,9 +11,10 @@ context length. So the state of a request
 - is shared with prefix-cached blocks, whose scores are a function of the prefix under the causal rule
   (under prefill="sequence" the plugin switches prefix caching off).
 
-Each step's layout (rows, contexts, slots, which tokens are prompt) is read once per forward from the
-model runner's step buffers, with the block table and slot mapping of one full-attention KV cache group,
-and the prompt lengths the worker copies to the device before each forward (worker.refresh_prompt_lens).
+Each step's layout (rows, contexts, slots, which tokens are prompt, each row's decode band) is read once per
+forward from the model runner's step buffers, with the block table and slot mapping of one full-attention KV
+cache group, and the prompt lengths and band numbers the worker copies to the device before each forward
+(worker.refresh_step_rows).
 A forward captured in a CUDA graph (decode batches) builds the same layout from the same buffers with
 device ops only and fixed shapes, so each replay routes with the layout of its own step.
 Which rule routes which token is not decided here: the step says which tokens are fresh prompt tokens and
@@ -41,17 +42,16 @@ class Step:
     prompt: torch.Tensor  # [N] real prompt tokens
     req_ids: list[str]
     _rules: dict = field(default_factory=dict)
-    _classes: tuple | None = None
+    _classes: torch.Tensor | None = None
 
-    def token_classes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """([2, N] long: prompt and generated flags, [2] their counts), for the statistics; once per step."""
+    def token_class(self) -> torch.Tensor:
+        """[N] int8 for the statistics (seqtopk.routing.router.RouteStats): 1 prompt, 2 generated, 0 padding."""
         if self._classes is None:
-            classes = torch.stack([self.prompt, self.generated]).long()
-            self._classes = (classes, classes.sum(dim=1))
+            self._classes = (self.prompt.to(torch.int8) + 2 * self.generated.to(torch.int8)).contiguous()
         return self._classes
 
-    def history(self, store: torch.Tensor) -> PagedHistory:
-        return self.paged.of(store)
+    def history(self, store: torch.Tensor, bands: torch.Tensor | None = None) -> PagedHistory:
+        return self.paged.of(store, bands)
 
     def rules(self, cfg) -> TokenRules:
         """Which rule routes each token (seqtopk.routing.rules decides); built once per step."""
@@ -84,18 +84,20 @@ def capturing(runner) -> bool:
 
 def step_from_buffers(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                       block_size: int, slot_mapping: torch.Tensor, prompt_lens: torch.Tensor, num_tokens: int,
-                      num_slots: int, *, max_query: int, width: int, req_ids: list[str] | None = None) -> Step:
+                      num_slots: int, *, max_query: int, width: int, req_ids: list[str] | None = None,
+                      row_band: torch.Tensor | None = None) -> Step:
     """A step's layout from the engine's step buffers, with device ops only (no host read): R rows, N tokens.
 
     query_start_loc [R+1], seq_lens [R] (after this step), block_table [R, max_blocks], slot_mapping [>= N] (each
-    token's KV slot, -1 for padding), prompt_lens [R]. max_query (longest chunk) and width (>= the longest
+    token's KV slot, -1 for padding), prompt_lens [R], row_band [R] (each row's decode band, or None). max_query
+    (longest chunk) and width (>= the longest
     context) are host ints that fix the shapes: a CUDA graph captures the step once per (R, N) and replays it
     with whatever these buffers hold, rows with no token (query 0) taking no experts and writing nothing.
     """
     batch = ragged_batch(query_start_loc, seq_lens, num_tokens, max_query)
     slots = torch.where(batch.real, slot_mapping[:num_tokens].long(), -1)
     prompt = (batch.positions() < prompt_lens[batch.row]) & batch.real
-    paged = PagedLayout(block_table, block_size, batch.context, width, num_slots, write_slots=slots)
+    paged = PagedLayout(block_table, block_size, batch.context, width, num_slots, write_slots=slots, row_band=row_band)
     return Step(batch=batch, paged=paged, fresh=prompt & (batch.context[batch.row] == 0),
                 generated=batch.real & ~prompt, prompt=prompt, req_ids=req_ids or [])
 
@@ -121,8 +123,10 @@ def _read_step(context, runner, num_tokens: int) -> Step | None:
     max_query = int(query_host.max())
     # Longest context from host copies (no device read); the optimistic lengths never fall short.
     width = int((runner.optimistic_seq_lens_cpu[:rows] - query_host).max())
+    source = WORKER.source
     return step_from_buffers(*_buffers(runner, rows, num_tokens), max_query=max_query, width=width,
-                             req_ids=list(input_batch.req_ids[:rows]) if WORKER.trace is not None else None)
+                             req_ids=list(input_batch.req_ids[:rows]) if WORKER.trace is not None else None,
+                             row_band=source.row_band[:rows] if source.row_band is not None else None)
 
 
 def _graph_step(context, runner, num_tokens: int) -> Step:

