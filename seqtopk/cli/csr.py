@@ -131,19 +131,27 @@ def _open(args, **options):
                        **options)
 
 
+def check_batch_size(args) -> None:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def write_codes(args, codes, doc_ids: list[str], info, source: Path, offsets=None) -> int:
+    """The export step `csr export` and `ssr export` share: write the checked codes, say where they went."""
+    with _open(args) as engine:
+        rows = engine.write(codes, doc_ids, info, offsets=offsets, overwrite=args.overwrite,
+                            batch_size=args.batch_size, progress=not args.quiet)
+        print(f"exported {rows} codes of {source} to {engine.where}")
+    return 0
+
+
 def run_export(args) -> int:
     from seqtopk.sparse.export.texts import HeadEncoder, read_jsonl_texts
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_batch_size(args)
     doc_ids, texts = read_jsonl_texts(args.corpus)
     encoder = HeadEncoder(args.head)
-    codes = encoder.encode(texts, progress=not args.quiet)
-    with _open(args) as engine:
-        rows = engine.write(codes, doc_ids, encoder.info, overwrite=args.overwrite, batch_size=args.batch_size,
-                            progress=not args.quiet)
-        print(f"exported {rows} codes of {args.head} to {engine.where}")
-    return 0
+    return write_codes(args, encoder.encode(texts, progress=not args.quiet), doc_ids, encoder.info, args.head)
 
 
 def run_engine_search(args) -> int:
