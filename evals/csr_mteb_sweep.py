@@ -69,6 +69,21 @@ def trained_head(method: str, k: int, seed: int, args, backbone: Path) -> Path:
     return folder
 
 
+def scored_head(head: Path, tasks: list[str]) -> dict:
+    """The head's MTEB row, kept beside it (sweep_scores.json) and reused while the head and tasks are the same."""
+    from seqtopk.sparse.csr.evaluate import evaluate_heads
+
+    saved = head / "sweep_scores.json"
+    stamp = (head / "csr_training.json").stat().st_mtime_ns
+    if saved.is_file():
+        kept = json.loads(saved.read_text())
+        if kept.get("tasks") == tasks and kept.get("trained_at") == stamp:
+            return kept["row"]
+    row = evaluate_heads([head], tasks)[0]
+    saved.write_text(json.dumps({"tasks": tasks, "trained_at": stamp, "row": row}, indent=2) + "\n")
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", default="2,4,8,16,32")
@@ -90,7 +105,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from seqtopk.sparse.csr.evaluate import evaluate_dense, evaluate_heads
+    from seqtopk.sparse.csr.evaluate import evaluate_dense
     from seqtopk.paths import cache_dir
     from seqtopk.sparse.backbone import default_backbone
 
@@ -116,7 +131,7 @@ def main() -> int:
                 continue
             for seed in seeds:
                 head = trained_head(method, k, seed, args, backbone)
-                row = evaluate_heads([head], tasks)[0]
+                row = scored_head(head, tasks)
                 row.update(method=method, seed=seed)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -257,19 +257,25 @@ def plot(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 2]})
     for r in out["rows"]:
-        ax1.scatter(r["p50_ms"], r["ndcg_at_10"], s=40)
-        ax1.annotate(r["system"].replace(" exact MaxSim", ""), (r["p50_ms"], r["ndcg_at_10"]), fontsize=7)
+        ax1.scatter(r["p50_ms"], r["ndcg_at_10"], s=40, label=r["system"].replace(" exact MaxSim", ""))
     ax1.set_xscale("log")
     ax1.set_xlabel("p50 query latency (ms, log)")
     ax1.set_ylabel("SciFact nDCG@10")
-    ax1.set_title(f"SciFact test: {out['queries']} queries, {out['docs']} docs, {out['doc_tokens']:,} doc tokens")
-    builds = [r for r in out["rows"] if r["index_build_s"] > 0]
-    names = list(dict.fromkeys(r["system"].split(" (")[0] for r in builds))
-    times = [next(r["index_build_s"] for r in builds if r["system"].startswith(n)) for n in names]
-    ax2.barh(names, times)
+    ax1.set_title(f"SciFact test: {out['queries']} queries, {out['docs']:,} docs, {out['doc_tokens']:,} doc tokens",
+                  fontsize=10)
+    ax1.legend(fontsize=6.5, loc="lower right")
+    builds = {}
+    for r in out["rows"]:  # one bar per index (two-stage search shares SSR's index)
+        if r["index_build_s"] > 0:
+            builds.setdefault(r["system"].split(" (")[0].replace(" two-stage", " exhaustive exact MaxSim"), r["index_build_s"])
+    names = list(builds)
+    bars = ax2.barh(names, [builds[n] for n in names])
+    ax2.bar_label(bars, fmt="%.0f s", fontsize=8)
     ax2.set_xlabel("index build time (s; backbone excluded)")
+    load = out["load_average_start_end"]
+    ax2.set_title(f"{out['threads']} threads; load average {load[0][0]:.1f} before, {load[1][0]:.1f} after", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -96,11 +96,16 @@ def _add_export(commands) -> None:
     )
     p.add_argument("head", type=Path, metavar="HEAD_DIR")
     p.add_argument("--corpus", type=Path, required=True, help="JSONL file of documents")
+    add_export_options(p)
+    p.set_defaults(func=run_export)
+
+
+def add_export_options(p) -> None:
+    """The engine, collection and write options `csr export` and `ssr export` share."""
     _add_engine_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing collection of that name")
     p.add_argument("--batch-size", type=int, default=5000, help="rows per insert call")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_export)
 
 
 def _add_engine_search(commands) -> None:

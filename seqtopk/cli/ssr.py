@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from seqtopk.cli.csr import _add_engine_options, _HelpWithDefaults
+from seqtopk.cli.csr import _HelpWithDefaults, add_export_options
 
 
 def add_parser(sub) -> None:
@@ -63,16 +63,13 @@ def add_parser(sub) -> None:
     p = commands.add_parser("export", help="encode a BEIR corpus.jsonl and write its token codes to Milvus or Qdrant",
                             description="Encode every document of a BEIR corpus.jsonl with an SSR folder and write one "
                             "row per kept token (its unit-norm sparse code, the document id, the token's position) to a "
-                            "Milvus or Qdrant collection, as `csr export` writes one row per document. MaxSim is then "
-                            "the max over a document's rows of each query token's inner product, summed. The corpus "
+                            "Milvus or Qdrant collection, as `csr export` writes one row per document (MaxSim over those "
+                            "rows is not run by the engine: search with `ssr index` and `ssr search`). The corpus "
                             "and the folder are checked and encoded before the engine is touched.",
                             formatter_class=_HelpWithDefaults)
     p.add_argument("folder", type=Path, metavar="DIR", help="SSR encoder folder from `ssr train`")
     p.add_argument("--corpus", type=Path, required=True, help='BEIR corpus.jsonl: {"_id", "title", "text"} per line')
-    _add_engine_options(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing collection of that name")
-    p.add_argument("--batch-size", type=int, default=5000, help="rows per insert call")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_export_options(p)
     p.set_defaults(func=run_export)
 
 
