@@ -49,7 +49,7 @@ def head_config(method: str, k: int, seed: int, args):
                        finetune_steps=args.finetune_steps if finetune else 0, seed=seed)
 
 
-def trained_head(method: str, k: int, seed: int, args, backbone: Path) -> Path:
+def trained_head(method: str, k: int, seed: int, args, backbone: Path) -> Path | None:
     """Train (or reuse) one head; reuse only when the saved config equals the requested one."""
     from seqtopk.sparse.csr.train import train_head
 
@@ -62,6 +62,9 @@ def trained_head(method: str, k: int, seed: int, args, backbone: Path) -> Path:
         if all(saved.get(key) == (list(value) if isinstance(value, tuple) else value) for key, value in wanted.items()):
             print(f"reusing {folder}", flush=True)
             return folder
+    if args.only_trained:
+        print(f"not trained, skipped (--only-trained): {folder}", flush=True)
+        return None
     print(f"training {folder}", flush=True)
     start = time.perf_counter()
     train_head(backbone, folder, config, overwrite=True, progress=not args.quiet)
@@ -97,6 +100,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--workdir", type=Path, default=None, help="where heads are kept (default: $SEQTOPK_CACHE/heads)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (keep low on shared machines)")
+    parser.add_argument("--only-trained", action="store_true",
+                        help="score the heads already trained and skip the others (assemble a sweep run in parts)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "csr_mteb")
     args = parser.parse_args()
@@ -131,6 +136,8 @@ def main() -> int:
                 continue
             for seed in seeds:
                 head = trained_head(method, k, seed, args, backbone)
+                if head is None:
+                    continue
                 row = scored_head(head, tasks)
                 row.update(method=method, seed=seed)
                 rows.append(row)
