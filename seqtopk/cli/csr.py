@@ -96,11 +96,16 @@ def _add_export(commands) -> None:
     )
     p.add_argument("head", type=Path, metavar="HEAD_DIR")
     p.add_argument("--corpus", type=Path, required=True, help="JSONL file of documents")
+    add_export_options(p)
+    p.set_defaults(func=run_export)
+
+
+def add_export_options(p) -> None:
+    """The engine, collection and write options `csr export` and `ssr export` share."""
     _add_engine_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing collection of that name")
     p.add_argument("--batch-size", type=int, default=5000, help="rows per insert call")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_export)
 
 
 def _add_engine_search(commands) -> None:
@@ -131,19 +136,27 @@ def _open(args, **options):
                        **options)
 
 
+def check_batch_size(args) -> None:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def write_codes(args, codes, doc_ids: list[str], info, source: Path, offsets=None) -> int:
+    """The export step `csr export` and `ssr export` share: write the checked codes, say where they went."""
+    with _open(args) as engine:
+        rows = engine.write(codes, doc_ids, info, offsets=offsets, overwrite=args.overwrite,
+                            batch_size=args.batch_size, progress=not args.quiet)
+        print(f"exported {rows} codes of {source} to {engine.where}")
+    return 0
+
+
 def run_export(args) -> int:
     from seqtopk.sparse.export.texts import HeadEncoder, read_jsonl_texts
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_batch_size(args)
     doc_ids, texts = read_jsonl_texts(args.corpus)
     encoder = HeadEncoder(args.head)
-    codes = encoder.encode(texts, progress=not args.quiet)
-    with _open(args) as engine:
-        rows = engine.write(codes, doc_ids, encoder.info, overwrite=args.overwrite, batch_size=args.batch_size,
-                            progress=not args.quiet)
-        print(f"exported {rows} codes of {args.head} to {engine.where}")
-    return 0
+    return write_codes(args, encoder.encode(texts, progress=not args.quiet), doc_ids, encoder.info, args.head)
 
 
 def run_engine_search(args) -> int:

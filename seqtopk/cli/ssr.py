@@ -1,4 +1,5 @@
-"""`seqtopk ssr`: SSR multi-vector sparse retrieval (per-token sparse codes, exact MaxSim on inverted lists)."""
+"""`seqtopk ssr`: SSR multi-vector sparse retrieval (per-token sparse codes, exact MaxSim on inverted lists),
+and the export of a corpus's token codes to a vector engine (Milvus, Qdrant)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import json
 import time
 from pathlib import Path
 
-from seqtopk.cli.csr import _HelpWithDefaults
+from seqtopk.cli.csr import _HelpWithDefaults, add_export_options
 
 
 def add_parser(sub) -> None:
-    ssr = sub.add_parser("ssr", help="SSR multi-vector sparse retrieval: train, index, search, eval", description=__doc__)
+    ssr = sub.add_parser("ssr", help="SSR multi-vector sparse retrieval: train, index, search, eval, export",
+                         description=__doc__)
     commands = ssr.add_subparsers(dest="ssr_command", metavar="ACTION", required=True)
 
     p = commands.add_parser("train", help="train a token SAE on the backbone's token outputs (SciFact train pairs)",
@@ -57,6 +59,18 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the JSON summary here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_eval)
+
+    p = commands.add_parser("export", help="encode a BEIR corpus.jsonl and write its token codes to Milvus or Qdrant",
+                            description="Encode every document of a BEIR corpus.jsonl with an SSR folder and write one "
+                            "row per kept token (its unit-norm sparse code, the document id, the token's position) to a "
+                            "Milvus or Qdrant collection, as `csr export` writes one row per document (MaxSim over those "
+                            "rows is not run by the engine: search with `ssr index` and `ssr search`). The corpus "
+                            "and the folder are checked and encoded before the engine is touched.",
+                            formatter_class=_HelpWithDefaults)
+    p.add_argument("folder", type=Path, metavar="DIR", help="SSR encoder folder from `ssr train`")
+    p.add_argument("--corpus", type=Path, required=True, help='BEIR corpus.jsonl: {"_id", "title", "text"} per line')
+    add_export_options(p)
+    p.set_defaults(func=run_export)
 
 
 def run_train(args) -> int:
@@ -118,3 +132,20 @@ def run_eval(args) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     return 0
+
+
+def run_export(args) -> int:
+    from seqtopk.cli.csr import check_batch_size, write_codes
+    from seqtopk.sparse.export import CodesInfo
+    from seqtopk.sparse.ssr.corpus import read_corpus
+    from seqtopk.sparse.ssr.folder import check_ssr_folder
+
+    check_batch_size(args)
+    check_ssr_folder(args.folder)
+    doc_ids, texts = read_corpus(args.corpus)  # the whole file is checked before anything is encoded
+    from seqtopk.sparse.ssr.encoder import SSREncoder
+
+    encoder = SSREncoder(args.folder)
+    codes = encoder.encode(texts, "document", progress=not args.quiet)
+    info = CodesInfo(dim=encoder.dim, head=args.folder.name, k=encoder.sae.k, vectors_per_doc="many")
+    return write_codes(args, codes.codes, doc_ids, info, args.folder, offsets=codes.offsets)

@@ -63,35 +63,56 @@ def backbone_layout(path: Path) -> dict:
     return layout
 
 
-@lru_cache(maxsize=16)
-def _fingerprint(path: str, stamp: tuple) -> str:
+def _hash_weights(path: Path, digest) -> None:
     from safetensors import safe_open
 
-    digest = hashlib.sha256(json.dumps(backbone_layout(Path(path)), sort_keys=True).encode())
     # Hash tensor contents, not file bytes: re-saving identical weights must give the same fingerprint.
-    with safe_open(str(Path(path) / "model.safetensors"), framework="numpy") as f:
+    with safe_open(str(path / "model.safetensors"), framework="numpy") as f:
         for name in sorted(f.keys()):
             if name.endswith("position_ids"):  # a constant buffer that some saves drop
                 continue
             digest.update(name.encode())
             digest.update(np.ascontiguousarray(f.get_tensor(name)).tobytes())
+
+
+@lru_cache(maxsize=16)
+def _fingerprint(path: str, stamp: tuple, with_layout: bool) -> str:
+    digest = hashlib.sha256(json.dumps(backbone_layout(Path(path)), sort_keys=True).encode() if with_layout else b"")
+    _hash_weights(Path(path), digest)
     return digest.hexdigest()[:20]
+
+
+def _stamp(path: Path) -> tuple:
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path} has no model.safetensors; only safetensors backbones are supported")
+    return weights.stat().st_size, weights.stat().st_mtime_ns, (path / "modules.json").stat().st_mtime_ns
 
 
 def backbone_fingerprint(path: Path) -> str:
     """Equal for two folders whose dense embeddings are computed by the same weights and layout."""
     path = Path(path).resolve()
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path} has no model.safetensors; only safetensors backbones are supported")
-    stamp = (weights.stat().st_size, weights.stat().st_mtime_ns, (path / "modules.json").stat().st_mtime_ns)
-    return _fingerprint(str(path), stamp)
+    return _fingerprint(str(path), _stamp(path), True)
+
+
+def transformer_fingerprint(path: Path) -> str:
+    """Equal for two folders with the same transformer weights, whatever modules follow it (token outputs:
+    a backbone and the SSR folder trained on it share their token cache)."""
+    path = Path(path).resolve()
+    return _fingerprint(str(path), _stamp(path), False)
+
+
+def is_multi_vector_dir(path: Path) -> bool:
+    """A folder saved as a sentence-transformers MultiVectorEncoder (an SSR encoder folder)."""
+    config = Path(path) / "config_sentence_transformers.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "MultiVectorEncoder"
 
 
 def load_backbone(path: Path, device: str = "cpu"):
-    """The dense part of a model folder as a SentenceTransformer (a CSR head folder minus its head)."""
+    """The dense part of a model folder as a SentenceTransformer (a CSR head folder minus its head; an SSR
+    folder's transformer alone)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder; never reach for a hub
-    from sentence_transformers import SentenceTransformer, SparseEncoder
+    from sentence_transformers import MultiVectorEncoder, SentenceTransformer, SparseEncoder
 
     path = Path(path)
     if not (path / "modules.json").is_file():
@@ -99,6 +120,9 @@ def load_backbone(path: Path, device: str = "cpu"):
     if is_csr_head_dir(path):
         modules = list(SparseEncoder(str(path), device=device, local_files_only=True))[:-1]
         return SentenceTransformer(modules=modules, device=device)
+    if is_multi_vector_dir(path):
+        return SentenceTransformer(modules=[MultiVectorEncoder(str(path), device=device, local_files_only=True)[0]],
+                                   device=device)
     return SentenceTransformer(str(path), device=device, local_files_only=True)
 
 

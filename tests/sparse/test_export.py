@@ -74,7 +74,7 @@ def test_bad_input_is_refused_before_the_collection_changes(name, tmp_path):
     doc_ids = [f"d{i}" for i in range(docs.n_rows)]
     info = CodesInfo(dim=DIM, head="synthetic", k=K)
     with _engine(name, tmp_path) as engine:
-        with pytest.raises(EngineError, match="does not exist; create it with `seqtopk csr export`"):
+        with pytest.raises(EngineError, match=r"does not exist; create it with `seqtopk csr export` \(or `ssr export`"):
             engine.search(docs)
         engine.write(docs, doc_ids, info, progress=False)
         nan = SparseRows(docs.indptr, docs.indices, docs.values.copy(), DIM)

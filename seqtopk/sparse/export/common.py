@@ -52,7 +52,7 @@ class CodesInfo:
     @classmethod
     def from_json(cls, data, where: str) -> "CodesInfo":
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise EngineError(f"{where} was not written by `seqtopk csr export` (no seqtopk metadata); "
+            raise EngineError(f"{where} was not written by `seqtopk csr export` or `ssr export` (no seqtopk metadata); "
                               "export into another collection name, or drop it yourself if it is not needed")
         if data.get("version") != VERSION:
             raise EngineError(f"{where} has seqtopk export format version {data.get('version')!r}; this seqtopk "
@@ -167,7 +167,7 @@ class SparseEngine:
         if self._info is None:
             self._info = self.read_info()
         if self._info is None:
-            raise EngineError(f"{self.where} does not exist; create it with `seqtopk csr export`")
+            raise EngineError(f"{self.where} does not exist; create it with `seqtopk csr export` (or `ssr export` for token codes)")
         return self._info
 
     def search(self, queries: SparseRows, k: int = 10, batch_size: int = 64) -> list[list[Hit]]:

@@ -45,7 +45,8 @@ class MilvusEngine(SparseEngine):
         # ("too_many_pings") and the next call fails; ping rarely, and only during calls. A dedicated channel
         # is never one another client closed.
         options = {"grpc_options": {"grpc.keepalive_time_ms": 600_000, "grpc.keepalive_permit_without_calls": 0}}
-        self.client = MilvusClient(uri, token=token or "", dedicated=True, **(options if local else {}))
+        # Milvus Lite starts a server process first; on a loaded 2-core machine that outlasts pymilvus's 10 s.
+        self.client = MilvusClient(uri, token=token or "", dedicated=True, timeout=60, **(options if local else {}))
 
     def read_info(self) -> CodesInfo | None:
         if not self.client.has_collection(self.collection):

@@ -43,7 +43,7 @@ class QdrantEngine(SparseEngine):
             if alias.alias_name == self.collection:
                 return alias.collection_name
         if self.client.collection_exists(self.collection):
-            raise EngineError(f"{self.where} is a collection that `seqtopk csr export` did not write (its exports "
+            raise EngineError(f"{self.where} is a collection that `seqtopk csr export` or `ssr export` did not write (its exports "
                               "are aliases); export under another name, or delete it yourself if it is not needed")
         return None
 

@@ -27,7 +27,9 @@ class InvertedIndex:
     """
 
     def __init__(self, docs: SparseRows, use_numba: bool = True) -> None:
-        order = np.argsort(docs.indices, kind="stable")  # within a list, doc ids stay ascending
+        # Stable, so doc ids stay ascending within a list; as uint16 numpy sorts by radix (a few x faster).
+        keys = docs.indices.astype(np.uint16) if docs.dim <= 1 << 16 else docs.indices
+        order = np.argsort(keys, kind="stable")
         doc_of_entry = np.repeat(np.arange(docs.n_rows, dtype=np.uint32), np.diff(docs.indptr))
         indptr = np.zeros(docs.dim + 1, dtype=np.int64)
         np.cumsum(np.bincount(docs.indices, minlength=docs.dim), out=indptr[1:])

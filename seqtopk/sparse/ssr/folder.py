@@ -1,14 +1,20 @@
-"""An SSR encoder folder: the backbone's sentence-transformers folder plus ssr_head/ (config + safetensors).
+"""An SSR encoder folder: a sentence-transformers MultiVectorEncoder built from stock modules only.
 
-    DIR/                     the backbone as saved by sentence-transformers (loads with SentenceTransformer)
-    DIR/config.json          + architectures = [SeqtopkSSRBertModel], io_processor_plugin (vLLM serving)
-    DIR/ssr_head/config.json {format, input_dim, hidden_dim, k, k_aux, dead_threshold, query/doc max tokens}
-    DIR/ssr_head/model.safetensors  weight (h, d), pre_bias (d), latent_bias (h)
-    DIR/ssr_training.json    what training did (steps, losses, dead-latent fraction on held-out text)
+    DIR/modules.json          Transformer (the backbone, at DIR/) -> Normalize (token_embeddings, written to
+                              sentence_embedding) -> SparseAutoEncoder (DIR/ssr_head/, applied per token) ->
+                              Normalize (back to token_embeddings: unit-norm codes) -> MultiVectorMask (special
+                              tokens, queries and documents) -> MultiVectorMask (punctuation, documents only)
+    DIR/config.json           the backbone's, + architectures = [SeqtopkSSRBertModel], io_processor_plugin (vLLM)
+    DIR/sentence_bert_config.json  query_length 32, document_length 180 (truncation, special tokens included)
+    DIR/ssr_head/             the SparseAutoEncoder: config.json + model.safetensors (the tied weight (h, d)
+                              as encoder.weight or decoder.linear.weight, pre_bias (d), latent_bias (h))
+    DIR/ssr_config.json       {format, version, head, query/doc max tokens}: what seqtopk checks first
+    DIR/ssr_training.json     what training did (steps, losses, dead-latent fraction on held-out text)
 
-Like CSR head folders (seqtopk.sparse.csr.folder), a folder is written into a staging folder and moved into
-place whole, and `check_ssr_folder` reads configs and safetensors headers only and names the bad file.
-`head_fingerprint` identifies the code an index was built with, so an index refuses another head.
+So `MultiVectorEncoder(DIR)` gives the same token codes as `SSREncoder(DIR)` without seqtopk installed, and
+seqtopk, its index and the vLLM model read the same files. Like CSR head folders, a folder is written into a
+staging folder and moved into place whole; `check_ssr_folder` reads configs and safetensors headers only and
+names the bad file. `head_fingerprint` identifies the code an index was built with.
 """
 
 from __future__ import annotations
@@ -23,33 +29,46 @@ from seqtopk.sparse.index.atomic import replace_folder, staging_folder
 from seqtopk.sparse.ssr.tokens import DOC_MAX_TOKENS, QUERY_MAX_TOKENS
 
 HEAD_DIR = "ssr_head"
-FORMAT = "seqtopk-ssr-head"
+SSR_CONFIG = "ssr_config.json"
+FORMAT = "seqtopk-ssr-encoder"
+VERSION = 2
 _RETRAIN = "train it again with `seqtopk ssr train --k K --out {folder}`"
 
 
 def check_ssr_folder(folder: Path) -> dict:
-    """The head config of a complete SSR folder, or FileNotFoundError / HeadFolderError naming the bad file."""
+    """The head's sizes and token limits, or FileNotFoundError / HeadFolderError naming the bad file."""
     from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
     retrain = _RETRAIN.format(folder=folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no SSR encoder folder at {folder}; {retrain}")
-    for name in ("modules.json", "config.json", "model.safetensors", f"{HEAD_DIR}/config.json", f"{HEAD_DIR}/model.safetensors"):
+    if not (folder / SSR_CONFIG).is_file() and _is_first_layout(folder):
+        raise HeadFolderError(f"{folder} is an SSR folder in seqtopk's first layout (head outside modules.json), "
+                              f"which this version does not read; {retrain}")
+    for name in (SSR_CONFIG, "modules.json", "config.json", "model.safetensors", f"{HEAD_DIR}/config.json",
+                 f"{HEAD_DIR}/model.safetensors"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} is missing, so {folder} is not a complete SSR encoder folder; {retrain}")
+    ssr = _json(folder / SSR_CONFIG, retrain)
+    if ssr.get("format") != FORMAT or ssr.get("version") != VERSION:
+        raise HeadFolderError(f"{folder / SSR_CONFIG} is not an SSR encoder config (format {FORMAT!r} version "
+                              f"{VERSION} expected); {retrain}")
+    modules = _json(folder / "modules.json", retrain, list)
+    if not any(isinstance(m, dict) and m.get("path") == HEAD_DIR and str(m.get("type", "")).endswith("SparseAutoEncoder")
+               for m in modules):
+        raise HeadFolderError(f"{folder / 'modules.json'} does not list the SparseAutoEncoder at {HEAD_DIR}/, so "
+                              f"sentence-transformers would drop the head; {retrain}")
     path = folder / HEAD_DIR / "config.json"
+    head = _json(path, retrain)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise HeadFolderError(f"{path} is not valid JSON ({err}); {retrain}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise HeadFolderError(f"{path} is not an SSR head config (format {FORMAT!r} expected); {retrain}")
-    try:
-        d, h, k = (int(config[key]) for key in ("input_dim", "hidden_dim", "k"))
+        d, h, k = (int(head[key]) for key in ("input_dim", "hidden_dim", "k"))
     except (KeyError, TypeError, ValueError):
         raise HeadFolderError(f"{path} lacks integer input_dim, hidden_dim and k; {retrain}") from None
-    backbone_dim = json.loads((folder / "config.json").read_text()).get("hidden_size")
+    if not 1 <= k <= h or head.get("normalize"):
+        raise HeadFolderError(f"{path} asks for k={k} of {h} latents (normalize={head.get('normalize')}); an SSR "
+                              f"head keeps 1 <= k <= hidden_dim and no input LayerNorm; {retrain}")
+    backbone_dim = _json(folder / "config.json", retrain).get("hidden_size")
     if backbone_dim != d:
         raise HeadFolderError(f"{path} says the head reads {d}-dim token vectors, but the backbone in {folder} "
                               f"gives {backbone_dim}: head and backbone come from different models; {retrain}")
@@ -60,15 +79,66 @@ def check_ssr_folder(folder: Path) -> dict:
     except (SafetensorError, OSError) as err:
         raise HeadFolderError(f"{weights} is not a readable safetensors file, truncated or corrupted ({err}); {retrain}") from None
     expected = {"weight": [h, d], "pre_bias": [d], "latent_bias": [h]}
-    if {name: shapes.get(name) for name in expected} != expected:
+    found = {"weight": shapes.get(_weight_name(shapes)), "pre_bias": shapes.get("pre_bias"),
+             "latent_bias": shapes.get("latent_bias")}
+    if found != expected:
         raise HeadFolderError(f"{weights} holds {shapes}, but {path} describes {expected}; {retrain}")
-    return config
+    return {"input_dim": d, "hidden_dim": h, "k": k, "k_aux": int(head.get("k_aux", 256)),
+            "dead_threshold": int(head.get("dead_threshold", 50)),
+            "query_max_tokens": ssr.get("query_max_tokens"), "doc_max_tokens": ssr.get("doc_max_tokens")}
+
+
+def _weight_name(names) -> str:
+    """The tied encoder/decoder weight is saved once, under either module's name."""
+    return "encoder.weight" if "encoder.weight" in names else "decoder.linear.weight"
+
+
+def _is_first_layout(folder: Path) -> bool:
+    try:
+        return json.loads((folder / HEAD_DIR / "config.json").read_text()).get("format") == "seqtopk-ssr-head"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _json(path: Path, retrain: str, kind: type = dict):
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise HeadFolderError(f"{path} is not valid JSON ({err}); {retrain}") from None
+    if not isinstance(value, kind):
+        raise HeadFolderError(f"{path} holds a JSON {type(value).__name__}, not a {kind.__name__}; {retrain}")
+    return value
+
+
+def stock_modules(transformer, sae, tokenizer) -> list:
+    """The MultiVectorEncoder modules of an SSR encoder, all from sentence-transformers itself."""
+    import torch
+    from sentence_transformers.base.modules import Normalize
+    from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
+    from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder
+
+    from seqtopk.sparse.ssr.tokens import punctuation_ids
+
+    transformer.query_length, transformer.document_length = QUERY_MAX_TOKENS, DOC_MAX_TOKENS
+    head = SparseAutoEncoder(sae.input_dim, sae.hidden_dim, sae.k, k_aux=sae.k_aux, normalize=False,
+                             dead_threshold=sae.dead_threshold)
+    with torch.no_grad():
+        head.encoder.weight.copy_(sae.weight)
+        head.pre_bias.copy_(sae.pre_bias)
+        head.latent_bias.copy_(sae.latent_bias)
+    special = list(dict.fromkeys(tokenizer.all_special_tokens))
+    punctuation = tokenizer.convert_ids_to_tokens(punctuation_ids(tokenizer).tolist())
+    # The SAE module reads and writes "sentence_embedding"; the two Normalize modules move token vectors in
+    # (unit length, as SSR's tokens are) and the codes back out (unit length, as SSR scores them).
+    return [transformer, Normalize("token_embeddings", "sentence_embedding"), head.eval(),
+            Normalize("sentence_embedding", "token_embeddings"),
+            MultiVectorMask(special, skiplist_tasks=["query", "document"]),
+            MultiVectorMask(punctuation, skiplist_tasks=["document"])]
 
 
 def save_ssr_folder(out: Path, backbone_st_model, sae, summary: dict, overwrite: bool = False) -> None:
-    """Write backbone + head + summary to a staging folder, then move it to `out` whole."""
-    import torch
-    from safetensors.torch import save_file
+    """Write the MultiVectorEncoder folder + SSR config + summary to a staging folder, then move it to `out`."""
+    from sentence_transformers import MultiVectorEncoder
 
     from seqtopk.sparse.vllm.registry import SSR_ARCHITECTURE, SSR_SPARSE_IO_PLUGIN
 
@@ -77,19 +147,23 @@ def save_ssr_folder(out: Path, backbone_st_model, sae, summary: dict, overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     staging = staging_folder(out)
     try:
-        backbone_st_model.save(str(staging))
+        model = MultiVectorEncoder(modules=stock_modules(backbone_st_model[0], sae, backbone_st_model.tokenizer),
+                                   device="cpu")
+        model.save(str(staging))
+        modules = json.loads((staging / "modules.json").read_text())
+        for m in modules:  # ST names the folder "<idx>_SparseAutoEncoder"; SSR's head keeps one name
+            if m["type"].endswith("SparseAutoEncoder"):
+                (staging / m["path"]).rename(staging / HEAD_DIR)
+                m["path"] = HEAD_DIR
+        (staging / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
         config_path = staging / "config.json"
         config = json.loads(config_path.read_text())
         config["architectures"] = [SSR_ARCHITECTURE]  # transformers goes by model_type; vLLM by this
         config["io_processor_plugin"] = SSR_SPARSE_IO_PLUGIN
         config_path.write_text(json.dumps(config, indent=2) + "\n")
-        (staging / HEAD_DIR).mkdir()
-        head_config = {"format": FORMAT, **sae.config(), "query_max_tokens": QUERY_MAX_TOKENS,
-                       "doc_max_tokens": DOC_MAX_TOKENS}
-        (staging / HEAD_DIR / "config.json").write_text(json.dumps(head_config, indent=2) + "\n")
-        state = {name: t.detach().to("cpu", torch.float32).contiguous()
-                 for name, t in sae.state_dict().items() if name in ("weight", "pre_bias", "latent_bias")}
-        save_file(state, str(staging / HEAD_DIR / "model.safetensors"))
+        (staging / SSR_CONFIG).write_text(json.dumps(
+            {"format": FORMAT, "version": VERSION, "head": HEAD_DIR, "query_max_tokens": QUERY_MAX_TOKENS,
+             "doc_max_tokens": DOC_MAX_TOKENS}, indent=2) + "\n")
         (staging / "ssr_training.json").write_text(json.dumps(summary, indent=2) + "\n")
         replace_folder(staging, out)
     except BaseException:
@@ -97,26 +171,31 @@ def save_ssr_folder(out: Path, backbone_st_model, sae, summary: dict, overwrite:
         raise
 
 
-def load_sae(folder: Path):
-    """The TokenSAE of a checked SSR folder, in eval mode."""
+def load_head_state(folder: Path) -> dict:
+    """The head's tensors under SSR's names: weight (h, d), pre_bias (d), latent_bias (h)."""
     from safetensors.torch import load_file
 
+    state = load_file(str(Path(folder) / HEAD_DIR / "model.safetensors"))
+    return {"weight": state[_weight_name(state)], "pre_bias": state["pre_bias"], "latent_bias": state["latent_bias"]}
+
+
+def load_sae(folder: Path):
+    """The TokenSAE of a checked SSR folder, in eval mode."""
     from seqtopk.sparse.ssr.sae import TokenSAE
 
     config = check_ssr_folder(folder)
-    sae = TokenSAE(config["input_dim"], config["hidden_dim"], config["k"], config.get("k_aux", 256),
-                   config.get("dead_threshold", 50))
-    sae.load_state_dict(load_file(str(Path(folder) / HEAD_DIR / "model.safetensors")), strict=False)
+    sae = TokenSAE(config["input_dim"], config["hidden_dim"], config["k"], config["k_aux"], config["dead_threshold"])
+    sae.load_state_dict(load_head_state(folder), strict=False)
     return sae.eval()
 
 
 def head_fingerprint(folder: Path) -> str:
-    """Equal for two folders that give the same token codes: backbone weights + head config and weights."""
-    from seqtopk.sparse.backbone import backbone_fingerprint
+    """Equal for two folders that give the same token codes: transformer weights + head config and weights."""
+    from seqtopk.sparse.backbone import transformer_fingerprint
 
     folder = Path(folder)
     check_ssr_folder(folder)
-    digest = hashlib.sha256(backbone_fingerprint(folder).encode())
-    digest.update((folder / HEAD_DIR / "config.json").read_bytes())
-    digest.update((folder / HEAD_DIR / "model.safetensors").read_bytes())
+    digest = hashlib.sha256(transformer_fingerprint(folder).encode())
+    for name in (SSR_CONFIG, f"{HEAD_DIR}/config.json", f"{HEAD_DIR}/model.safetensors"):
+        digest.update((folder / name).read_bytes())
     return digest.hexdigest()[:20]

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from seqtopk.sparse.index.multivector import MultiVectorIndex
 
 
@@ -37,9 +39,10 @@ class SSRIndex:
             raise ValueError(f"{len(doc_ids)} ids for {len(texts)} documents")
         encoder = encoder or SSREncoder(folder)
         t0 = time.perf_counter()
-        tokens = encoder.tokens.encode(texts, "document", progress=progress, desc="document tokens")
+        # float16, as cached: the SAE casts each chunk as it reads it, so no float32 copy of the corpus is made
+        tokens = encoder.tokens.encode(texts, "document", progress=progress, desc="document tokens", dtype=np.float16)
         t1 = time.perf_counter()
-        codes = TokenCodes(encoder.sae.sparse_codes(tokens.vectors), tokens.offsets, tokens.token_ids)
+        codes = TokenCodes(encoder.sae.sparse_codes(tokens.vectors, progress=progress), tokens.offsets, tokens.token_ids)
         t2 = time.perf_counter()
         index = MultiVectorIndex(codes.codes, codes.offsets, doc_ids, codes.token_ids,
                                  meta={"head_fingerprint": encoder.fingerprint, "head_dir": str(Path(folder).resolve()),

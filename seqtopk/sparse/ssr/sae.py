@@ -73,19 +73,32 @@ class TokenSAE(nn.Module):
         return topk_relu(pre.masked_fill(~dead, float("-inf")), min(self.k_aux, n_dead))
 
     @torch.inference_mode()
-    def sparse_codes(self, vectors: np.ndarray, chunk: int = 8192) -> SparseRows:
-        """Unit-norm codes of token vectors as SparseRows (exactly the non-zero entries, latent ids ascending)."""
-        n = len(vectors)
-        indptr_parts, idx_parts, val_parts = [np.zeros(1, np.int64)], [], []
+    def sparse_codes(self, vectors: np.ndarray, chunk: int = 2048, progress: bool = False) -> SparseRows:
+        """Unit-norm codes of token vectors as SparseRows (exactly the non-zero entries, latent ids ascending).
+
+        One fp32 GEMM per chunk of rows, then top-k on that chunk while it is still in cache: the dense
+        (n, h) codes are never formed, and nothing runs per token in Python. `vectors` may be float16 or a
+        memory map; each chunk is cast as it is read.
+        """
+        from tqdm.auto import tqdm
+
+        n, k = len(vectors), self.k
+        indptr = np.zeros(n + 1, np.int64)
+        indices = np.empty(n * k, np.int32)
+        values = np.empty(n * k, np.float32)
         done = 0
-        for start in range(0, n, chunk):
-            codes = self.encode(torch.from_numpy(np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32)))
-            rows, cols = torch.nonzero(codes, as_tuple=True)  # row-major: latent ids ascend within a row
-            counts = torch.bincount(rows, minlength=len(codes)).numpy()
-            indptr_parts.append(done + np.cumsum(counts))
-            done += int(counts.sum())
-            idx_parts.append(cols.numpy().astype(np.int32))
-            val_parts.append(codes[rows, cols].numpy().astype(np.float32))
-        indices = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int32)
-        values = np.concatenate(val_parts) if val_parts else np.zeros(0, np.float32)
-        return SparseRows(np.concatenate(indptr_parts), indices, values, self.hidden_dim)
+        for start in tqdm(range(0, n, chunk), desc="SAE codes", unit="chunk", disable=not progress):
+            x = torch.from_numpy(np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32))
+            top, ids = self.pre_activations(x).topk(k, dim=-1, sorted=False)
+            ids, order = ids.sort(dim=-1)  # latent ids ascending within each row
+            top = top.gather(-1, order).relu_()
+            top /= top.norm(dim=-1, keepdim=True).clamp_min_(1e-12)  # F.normalize of the dense code
+            kept = top > 0
+            rows = kept.sum(dim=-1).numpy()
+            m = int(rows.sum())
+            np.cumsum(rows, out=indptr[start + 1:start + 1 + len(rows)])
+            indptr[start + 1:start + 1 + len(rows)] += done
+            indices[done:done + m] = ids[kept].numpy()
+            values[done:done + m] = top[kept].numpy()
+            done += m
+        return SparseRows(indptr, indices[:done].copy(), values[:done].copy(), self.hidden_dim)

@@ -7,8 +7,10 @@ tokens; all-MiniLM-L6-v2 was never trained on [MASK] expansion, so we do not.
 `keep_mask` is the single rule: the Python encoder and the vLLM output plugin both call it.
 
 Token outputs are the backbone's last hidden states (sentence-transformers' token_embeddings), L2
-normalised per token. They are stored as float16 under $SEQTOPK_CACHE/ssr-tokens/<backbone fingerprint>/
-<kind>/ (shards keyed by sha1 of the text), so evaluation reruns do not run the backbone again.
+normalised per token. They are stored as float16 under $SEQTOPK_CACHE/ssr-tokens/<transformer fingerprint>/
+<kind>/, so evaluation reruns do not run the backbone again: each shard is a folder of .npy files (sha1 keys of
+its texts, row offsets, vectors, token ids) that is memory-mapped, so opening a large cache reads only the keys
+and a text's rows are read when they are used.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from seqtopk.paths import cache_dir
-from seqtopk.sparse.backbone import backbone_fingerprint, text_key
+from seqtopk.sparse.backbone import text_key, transformer_fingerprint
 
 QUERY_MAX_TOKENS = 32
 DOC_MAX_TOKENS = 180
@@ -105,8 +107,9 @@ class TokenEncoder:
         vectors = [F.normalize(hidden[i, torch.from_numpy(kept)].float(), dim=-1) for i, kept in enumerate(vectors)]
         return vectors, ids
 
-    def encode(self, texts: list[str], kind: str, progress: bool = False, desc: str | None = None) -> TokenBatch:
-        """Unit token vectors of every text (reading and filling the cache)."""
+    def encode(self, texts: list[str], kind: str, progress: bool = False, desc: str | None = None,
+               dtype=np.float32) -> TokenBatch:
+        """Unit token vectors of every text (reading and filling the cache); float16 skips the float32 copy."""
         store = self._store(kind)
         keys = [text_key(t) for t in texts]
         missing = list(dict.fromkeys(k for k in keys if k not in store))
@@ -131,39 +134,43 @@ class TokenEncoder:
             if self.use_cache and fresh_keys:
                 self._write_shard(kind, fresh_keys, fresh)
         parts = [store[k] for k in keys]
-        lengths = np.array([len(ids) for _, ids in parts], dtype=np.int64)
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        vectors = np.concatenate([v for v, _ in parts]) if parts else np.zeros((0, self.dim), np.float16)
-        ids = np.concatenate([i for _, i in parts]) if parts else np.zeros(0, np.int32)
-        return TokenBatch(vectors.astype(np.float32), offsets, ids)
+        np.cumsum([len(ids) for _, ids in parts], out=offsets[1:])
+        vectors = np.empty((offsets[-1], self.dim), dtype=dtype)
+        ids = np.empty(offsets[-1], dtype=np.int32)
+        for (v, i), a, b in zip(parts, offsets[:-1], offsets[1:]):  # one copy (and cast) per text
+            vectors[a:b] = v
+            ids[a:b] = i
+        return TokenBatch(vectors, offsets, ids)
 
     # --- cache -----------------------------------------------------------------------------------------
 
     def _folder(self, kind: str) -> Path:
-        return cache_dir("ssr-tokens", backbone_fingerprint(self.path), f"{kind}-{max_tokens(kind)}")
+        return cache_dir("ssr-tokens", transformer_fingerprint(self.path), f"{kind}-{max_tokens(kind)}")
 
     def _store(self, kind: str) -> dict:
+        """sha1 key -> (vectors, token ids) of each cached text: views of memory-mapped shards."""
         if kind in self._stores:
             return self._stores[kind]
         store: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
         if self.use_cache:
-            for shard in sorted(self._folder(kind).glob("shard-*.npz")):
-                with np.load(shard) as data:
-                    offsets = data["offsets"]
-                    vectors, ids = data["vectors"], data["token_ids"]
-                    for j, key in enumerate(data["keys"]):
-                        a, b = offsets[j], offsets[j + 1]
-                        store[key.tobytes()] = (vectors[a:b], ids[a:b])
+            for shard in sorted(p for p in self._folder(kind).glob("shard-*") if p.is_dir() and p.suffix != ".partial"):
+                keys, offsets = np.load(shard / "keys.npy"), np.load(shard / "offsets.npy")
+                vectors = np.load(shard / "vectors.npy", mmap_mode="r")
+                ids = np.load(shard / "token_ids.npy", mmap_mode="r")
+                for key, a, b in zip(keys, offsets[:-1], offsets[1:]):
+                    store[key.tobytes()] = (vectors[a:b], ids[a:b])
         self._stores[kind] = store
         return store
 
     def _write_shard(self, kind: str, keys: list[bytes], parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum([len(i) for _, i in parts], out=offsets[1:])
-        final = self._folder(kind) / f"shard-{uuid.uuid4().hex}.npz"
-        partial = final.with_suffix(".partial.npz")  # renamed when whole: readers never see half a shard
-        np.savez(partial, keys=np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 20), offsets=offsets,
-                 vectors=np.concatenate([v for v, _ in parts]).astype(np.float16),
-                 token_ids=np.concatenate([i for _, i in parts]).astype(np.int32))
+        final = self._folder(kind) / f"shard-{uuid.uuid4().hex}"
+        partial = final.with_suffix(".partial")  # renamed when whole: readers never see half a shard
+        partial.mkdir()
+        np.save(partial / "keys.npy", np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 20))
+        np.save(partial / "offsets.npy", offsets)
+        np.save(partial / "vectors.npy", np.concatenate([v for v, _ in parts]).astype(np.float16))
+        np.save(partial / "token_ids.npy", np.concatenate([i for _, i in parts]).astype(np.int32))
         partial.rename(final)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from vllm.config import PoolerConfig, VllmConfig
 from vllm.model_executor.layers.pooler import DispatchPooler, Pooler
@@ -23,7 +22,7 @@ from vllm.model_executor.models.interfaces_base import default_pooling_type
 from vllm.tasks import PoolingTask
 
 from seqtopk.sparse.csr.sparse_coding import pre_activations, topk_relu
-from seqtopk.sparse.ssr.folder import HEAD_DIR, check_ssr_folder
+from seqtopk.sparse.ssr.folder import check_ssr_folder, load_head_state
 
 
 class SSRHeadLayer(nn.Module):
@@ -69,7 +68,7 @@ class SSRBertTokenModel(BertEmbeddingModel):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = set(super().load_weights(weights))
-        state = load_file(str(self._folder / HEAD_DIR / "model.safetensors"))
+        state = load_head_state(self._folder)
         with torch.no_grad():
             for name in ("weight", "pre_bias", "latent_bias"):
                 getattr(self.ssr_head, name).copy_(state[name])
