@@ -72,7 +72,7 @@ def engines_for(k: int, low_k: int | None) -> dict:
 
 
 def prompts(count: int, length: int, rng: random.Random) -> list[list[int]]:
-    return [[rng.randrange(4, 4000) for _ in range(length)] for _ in range(count)]
+    return [[rng.randrange(4, 300) for _ in range(length)] for _ in range(count)]
 
 
 def one_round(llm, batch, max_tokens: int) -> dict:
