@@ -44,7 +44,7 @@ class SoftmaxScoring:
         return num_experts
 
     def candidates(self, logits: torch.Tensor, cap: int) -> Candidates:
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (the same bits as logits.float() first)
         values, ids = torch.topk(probs, cap, dim=-1)
         return Candidates(values, ids, probs)
 

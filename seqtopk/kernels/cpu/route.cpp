@@ -317,8 +317,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_step(const at::Tensor& valu
       taken[b] = true;
     }
   }
-  auto mask = at::zeros({tokens, cap}, values.options().dtype(at::kBool));
+  auto mask = at::empty({tokens, cap}, values.options().dtype(at::kBool));  // (zeroed here: at::zeros forks threads)
   s.mask = mask.data_ptr<bool>();
+  std::memset(s.mask, 0, tokens * cap);
   s.write_slots = ptr_or_null<int64_t>(write_slots);
 
   // Rows in parallel when there is enough work to share (a decode step of a few rows runs on one thread).
@@ -364,8 +365,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_step(const at::Tensor& valu
   // the ids packed by the engine's convention (unchosen 0: -1, "drop"; 1: the token's best, "repeat_best").
   at::Tensor weights, packed;
   if (weight_mode > 0) {
-    weights = at::zeros({tokens, cap}, values.options());
+    weights = at::empty({tokens, cap}, values.options());
     float* w = weights.data_ptr<float>();
+    std::fill(w, w + tokens * cap, 0.f);
     for (int64_t t = 0; t < tokens; ++t) {
       float total = 0.f;
       for (int64_t j = 0; j < cap; ++j) total += s.mask[t * cap + j] ? s.values[t * cap + j] : 0.f;
