@@ -115,6 +115,14 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, index)
 
 
+def scatter_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """out[index] = rows, in place ([N, H] out, [R] index, [R, H] rows)."""
+    if backend_for(out.device) == CPU_KERNELS and out.is_contiguous() and not _differentiable(rows):
+        torch.ops.seqtopk_cpu.scatter_rows(out, index.long(), rows.contiguous())
+    else:
+        out.index_copy_(0, index, rows)
+
+
 def combine(rows: torch.Tensor, plan: PairPlan) -> torch.Tensor:
     """Sum per token of unweighted expert output rows [R, H] (in plan order), weighted: [N, H] in rows' dtype,
     accumulated in float32."""

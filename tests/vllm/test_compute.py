@@ -43,6 +43,7 @@ def test_compiled_server_runs_only_the_chosen_pairs(vllm_root, vllm_helpers, mon
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
         ran = sum(sent[before:])
         stats = llm.collective_rpc("seqtopk_stats")[0]
+        direct_equals_modular()
     assert all(len(o.outputs[0].token_ids) == 3 for o in outputs)
     counted = sum(rows * (stats["prompt_tokens"] + stats["generated_tokens"]) for rows in stats["expert_rows"])
     assert ran == round(counted), "the op's row counter must count the rows that reached the kernel"
@@ -55,3 +56,23 @@ def test_compiled_server_runs_only_the_chosen_pairs(vllm_root, vllm_helpers, mon
         # Rows counted where they run: every chosen pair, and little padding (a kernel call per group of tokens
         # with the same count; rare counts share a group), never the 8 cap slots.
         assert chosen * (1 - 1e-9) <= rows <= chosen * 1.25, (rows, chosen)
+
+
+def direct_equals_modular():
+    """The direct call of vLLM's unquantized CPU experts (what the op uses) computes what vLLM's modular kernel
+    path computes, bit for bit, on ragged groups."""
+    import torch
+
+    from seqtopk.engines.vllm.registry import WORKER
+
+    router = WORKER.first_router()
+    experts = router.moe_runner().routed_experts
+    call = router.experts_call(experts)
+    assert call.__name__ == "call", "the direct path was not taken for vLLM's unquantized CPU experts"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, SHAPE["hidden_size"], generator=gen).to(experts.w13_weight.dtype)
+    ids = torch.stack([torch.randperm(SHAPE["num_experts"], generator=gen)[:3] for _ in range(37)]).int()
+    weights = torch.rand(37, 3, generator=gen)
+    with torch.no_grad():
+        modular = experts.forward_modular(x=x, topk_weights=weights, topk_ids=ids)
+        assert torch.equal(call(x, weights, ids), modular)

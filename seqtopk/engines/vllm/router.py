@@ -34,7 +34,7 @@ from seqtopk.engines.vllm.registry import WORKER
 from seqtopk.engines.vllm.step import capturing, current_step
 from seqtopk.kernels import decode_step as fused_gpu
 from seqtopk.kernels.backend import CPU_KERNELS, backend_for
-from seqtopk.routing.dispatch import combine, count_groups, gather_rows, plan
+from seqtopk.routing.dispatch import combine, count_groups, gather_rows, plan, scatter_rows
 from seqtopk.routing.router import RouteStats, route
 from seqtopk.routing.rules import TOPK, TokenRules, known_pair_count
 from seqtopk.routing.scoring import BiasedScoring, SoftmaxScoring
@@ -73,10 +73,10 @@ def scoring_for(args: dict):
                          renormalize=bool(args["renormalize"]), scaling=scaling)
 
 
-# vLLM's CPU fused-MoE kernel, per call: a fixed cost, in expert rows (a call's thread fork-joins and buffer set-up
-# measured ~50 us, about 4 MFLOP of expert work at 2 cores' rate), and re-reading the weights of the experts it
-# touches (~4 rows of work per expert at ~20 GB/s and ~80 GFLOP/s). See evals/results/vllm_bench_cpu.json.
-CALL_FLOPS = 4e6
+# vLLM's CPU fused-MoE kernel, per call: a fixed cost, in expert rows (the call's Python, thread fork-joins and
+# buffers measured ~0.2 ms, about 20 MFLOP of expert work at one core's rate), and re-reading the weights of the
+# experts it touches (~4 rows of work per expert at ~20 GB/s and ~80 GFLOP/s). See evals/results/vllm_bench_cpu.json.
+CALL_FLOPS = 2e7
 RELOAD_ROWS = 4.0
 
 
@@ -95,7 +95,8 @@ class SeqTopKRouter(BaseRouter):
         self.call_rows = 16.0  # per-call cost of the layer's kernel in rows (set with the KV cache)
         self.index = WORKER.add_router(self)  # the number the traced graph calls the MoE op with
         self.layer_name = f"moe layer {self.index}"  # replaced by the runner's name once the model is built
-        self.runner = None  # the MoE runner this router belongs to (set with the KV cache)
+        self.runner = None  # the MoE runner this router belongs to (found on first use)
+        self._experts_call = None
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
@@ -148,14 +149,43 @@ class SeqTopKRouter(BaseRouter):
         groups = count_groups(routed.ids, routed.weights, routed.mask, self.num_experts, self.call_rows, RELOAD_ROWS)
         tokens = hidden.shape[0]
         rows = sum(group[1].numel() for group in groups)
+        call = self.experts_call(experts)
         if len(groups) == 1 and groups[0][0].numel() == tokens:  # every token, in order: no copies
             _, ids, weights = groups[0]
-            return experts.forward_modular(x=hidden, topk_weights=weights, topk_ids=ids), rows
+            return call(hidden, weights, ids), rows
         out = hidden.new_zeros(hidden.shape) if sum(g[0].numel() for g in groups) < tokens else torch.empty_like(hidden)
         for members, ids, weights in groups:
-            part = experts.forward_modular(x=gather_rows(hidden, members), topk_weights=weights, topk_ids=ids)
-            torch.ops.seqtopk_cpu.scatter_rows(out, members, part.contiguous())
+            scatter_rows(out, members, call(gather_rows(hidden, members), weights, ids))
         return out, rows
+
+    def experts_call(self, experts):
+        """How this layer's experts are called on (x, topk_weights, topk_ids): through vLLM's modular kernel
+        (forward_modular), or, for vLLM's unquantized CPU experts, straight through their own `apply`, which is
+        what the modular kernel ends in there (its prepare and finalize steps do nothing on that path), without
+        ~0.1 ms of Python per call. Decided once."""
+        if self._experts_call is None:
+            self._experts_call = lambda x, w, i: experts.forward_modular(x=x, topk_weights=w, topk_ids=i)
+            try:
+                from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+                fused = experts.quant_method.moe_kernel.fused_experts
+                direct = (type(fused) in (CPUUnquantizedExperts, *CPUUnquantizedExperts.__subclasses__())
+                          and not getattr(fused, "_use_zentorch", True) and experts.expert_map is None
+                          and not experts.apply_router_weight_on_input)
+            except (ImportError, AttributeError):
+                direct = False
+            if direct:
+                def call(x, weights, ids):
+                    out = torch.empty_like(x)
+                    fused.apply(output=out, hidden_states=x, w1=experts.w13_weight, w2=experts.w2_weight,
+                                topk_weights=weights, topk_ids=ids, activation=experts.activation,
+                                global_num_experts=experts.global_num_experts, expert_map=None, a1q_scale=None,
+                                a2_scale=None, workspace13=None, workspace2=None, expert_tokens_meta=None,
+                                apply_router_weight_on_input=False)
+                    return out
+
+                self._experts_call = call
+        return self._experts_call
 
     def _run_rows(self, experts, hidden: torch.Tensor, routed, known: int | None) -> tuple[torch.Tensor, int]:
         """Each chosen pair as a row of one expert through the kernel with top-1, then the weighted sum per token
