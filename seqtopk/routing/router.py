@@ -104,9 +104,11 @@ def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: DenseLayou
     cand = scoring.candidates(logits, cfg.cap)
     if path == CPU_KERNELS and cand.values.dtype == torch.float32:
         # The op also weighs softmax-scored layers (except at cap == k, where the family's own TopK weights must
-        # come out bit for bit) and packs the ids.
-        mode = getattr(scoring, "kernel_weights", 0) if cfg.cap > cfg.k and type(scoring) is SoftmaxScoring else 0
-        mask, weights, ids = _kernel_choose(cand.values, layout, rules, cfg, history, stats if record else None,
+        # come out bit for bit, and in training, where the weights' gradient must reach the router) and packs the ids.
+        trains = torch.is_grad_enabled() and logits.requires_grad
+        weighs = cfg.cap > cfg.k and type(scoring) is SoftmaxScoring and not trains
+        mode = getattr(scoring, "kernel_weights", 0) if weighs else 0
+        mask, weights, ids = _kernel_choose(cand.values.detach(), layout, rules, cfg, history, stats if record else None,
                                             record, cand.ids, unchosen, mode)
         if not mode:
             weights = scoring.weights(logits, cand, mask)

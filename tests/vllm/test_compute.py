@@ -6,12 +6,18 @@ the test counts the rows that reach vLLM's CPU fused-MoE kernel at run time, and
 and with the counter the MoE op keeps. A compiled graph traced without the step's choices would send every cap
 slot to the kernel from inside the graph, where no Python runs: the count here would read nothing at all."""
 
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 pytest_plugins = ["tests.vllm.fixtures"]
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Expert matrices wide enough that a kernel call costs little next to its rows (the tiny default shape makes the
 # dispatch merge groups, by design), two layers, 16 experts, top-4.
@@ -19,36 +25,25 @@ SHAPE = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, 
              num_experts_per_tok=4, num_hidden_layers=2)
 
 
-def test_compiled_server_runs_only_the_chosen_pairs(vllm_root, vllm_helpers, monkeypatch):
-    from vllm import SamplingParams, TokensPrompt
-    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
-
+def test_compiled_server_runs_only_the_chosen_pairs(vllm_root, vllm_helpers, tmp_path):
+    # The engine runs in a fresh process of its own: vLLM's start-up scans every module namespace of its process
+    # (triton_utils/dispatcher.py), and fails on llvmlite's function wrappers when another test imported them.
     from seqtopk.testing.tiny import cached_checkpoint
 
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine and worker in this process
-    sent = []  # rows handed to the kernel per call, at run time
-    kernel = cpu_moe.cpu_fused_moe
-
-    def counting_kernel(output, hidden_states, *args):
-        sent.append(args[5].numel())  # topk_ids: one row per (token, slot)
-        return kernel(output, hidden_states, *args)
-
-    monkeypatch.setattr(cpu_moe, "cpu_fused_moe", counting_kernel)
     path = cached_checkpoint("qwen3_moe", vllm_root, **SHAPE)
-    rng = random.Random(5)
-    batch = [[rng.randrange(4, 300) for _ in range(rng.randrange(150, 250))] for _ in range(4)]
-    with vllm_helpers.engine(path, {"k": 1, "cap": 8}, max_model_len=320) as llm:
-        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-        before = len(sent)  # start-up (profiling, warm-up) calls
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
-        ran = sum(sent[before:])
-        stats = llm.collective_rpc("seqtopk_stats")[0]
-        direct_equals_modular()
-    assert all(len(o.outputs[0].token_ids) == 3 for o in outputs)
+    result = tmp_path / "probe.json"
+    code = f"from tests.vllm.test_compute import probe; probe({str(path)!r}, {str(result)!r})"
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")  # engine and worker in the probe's process
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = json.loads(result.read_text())
+    sent, stats, batch_tokens = got["sent"], got["stats"], got["prompt_tokens"]
+    assert got["completions"] == [3] * 4
     counted = sum(rows * (stats["prompt_tokens"] + stats["generated_tokens"]) for rows in stats["expert_rows"])
-    assert ran == round(counted), "the op's row counter must count the rows that reached the kernel"
+    assert sent == round(counted), "the op's row counter must count the rows that reached the kernel"
     tokens = stats["prompt_tokens"] + stats["generated_tokens"]
-    assert stats["prompt_tokens"] == sum(map(len, batch))
+    assert stats["prompt_tokens"] == batch_tokens
     for prompt_mean, generated_mean, rows in zip(stats["prompt"], stats["generated"], stats["expert_rows"]):
         chosen = (prompt_mean * stats["prompt_tokens"] + generated_mean * stats["generated_tokens"]) / tokens
         assert 1.0 <= prompt_mean < 1.5  # the budget is one expert per token (plus forced minimums)
@@ -56,6 +51,36 @@ def test_compiled_server_runs_only_the_chosen_pairs(vllm_root, vllm_helpers, mon
         # Rows counted where they run: every chosen pair, and little padding (a kernel call per group of tokens
         # with the same count; rare counts share a group), never the 8 cap slots.
         assert chosen * (1 - 1e-9) <= rows <= chosen * 1.25, (rows, chosen)
+
+
+def probe(path: str, result: str) -> None:
+    """In the probe process: serve a batch on the compiled engine, counting the rows that reach vLLM's CPU
+    fused-MoE kernel at run time; write them with the op's own statistics to `result` (JSON)."""
+    from vllm import SamplingParams, TokensPrompt
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+
+    from tests.vllm.fixtures import engine
+
+    sent = []  # rows handed to the kernel per call, at run time
+    kernel = cpu_moe.cpu_fused_moe
+
+    def counting_kernel(output, hidden_states, *args):
+        sent.append(args[5].numel())  # topk_ids: one row per (token, slot)
+        return kernel(output, hidden_states, *args)
+
+    cpu_moe.cpu_fused_moe = counting_kernel
+    rng = random.Random(5)
+    batch = [[rng.randrange(4, 300) for _ in range(rng.randrange(150, 250))] for _ in range(4)]
+    with engine(path, {"k": 1, "cap": 8}, max_model_len=320) as llm:
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        before = len(sent)  # start-up (profiling, warm-up) calls
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
+        ran = sum(sent[before:])
+        stats = llm.collective_rpc("seqtopk_stats")[0]
+        direct_equals_modular()
+    Path(result).write_text(json.dumps({
+        "sent": ran, "stats": stats, "prompt_tokens": sum(map(len, batch)),
+        "completions": [len(o.outputs[0].token_ids) for o in outputs]}))
 
 
 def direct_equals_modular():
