@@ -22,10 +22,15 @@ from seqtopk.kernels import decode_step
 CPU_KERNELS, TRITON, TORCH = "cpu-kernels", "triton", "torch"
 PATHS = (CPU_KERNELS, TRITON, TORCH)
 _forced: list[str] = []
+_default: dict = {}  # device -> path when nothing is forced (asked several times per layer, so remembered)
 
 
 def backend_for(device: torch.device) -> str:
     """The implementation that routes tensors on `device`."""
+    if not _forced:
+        path = _default.get(device)
+        if path is not None:
+            return path
     device = torch.device(device)
     if _forced:
         wanted = _forced[-1]
@@ -35,8 +40,12 @@ def backend_for(device: torch.device) -> str:
             return TRITON
         return TORCH
     if device.type == "cpu" and compiled.load():
-        return CPU_KERNELS
-    return TRITON if decode_step.available(device) else TORCH
+        path = CPU_KERNELS
+    else:
+        path = TRITON if decode_step.available(device) else TORCH
+    if path != TORCH:  # (a torch answer may change once kernels are built: asked again)
+        _default[device] = path
+    return path
 
 
 @contextmanager

@@ -32,6 +32,8 @@ weight 0 (fixed-width kernels that need a valid id).
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -200,6 +202,7 @@ class BudgetSplit(NamedTuple):
     per_token: int  # pairs per real token the competing columns share
 
 
+@functools.lru_cache(maxsize=64)
 def budget_split(k: int, cap: int, min_experts: int, exact_budget: bool) -> BudgetSplit:
     forced = min(min_experts, cap)
     if exact_budget:  # forced experts count toward T*K: the cut shares what is left

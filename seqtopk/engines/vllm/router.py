@@ -92,6 +92,7 @@ class SeqTopKRouter(BaseRouter):
         self.store: torch.Tensor | None = None  # paged history of capped scores, allocated with the KV cache
         self.bands: torch.Tensor | None = None  # decode bands, one per request slot (registry.BandSlots)
         self.counts: torch.Tensor | None = None  # stats.COUNTERS, on the device (allocated with the KV cache)
+        self.host_rows = 0  # expert rows of eagerly run steps (a host int: no device op per layer for it)
         self.call_rows = 16.0  # per-call cost of the layer's kernel in rows (set with the KV cache)
         self.index = WORKER.add_router(self)  # the number the traced graph calls the MoE op with
         self.layer_name = f"moe layer {self.index}"  # replaced by the runner's name once the model is built
@@ -140,7 +141,10 @@ class SeqTopKRouter(BaseRouter):
         else:
             known = known_pair_count(rules.present[0], self.cfg, logits.shape[0]) if len(rules.present) == 1 else None
             out, rows = self._run_rows(experts, hidden_states, routed, known)
-        self.counts[4] += rows
+        if graph:
+            self.counts[4] += rows  # replays run no Python: the captured add counts them
+        else:
+            self.host_rows += rows
         stats.after_step(self, step, routed.mask, routed.ids, graph)
         return out
 

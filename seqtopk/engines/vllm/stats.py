@@ -57,6 +57,7 @@ def snapshot() -> dict:
            "generated_tokens": 0, **WORKER.memory}
     for router in WORKER.routers.values():
         counts = router.counts.tolist() if router.counts is not None else [0] * len(COUNTERS)
+        counts[4] += router.host_rows
         out["layers"].append(router.layer_name)
         out["prompt"].append(counts[1] / counts[0] if counts[0] else None)
         out["generated"].append(counts[3] / counts[2] if counts[2] else None)

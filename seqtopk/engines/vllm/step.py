@@ -63,12 +63,12 @@ class Step:
 
 def current_step(num_tokens: int) -> Step | None:
     """The layout of the running forward, or None when it routes no request (profiling, warm-up)."""
-    from vllm.forward_context import get_forward_context, is_forward_context_available
+    import vllm.forward_context as forward  # (imported with the engine; a module attribute lookup per layer)
 
     source = WORKER.source
-    if source.group is None or not is_forward_context_available():
+    context = forward._forward_context if source.group is not None else None
+    if context is None:
         return None
-    context = get_forward_context()
     if context is source.last_context:
         return source.last_step
     runner = source.runner()
