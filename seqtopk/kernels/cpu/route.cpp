@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <utility>
 
 namespace seqtopk {
 namespace {
@@ -105,27 +106,58 @@ void select_sequence_row(const Step& s, int64_t begin, int64_t end, std::vector<
   }
 }
 
+// A float's bits as an unsigned integer in the float's order (-0.0 just below 0.0; NaN not expected).
+inline uint64_t ordered_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
 void select_causal_chunk(const Step& s, int64_t r, int64_t begin, int64_t end, std::vector<float>& scratch) {
   const int64_t w = s.width();
   scratch.clear();
   s.history.gather(r, s.split.first, scratch);
   std::sort(scratch.begin(), scratch.end());
   const int64_t earlier = static_cast<int64_t>(scratch.size());
-  std::vector<float> ranks;
-  for (int64_t t = begin; t < end; ++t)
-    if (s.real(t)) ranks.insert(ranks.end(), s.competing(t), s.competing(t) + w);
-  std::sort(ranks.begin(), ranks.end());
-  ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());  // -0.0 == 0.0: one rank, as they compare
-  auto rank_of = [&](float x) { return static_cast<size_t>(std::lower_bound(ranks.begin(), ranks.end(), x) - ranks.begin()); };
-  Fenwick tree(ranks.size());
+  // The chunk's values (NaN left out: it competes with nothing), ranked once by value: equal values share a
+  // rank (-0.0 == 0.0, as they compare), and each rank knows how many earlier (history) values exceed it.
+  // Sorted as 64-bit keys: the value's order-preserving bits, then its place in the chunk.
+  std::vector<uint64_t> order;
+  order.reserve(static_cast<size_t>((end - begin) * w));
+  for (int64_t t = begin; t < end; ++t) {
+    if (!s.real(t)) continue;
+    const float* v = s.competing(t);
+    for (int64_t j = 0; j < w; ++j)
+      if (!std::isnan(v[j])) order.push_back((ordered_bits(v[j]) << 32) | static_cast<uint64_t>((t - begin) * w + j));
+  }
+  std::sort(order.begin(), order.end());
+  auto value_of = [&](uint64_t key) {
+    const uint64_t place = key & 0xffffffffu;
+    return s.competing(begin + static_cast<int64_t>(place) / w)[place % w];
+  };
+  std::vector<int32_t> rank(static_cast<size_t>((end - begin) * w), -1);
+  std::vector<int64_t> history_above;  // per rank: history values > the rank's value
+  size_t below = 0;  // history values <= the current value (history sorted ascending)
+  float previous = 0.f;
+  for (size_t i = 0; i < order.size(); ++i) {
+    const float x = value_of(order[i]);
+    if (i == 0 || previous < x) {
+      while (below < scratch.size() && !(x < scratch[below])) ++below;
+      history_above.push_back(earlier - static_cast<int64_t>(below));
+    }
+    previous = x;
+    rank[order[i] & 0xffffffffu] = static_cast<int32_t>(history_above.size() - 1);
+  }
+  Fenwick tree(history_above.size());
   int64_t inserted = 0, m = s.seen[r];
   for (int64_t t = begin; t < end; ++t) {
     if (!s.real(t)) continue;
     ++m;
     const float* v = s.competing(t);
+    const int32_t* rt = rank.data() + (t - begin) * w;
     for (int64_t j = 0; j < w; ++j) {
-      if (std::isnan(v[j])) continue;
-      tree.add(rank_of(v[j]));
+      if (rt[j] < 0) continue;
+      tree.add(static_cast<size_t>(rt[j]));
       ++inserted;
     }
     if (s.rule_of(t) != kCausal) continue;
@@ -133,9 +165,8 @@ void select_causal_chunk(const Step& s, int64_t r, int64_t begin, int64_t end, s
     bool* mt = s.mask + t * s.cap + s.split.first;
     for (int64_t j = 0; j < w; ++j) {
       if (!std::isfinite(v[j])) continue;
-      const int64_t from_history = earlier - (std::upper_bound(scratch.begin(), scratch.end(), v[j]) - scratch.begin());
-      const int64_t from_chunk = inserted - tree.prefix(rank_of(v[j]));
-      if (from_history + from_chunk < budget) mt[j] = true;
+      const int64_t from_chunk = inserted - tree.prefix(static_cast<size_t>(rt[j]));
+      if (history_above[rt[j]] + from_chunk < budget) mt[j] = true;
     }
   }
 }
