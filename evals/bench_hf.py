@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -278,8 +279,10 @@ def main() -> None:
               "config": {k: v for k, v in shape.items()}, "reps": args.reps, "threads": torch.get_num_threads(),
               "settings": {"k": shape["num_experts_per_tok"], "cap": shape["num_experts_per_tok"] + 2,
                            "exact_budget": True, "prefill": "sequence", "decode": "expert_cache"}}
+    load_before = os.getloadavg()[0]
     result.update(bench_model(model, shape, args.device, args.reps))
     result["selection"] = bench_selection(shape, args.device, args.reps)
+    result["load_average"] = {"before": load_before, "after": os.getloadavg()[0]}  # 1-minute, this host
     device = args.device.split(":")[0]
     suffix = "" if args.shape in ("cpu-small", "olmoe") else f"_{args.shape}"
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"hf_bench_{device}{suffix}.json"
