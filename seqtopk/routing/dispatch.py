@@ -20,6 +20,8 @@ Which implementation runs is decided in seqtopk.kernels.backend.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -145,8 +147,8 @@ def count_groups(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n
     """Tokens grouped by their number of chosen experts: [(tokens [n] int64, ids [n, c] int32, weights [n, c]
     float32)], each group one call of a fixed-width fused-MoE kernel. A group of counts (lo, hi] is padded to hi
     slots (a token's first chosen expert again, weight 0). Groups are merged where the estimated cost, in rows,
-    is lower: call_rows per call, reload_rows * min(E, rows) / E for the expert weights a call reads, and
-    rows * slot_cost[c - 1]. Tokens that chose nothing are in no group."""
+    is lower: call_rows per call, reload_rows per expert whose weights the call reads (the E * (1 - (1 - 1/E)^rows)
+    experts its rows are expected to touch; every call reads them again), and rows * slot_cost[c - 1]. Tokens that chose nothing are in no group."""
     if backend_for(ids.device) == CPU_KERNELS:
         flat = torch.ops.seqtopk_cpu.count_groups(ids, weights, mask, num_experts, float(call_rows),
                                                   float(reload_rows), [float(c) for c in slot_cost])
@@ -165,7 +167,8 @@ def _count_groups_torch(ids, weights, mask, num_experts, call_rows, reload_rows,
         if n == 0:
             return 0.0
         rows = n * hi
-        return call_rows + reload_rows * min(num_experts, rows) / num_experts + rows * slot_cost[min(hi, len(slot_cost)) - 1]
+        touched = num_experts * (1.0 - math.pow(1.0 - 1.0 / num_experts, rows))
+        return call_rows + reload_rows * touched + rows * slot_cost[min(hi, len(slot_cost)) - 1]
 
     best, cut = [0.0] + [float("inf")] * cap, [0] * (cap + 1)
     for j in range(1, cap + 1):

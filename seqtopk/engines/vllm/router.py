@@ -15,7 +15,8 @@ call on CPU), then only the chosen (token, expert) pairs through the layer's own
 combine. On CPU the kernel takes a fixed number of experts per token, so tokens are grouped by how many they
 chose (seqtopk.routing.dispatch.count_groups): one kernel call per group, with the token's own weighted sum
 done by the kernel in float32. Elsewhere the pairs run as rows of one expert each and are combined after.
-The rows the experts computed are counted inside the op (`counts`, read by `seqtopk_stats` and /metrics).
+The rows the experts computed are counted inside the op (a host count, or the device `counts` in a CUDA
+graph, whose replays run no Python), read by `seqtopk_stats` and /metrics.
 Shared experts stay outside the op, computed by the runner as vLLM computes them.
 """
 

@@ -116,8 +116,8 @@ at::Tensor combine_rows(const at::Tensor& rows, const at::Tensor& slot_row, cons
 // Tokens grouped by their number of chosen experts. Returns [tokens_0, ids_0, weights_0, tokens_1, ...]:
 // tokens_g [N_g] int64 (in order), ids_g [N_g, c_g] int32 (a token's chosen experts in slot order, then its first
 // chosen expert again), weights_g [N_g, c_g] float32 (0 on the repeats). Tokens that chose nothing are in no group.
-// Cost of a group of n tokens padded to c slots, in expert rows: call_rows + reload_rows * min(E, n*c) / E
-// + n * c * slot_cost[c] (slot_cost: relative cost of a row in a call with c slots; the last entry serves larger c).
+// Cost of a group of n tokens padded to c slots, in expert rows: call_rows + reload_rows * (the experts its n*c
+// rows are expected to touch, E * (1 - (1 - 1/E)^(n*c)): each is read once per call) + n * c * slot_cost[c] (slot_cost: relative cost of a row in a call with c slots; the last entry serves larger c).
 std::vector<at::Tensor> count_groups(const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& mask,
                                      int64_t num_experts, double call_rows, double reload_rows,
                                      const std::vector<double>& slot_cost) {
@@ -143,7 +143,8 @@ std::vector<at::Tensor> count_groups(const at::Tensor& ids, const at::Tensor& we
     if (n == 0) return 0.0;
     const double rows = static_cast<double>(n) * hi;
     const double slot = slot_cost[std::min<size_t>(hi - 1, slot_cost.size() - 1)];
-    return call_rows + reload_rows * std::min<double>(num_experts, rows) / num_experts + rows * slot;
+    const double touched = num_experts * (1.0 - std::pow(1.0 - 1.0 / num_experts, rows));
+    return call_rows + reload_rows * touched + rows * slot;
   };
   // best[j]: cheapest split of counts 1..j; cut[j]: where its last group starts
   std::vector<double> best(cap + 1, 0.0);
