@@ -335,9 +335,9 @@ def drive(server, soak_run, fuzz_run, args) -> dict:
     result["soak_seconds"] = round(time.monotonic() - began, 1)
     rss["after the soak"] = server_rss(server)
     result["fuzz"] = fuzz_run(server.url, model, args.fuzz) if args.fuzz else {}
+    rss["at the end"] = server_rss(server)  # the verdict's RSS: the soak and the fuzzing, not the plateau rounds
     if args.plateau:
         result["plateau"] = plateau(server, soak_run, model, args)
-    rss["at the end"] = server_rss(server)
     result.update(rss_mb=rss, rss_after_warm_up_mb=rss["after warm-up"]["total"],
                   rss_end_mb=rss["at the end"]["total"], alive_at_end=server.healthy())
     result["rss_growth"] = result["rss_end_mb"] / result["rss_after_warm_up_mb"] - 1
