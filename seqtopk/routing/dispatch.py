@@ -105,21 +105,21 @@ def plan_pairs(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, row
                     slot_weight=weights.float().masked_fill(~mask, 0.0))
 
 
-def _differentiable(*tensors: torch.Tensor) -> bool:
+def differentiable(*tensors: torch.Tensor) -> bool:
     """Whether autograd follows these tensors (the compiled ops have no backward: training takes torch ops)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[index] for [N, H] x and [R] index (row copies on the CPU with the compiled kernels)."""
-    if backend_for(x.device) == CPU_KERNELS and x.dim() == 2 and not _differentiable(x):
+    if backend_for(x.device) == CPU_KERNELS and x.dim() == 2 and not differentiable(x):
         return torch.ops.seqtopk_cpu.gather_rows(x, index.long())
     return x.index_select(0, index)
 
 
 def scatter_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
     """out[index] = rows, in place ([N, H] out, [R] index, [R, H] rows)."""
-    if backend_for(out.device) == CPU_KERNELS and out.is_contiguous() and not _differentiable(rows):
+    if backend_for(out.device) == CPU_KERNELS and out.is_contiguous() and not differentiable(rows):
         torch.ops.seqtopk_cpu.scatter_rows(out, index.long(), rows.contiguous())
     else:
         out.index_copy_(0, index, rows)
@@ -129,7 +129,7 @@ def combine(rows: torch.Tensor, plan: PairPlan) -> torch.Tensor:
     """Sum per token of unweighted expert output rows [R, H] (in plan order), weighted: [N, H] in rows' dtype,
     accumulated in float32."""
     if (backend_for(rows.device) == CPU_KERNELS and rows.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and not _differentiable(rows, plan.slot_weight)):
+            and not differentiable(rows, plan.slot_weight)):
         return torch.ops.seqtopk_cpu.combine_rows(rows, plan.slot_row, plan.slot_weight)
     # One gather (unchosen slots read row 0 with weight 0), then one batched [1 x cap] @ [cap x H] per token.
     gathered = rows.index_select(0, plan.slot_row.clamp(min=0).reshape(-1)).view(plan.tokens, -1, rows.shape[-1])

@@ -20,6 +20,7 @@ import torch
 
 from seqtopk.config import ResolvedConfig
 from seqtopk.kernels.backend import CPU_KERNELS, TRITON, backend_for
+from seqtopk.routing.dispatch import differentiable
 from seqtopk.routing.paged import PagedHistory
 from seqtopk.routing.ragged import RaggedBatch, select_ragged
 from seqtopk.routing.rules import CAUSAL, UNCHOSEN, TokenRules, budget_split, choose, pack
@@ -105,8 +106,7 @@ def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: DenseLayou
     if path == CPU_KERNELS and cand.values.dtype == torch.float32:
         # The op also weighs softmax-scored layers (except at cap == k, where the family's own TopK weights must
         # come out bit for bit, and in training, where the weights' gradient must reach the router) and packs the ids.
-        trains = torch.is_grad_enabled() and logits.requires_grad
-        weighs = cfg.cap > cfg.k and type(scoring) is SoftmaxScoring and not trains
+        weighs = cfg.cap > cfg.k and type(scoring) is SoftmaxScoring and not differentiable(logits)
         mode = getattr(scoring, "kernel_weights", 0) if weighs else 0
         mask, weights, ids = _kernel_choose(cand.values.detach(), layout, rules, cfg, history, stats if record else None,
                                             record, cand.ids, unchosen, mode)

@@ -136,15 +136,13 @@ class SeqTopKRouter(BaseRouter):
             # A captured step must keep its shapes: every cap slot runs (unchosen ones at weight 0).
             out = experts.forward_modular(x=hidden_states, topk_weights=routed.weights.float(),
                                           topk_ids=routed.ids.to(torch.int32))
-            rows = routed.ids.numel()
+            self.counts[4] += routed.ids.numel()  # replays run no Python: the captured add counts them
         elif backend_for(logits.device) == CPU_KERNELS:
             out, rows = self._run_groups(experts, hidden_states, routed)
+            self.host_rows += rows
         else:
             known = known_pair_count(rules.present[0], self.cfg, logits.shape[0]) if len(rules.present) == 1 else None
             out, rows = self._run_rows(experts, hidden_states, routed, known)
-        if graph:
-            self.counts[4] += rows  # replays run no Python: the captured add counts them
-        else:
             self.host_rows += rows
         stats.after_step(self, step, routed.mask, routed.ids, graph)
         return out

@@ -1,8 +1,9 @@
 """Routing statistics of a running vLLM engine: experts per token, per layer, prompt and generated tokens.
 
 Counters stay on the device and are added to without reading them back, by the code that does the work: the
-routing call adds the tokens and pairs it chose (seqtopk.routing.router.RouteStats), the MoE op adds the
-expert rows it ran (seqtopk.engines.vllm.router.SeqTopKRouter.forward). They are read (one sync) only when a
+routing call adds the tokens and pairs it chose (seqtopk.routing.router.RouteStats); the MoE op counts the
+expert rows it ran (seqtopk.engines.vllm.router.SeqTopKRouter.forward) as a host int, or on the device in a
+CUDA graph. They are read (one sync) only when a
 log line is due, every SEQTOPK_LOG_INTERVAL seconds (default 10; 0 turns the lines off), or when a client
 asks through the worker extension (`collective_rpc("seqtopk_stats")`). A trace of the chosen ids
 per token can be switched on for checks (`seqtopk_trace`); it reads every step back and is for tests. Steps

@@ -89,9 +89,8 @@ def step_from_buffers(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, blo
     """A step's layout from the engine's step buffers, with device ops only (no host read): R rows, N tokens.
 
     query_start_loc [R+1], seq_lens [R] (after this step), block_table [R, max_blocks], slot_mapping [>= N] (each
-    token's KV slot, -1 for padding), prompt_lens [R], row_band [R] (each row's decode band, or None). max_query
-    (longest chunk) and width (>= the longest
-    context) are host ints that fix the shapes: a CUDA graph captures the step once per (R, N) and replays it
+    token's KV slot, -1 for padding), prompt_lens [R], row_band [R] (each row's decode band, or None).
+    max_query (longest chunk) and width (>= the longest context) are host ints that fix the shapes: a CUDA graph captures the step once per (R, N) and replays it
     with whatever these buffers hold, rows with no token (query 0) taking no experts and writing nothing.
     """
     batch = ragged_batch(query_start_loc, seq_lens, num_tokens, max_query)
