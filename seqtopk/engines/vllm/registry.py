@@ -41,9 +41,10 @@ class BandSlots:
     def __post_init__(self):
         self.free = list(range(self.capacity - 1, -1, -1))
 
-    def assign(self, req_ids: list, running: set, stale: list) -> list[int]:
-        """Bands of these requests (new ones get a band; `stale` collects bands to mark stale). When every band
-        is held, bands of requests not in this batch are taken back, oldest first."""
+    def assign(self, req_ids: list, stale: list) -> list[int]:
+        """Bands of this batch's requests (new ones get a band; `stale` collects bands to mark stale). When every
+        band is held, bands of requests not in this batch are taken back, oldest first."""
+        running = set(req_ids)
         out = []
         for req in req_ids:
             band = self.slot_of.get(req)

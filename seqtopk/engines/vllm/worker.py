@@ -100,7 +100,7 @@ def refresh_step_rows(runner, scheduler_output) -> None:
     source.bands.release(getattr(scheduler_output, "finished_req_ids", None) or ())
     req_ids = list(runner.input_batch.req_ids[:rows])
     stale: list[int] = []
-    bands = source.bands.assign(req_ids, set(req_ids), stale)
+    bands = source.bands.assign(req_ids, stale)
     if stale:
         index = torch.tensor(stale, dtype=torch.long, device=runner.device)
         for router in WORKER.routers.values():
