@@ -56,7 +56,9 @@ class ForwardView:
             rows = torch.arange(self.batch, device=device)
             write = (rows.unsqueeze(1) * positions + self.start + torch.arange(self.tokens, device=device)).reshape(-1)
             paged = self._paged[positions] = PagedLayout.dense(buffer, self.start, write_slots=write, row_band=rows)
-        return paged.of(buffer.view(-1, cap), self.state.bands_of(layer, self.batch, device))
+        # Decode bands serve the compiled CPU kernel only (as in the vLLM worker): none on other devices.
+        bands = self.state.bands_of(layer, self.batch, device) if torch.device(device).type == "cpu" else None
+        return paged.of(buffer.view(-1, cap), bands)
 
     @classmethod
     def standalone(cls, tokens: int, device) -> "ForwardView":
