@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-def patch(model, *, k=None, cap=None, min_experts=1, exact_budget=False, prefill="sequence",
+def patch(model, *, k=None, cap=None, min_experts=None, exact_budget=False, prefill="sequence",
           decode="expert_cache"):
     """Switch a transformers MoE model to SeqTopK routing, in place; returns the model.
 

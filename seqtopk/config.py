@@ -7,36 +7,44 @@ and how many experts a token may choose from) and fills in the defaults.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
 
 PREFILL_RULES = ("sequence", "causal")
 DECODE_RULES = ("expert_cache", "topk")
+MIN_K = 0.1  # below it nine tokens in ten would skip every expert: not a budget anyone serves
+MAX_DENOMINATOR = 1000  # k is a multiple of 1/1000 (1.5, 0.75, 1/3 ...), so every budget is integer arithmetic
 
 
 @dataclass(frozen=True)
 class SeqTopKConfig:
     """How SeqTopK routes.
 
-    k: per-token budget K (the sequence spends T*K). Default: the model's top_k.
-    cap: most experts one token may take (C). Default: k + 2, limited to what the layer offers.
-    min_experts: experts every token keeps even below the cut.
+    k: per-token budget K (the sequence spends T*K). Default: the model's top_k. May be below it and need not be
+        an integer (k >= 0.1): T tokens then spend B(T) = floor(T*k + 1/2) pairs (SPEC section 5).
+    cap: most experts one token may take (C). Default: ceil(k) + 2, limited to what the layer offers.
+    min_experts: experts every token keeps even below the cut. Default: 1, or 0 when k < 1 (a budget below
+        one expert per token lets some tokens take none).
     exact_budget: forced minimums count toward T*K, so a sequence spends exactly T*K in prefill.
     prefill: "sequence" (published, non-causal: the cut is taken over the whole sequence) or
         "causal" (token t's cut uses tokens <= t only; equals streaming decode).
     decode: "expert_cache" (streaming rule over the routing history) or "topk" (plain per-token TopK).
     """
 
-    k: int | None = None
+    k: int | float | None = None
     cap: int | None = None
-    min_experts: int = 1
+    min_experts: int | None = None
     exact_budget: bool = False
     prefill: str = "sequence"
     decode: str = "expert_cache"
 
     def __post_init__(self):
-        _check_int("k", self.k, minimum=1, optional=True)
+        if self.k is not None:
+            budget_fraction(self.k)  # validates
         _check_int("cap", self.cap, minimum=1, optional=True)
-        _check_int("min_experts", self.min_experts, minimum=0)
+        _check_int("min_experts", self.min_experts, minimum=0, optional=True)
         if not isinstance(self.exact_budget, bool):
             raise ValueError(f"exact_budget must be True or False, got {self.exact_budget!r}")
         if self.prefill not in PREFILL_RULES:
@@ -45,8 +53,12 @@ class SeqTopKConfig:
             raise ValueError(f"decode must be one of {DECODE_RULES}, got {self.decode!r}")
         if self.k is not None and self.cap is not None and self.cap < self.k:
             raise ValueError(f"cap ({self.cap}) must be >= k ({self.k}): a token may take at most cap experts")
-        if self.k is not None and self.min_experts > self.k:
-            raise ValueError(f"min_experts ({self.min_experts}) must be <= k ({self.k})")
+        if self.k is not None and self.min_experts is not None and self.min_experts > self.k:
+            raise ValueError(f"min_experts ({self.min_experts}) must be <= k ({self.k})"
+                             + ("; set min_experts=0 to let some tokens take no expert" if self.k < 1 else ""))
+        if self.k is not None and self.decode == "topk" and budget_fraction(self.k).denominator != 1:
+            raise ValueError(f"decode='topk' gives every generated token exactly k experts, so k must be an integer "
+                             f"(got k={self.k}); use decode='expert_cache' for a fractional budget")
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "SeqTopKConfig":
@@ -67,19 +79,24 @@ class SeqTopKConfig:
         top_k: the layer's own per-token expert count. max_cap: how many experts one token can choose
         from (all experts, or fewer under group-limited routing).
         """
-        k = self.k if self.k is not None else top_k
+        k = normalized_k(self.k) if self.k is not None else top_k
         if k > max_cap:
             raise ValueError(f"k={k} exceeds the {max_cap} experts a token can choose from in {where}")
-        cap = self.cap if self.cap is not None else min(k + 2, max_cap)
+        cap = self.cap if self.cap is not None else min(math.ceil(k) + 2, max_cap)
         if cap < k:
             raise ValueError(f"cap ({cap}) must be >= k ({k}) in {where}")
         if cap > max_cap:
             raise ValueError(
                 f"cap={cap} exceeds the {max_cap} experts a token can choose from in {where}; use cap <= {max_cap}"
             )
-        if self.min_experts > k:
-            raise ValueError(f"min_experts ({self.min_experts}) must be <= k ({k}) in {where}")
-        return ResolvedConfig(k=k, cap=cap, min_experts=self.min_experts, exact_budget=self.exact_budget,
+        if not isinstance(k, int):
+            from seqtopk.routing.rules import budget_split
+
+            budget_split(k, 1, 0, False)  # learns k's ratio here, outside any compiled graph
+        min_experts = self.min_experts if self.min_experts is not None else (1 if k >= 1 else 0)
+        if min_experts > k:
+            raise ValueError(f"min_experts ({min_experts}) must be <= k ({k}) in {where}")
+        return ResolvedConfig(k=k, cap=cap, min_experts=min_experts, exact_budget=self.exact_budget,
                               prefill=self.prefill, decode=self.decode)
 
 
@@ -87,12 +104,30 @@ class SeqTopKConfig:
 class ResolvedConfig:
     """Settings with every default filled in, for one layer."""
 
-    k: int
+    k: int | float  # an int when k is whole
     cap: int
     min_experts: int
     exact_budget: bool
     prefill: str
     decode: str
+
+
+def budget_fraction(k) -> Fraction:
+    """k as an exact fraction (what every rule's budget B(m) = floor(m*k + 1/2) is computed from), validated."""
+    if isinstance(k, bool) or not isinstance(k, (int, float, Fraction)):
+        raise ValueError(f"k must be a number (an integer, or a fraction such as 1.5), got {k!r}")
+    if not math.isfinite(k) or k < MIN_K:
+        raise ValueError(f"k must be >= {MIN_K} experts per token, got {k}")
+    exact = Fraction(k).limit_denominator(MAX_DENOMINATOR)
+    if abs(float(exact) - float(k)) > 1e-9:
+        raise ValueError(f"k must be a multiple of 1/{MAX_DENOMINATOR} (e.g. 1.5, 0.75), got {k}")
+    return exact
+
+
+def normalized_k(k) -> int | float:
+    """k as an int when it is whole (so k=4.0 routes exactly as k=4), else as a float."""
+    exact = budget_fraction(k)
+    return int(exact) if exact.denominator == 1 else float(exact)
 
 
 def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:

@@ -33,9 +33,11 @@ def add_parser(sub) -> None:
                    help="text for the held-out figures; its last 10%% is used (default for the shipped model: "
                         "tinyshakespeare under ../shared, else the figures recorded in the model's card)")
     p.add_argument("--png", type=Path, default=Path("seqtopk_demo.png"), help="where to draw (default: %(default)s)")
-    p.add_argument("--k", type=int, default=None, help="per-token budget (default: the model's top_k)")
+    p.add_argument("--k", type=float, default=None,
+                   help="per-token budget, may be below the model's top_k and fractional (default: the model's "
+                        "top_k); a reduced budget is also shown as stock TopK at that k")
     p.add_argument("--cap", type=int, default=None, help="most experts per token (default: the card's, else k + 2)")
-    p.add_argument("--min-experts", type=int, default=1)
+    p.add_argument("--min-experts", type=int, default=None, help="default: 1, or 0 when k < 1")
     p.add_argument("--exact-budget", action="store_true")
     p.add_argument("--prefill", default=None, choices=PREFILL_RULES, help="default: the card's, else sequence")
     p.add_argument("--decode", default="expert_cache", choices=DECODE_RULES)

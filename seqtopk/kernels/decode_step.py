@@ -132,6 +132,8 @@ def paged_decode(scores: torch.Tensor, store: torch.Tensor, block_table: torch.T
     Returns from_probs: (values [N, cap] float32, weights [N, cap] float32, ids [N, cap] int32, mask bool);
     otherwise the mask [N, cap] bool.
     """
+    if getattr(split, "scale", 1) != 1:
+        raise ValueError("the Triton decode step takes a whole per-token budget; a fractional k runs on the torch rule")
     tokens = scores.shape[0]
     device = scores.device
     mask = torch.empty(tokens, cap, dtype=torch.int8, device=device)

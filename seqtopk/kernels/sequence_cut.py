@@ -269,7 +269,9 @@ def sequence_cut(values: torch.Tensor, starts: torch.Tensor, routed: torch.Tenso
     out = torch.zeros(tokens, cap, dtype=torch.int8, device=values.device)
     if rows == 0 or tokens == 0 or cap == 0:
         return out.view(torch.bool)
-    forced, first, per_token = split
+    forced, first, per_token = split[:3]
+    if len(split) > 3 and split[3] != 1:
+        raise ValueError("the Triton sequence cut takes a whole per-token budget; a fractional k runs on the torch rule")
     if first >= cap:  # nothing competes
         per_token = 0
     args = (values.contiguous(), starts.contiguous(), routed.contiguous().view(torch.uint8))

@@ -144,7 +144,7 @@ def _kernel_choose(values, layout, rules: TokenRules, cfg: ResolvedConfig, histo
         history.store if history is not None else None, paged.get("block_table"), paged.get("block_size", 1),
         paged.get("row_length"), paged.get("write_slots") if record else None,
         history.bands if (history is not None and record) else None, paged.get("row_band") if record else None,
-        split.forced, split.first, split.per_token, cfg.k, stats.histogram, stats.token_class, stats.counters,
+        split.forced, split.first, split.per_token, split.scale, int(cfg.k), stats.histogram, stats.token_class, stats.counters,
         ids.long(), UNCHOSEN.index(unchosen), weight_mode)
 
 
@@ -170,7 +170,9 @@ def _triton_decode_step(logits, scoring, cfg, layout, rules, history, unchosen, 
     one_token = layout.max_query == 1 if isinstance(layout, RaggedBatch) else layout.tokens == 1
     seen = layout.context if isinstance(layout, RaggedBatch) else layout.seen
     real = layout.real_tokens()
+    split = budget_split(cfg.k, cfg.cap, cfg.min_experts, cfg.exact_budget)
     if not (one_token and isinstance(history, PagedHistory) and type(scoring) is SoftmaxScoring and record
+            and split.scale == 1
             and rules.single_tokens().present == (CAUSAL,) and seen is not None):
         return None
     tokens = logits.shape[0]
@@ -181,7 +183,7 @@ def _triton_decode_step(logits, scoring, cfg, layout, rules, history, unchosen, 
     histogram = stats.histogram if stats is not None else None
     values, weights, ids, mask = decode_step.paged_decode(
         probs, history.store, paged.block_table, paged.block_size, paged.length, seen, real,
-        budget_split(cfg.k, cfg.cap, cfg.min_experts, cfg.exact_budget), cap=cfg.cap, from_probs=True,
+        split, cap=cfg.cap, from_probs=True,
         renormalize=scoring.renormalize, write_slots=paged.write_slots, stats_row=histogram)
     if stats is not None and stats.counters is not None:
         add_stats(RouteStats(token_class=stats.token_class, counters=stats.counters), mask, real)

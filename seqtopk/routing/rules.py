@@ -195,26 +195,52 @@ def choose(values: torch.Tensor, valid: torch.Tensor | None, rules: TokenRules, 
 
 
 class BudgetSplit(NamedTuple):
-    """How a token's budget splits between forced experts and the cut."""
+    """How a token's budget splits between forced experts and the cut.
+
+    The competing columns of m real tokens share `pairs(m)` = floor(m * per_token / scale + 1/2) pairs (SPEC
+    section 5): exact integer arithmetic for a fractional k; with scale 1 it is m * per_token."""
 
     forced: int  # leading columns every real token keeps (its best min_experts)
     first: int  # first column that competes for the cut
-    per_token: int  # pairs per real token the competing columns share
+    per_token: int  # pairs per real token the competing columns share, times `scale`
+    scale: int = 1  # denominator of the per-token budget (1 for a whole k)
+
+    def pairs(self, m):
+        """Pairs the competing columns of m real tokens share (m: an int or an integer tensor)."""
+        if self.scale == 1:
+            return m * self.per_token
+        return (m * self.per_token + self.scale // 2) // self.scale
 
 
 @functools.lru_cache(maxsize=64)
-def budget_split(k: int, cap: int, min_experts: int, exact_budget: bool) -> BudgetSplit:
+def budget_split(k, cap: int, min_experts: int, exact_budget: bool) -> BudgetSplit:
+    numerator, scale = (k, 1) if isinstance(k, int) else _ratio(k)
     forced = min(min_experts, cap)
-    if exact_budget:  # forced experts count toward T*K: the cut shares what is left
-        return BudgetSplit(forced, forced, k - forced)
-    return BudgetSplit(forced, 0, k)
+    if exact_budget:  # forced experts count toward B(m): the cut shares what is left
+        return BudgetSplit(forced, forced, numerator - forced * scale, scale)
+    return BudgetSplit(forced, 0, numerator, scale)
+
+
+_RATIOS: dict = {}  # k -> (numerator, denominator), so a compiled graph reads a constant instead of tracing Fraction
+
+
+def _ratio(k) -> tuple[int, int]:
+    if k not in _RATIOS:
+        from seqtopk.config import budget_fraction
+
+        fraction = budget_fraction(k)
+        _RATIOS[k] = (fraction.numerator, fraction.denominator)
+    return _RATIOS[k]
 
 
 def known_pair_count(rule: str, cfg, tokens: int) -> int | None:
     """Pairs a forward of `tokens` tokens routed by `rule` spends, when that is known before routing (padding
     spends fewer: the rest are filler rows); None when only the routing itself tells."""
-    if rule == TOPK or (rule == SEQUENCE and cfg.exact_budget):
+    if rule == TOPK:
         return tokens * cfg.k
+    if rule == SEQUENCE and cfg.exact_budget:
+        split = budget_split(cfg.k, cfg.cap, cfg.min_experts, True)
+        return tokens * split.forced + split.pairs(tokens)
     return None
 
 
@@ -225,6 +251,8 @@ def capped_candidates(scores: torch.Tensor, cap: int) -> tuple[torch.Tensor, tor
 
 def topk_mask(values: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Stock TopK over candidates sorted best first: the first k slots of every real token. [..., C] bool."""
+    if k != int(k):
+        raise ValueError(f"the TopK rule gives every token exactly k experts: k must be whole, got {k}")
     mask = (torch.arange(values.shape[-1], device=values.device) < k).expand(values.shape)
     return mask & valid.unsqueeze(-1) if valid is not None else mask.clone()
 
@@ -239,7 +267,7 @@ def pack(ids: torch.Tensor, mask: torch.Tensor, unchosen: str = "drop") -> torch
     raise ValueError(f"unchosen must be one of {UNCHOSEN}, got {unchosen!r}")
 
 
-def _split_forced(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_experts: int,
+def _split_forced(values: torch.Tensor, valid: torch.Tensor | None, k, min_experts: int,
                   exact_budget: bool):
     """Real tokens (all, if valid is None), the columns every real token keeps, and the budget split."""
     if valid is None:
@@ -265,26 +293,36 @@ def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, mi
     fused=True: the same cut in the Triton kernel (seqtopk.kernels.sequence_cut) where it serves the tensors;
     the torch code below is its reference (and the compiled CPU kernel's)."""
     batch, tokens, cap = values.shape
-    if fused:
+    split = budget_split(k, cap, min_experts, exact_budget)
+    if fused and split.scale == 1:
         from seqtopk.kernels import sequence_cut as fused_cut
 
         if fused_cut.available(values.device) and values.dtype in fused_cut.DTYPES:
             # radix select, no host sync
-            return fused_cut.select_sequence_dense(values, valid, budget_split(k, cap, min_experts, exact_budget))
-    valid, forced, (_, first, per_token) = _split_forced(values, valid, k, min_experts, exact_budget)
+            return fused_cut.select_sequence_dense(values, valid, split)
+    valid, forced, (_, first, per_token, scale) = _split_forced(values, valid, k, min_experts, exact_budget)
     if per_token <= 0 or tokens == 0:
         return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
     compete = values[..., first:]
     width = compete.shape[-1]
-    # A padding token offers `per_token` slots at +inf and the rest at -inf: the (T*per_token)-th largest
-    # of a row is then the (n*per_token)-th largest of its n real tokens, one static k for every row
-    # (no host sync to learn how much padding each row has).
-    pad_fill = torch.full((width,), NEG_INF, dtype=values.dtype, device=values.device)
-    pad_fill[:per_token] = float("inf")
-    compete = torch.where(valid.unsqueeze(-1), compete, pad_fill)
-    flat = compete.reshape(batch, tokens * width)
-    budget = tokens * per_token
-    threshold = torch.kthvalue(flat, flat.shape[1] - budget + 1, dim=1, keepdim=True).values
+    if scale == 1:
+        # A padding token offers `per_token` slots at +inf and the rest at -inf: the (T*per_token)-th largest
+        # of a row is then the (n*per_token)-th largest of its n real tokens, one static k for every row
+        # (no host sync to learn how much padding each row has).
+        pad_fill = torch.full((width,), NEG_INF, dtype=values.dtype, device=values.device)
+        pad_fill[:per_token] = float("inf")
+        compete = torch.where(valid.unsqueeze(-1), compete, pad_fill)
+        flat = compete.reshape(batch, tokens * width)
+        budget = tokens * per_token
+        threshold = torch.kthvalue(flat, flat.shape[1] - budget + 1, dim=1, keepdim=True).values
+    else:
+        # B(n) = floor(n*k + 1/2) is not linear in n, so padding cannot stand in for real tokens' share: each
+        # row's cut is read from its sorted values (padding at -inf), at its own rank.
+        flat = compete.masked_fill(~valid.unsqueeze(-1), NEG_INF).reshape(batch, tokens * width)
+        budget = split.pairs(valid.sum(dim=1, keepdim=True))  # [B, 1]
+        ranked = flat.sort(dim=1, descending=True).values
+        threshold = ranked.gather(1, (budget - 1).clamp(min=0))
+        threshold = threshold.masked_fill(budget == 0, float("inf"))  # a row whose budget is 0 takes nothing
     above = flat > threshold
     # Ties at the cut go to real tokens only: a padding token's -inf slots never take budget from a real
     # token whose candidates are -inf too.
@@ -318,7 +356,7 @@ def select_causal(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_
     if per_token <= 0 or length == 0:
         return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
     if isinstance(history, PagedHistory):
-        if fused and length == 1 and seen is not None and values.dtype == torch.float32:
+        if fused and length == 1 and seen is not None and values.dtype == torch.float32 and split.scale == 1:
             from seqtopk.kernels import decode_step
 
             if decode_step.available(values.device):  # one new token per row, straight from the store
@@ -337,5 +375,5 @@ def select_causal(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_
                else compete.new_empty(batch, 0))
     greater = causal_greater_counts(earlier, compete)  # [B, L, W]
     m = seen.unsqueeze(1) + valid.long().cumsum(dim=1)  # real tokens up to and including each new token
-    take = (greater < (m * per_token).unsqueeze(-1)) & valid.unsqueeze(-1) & torch.isfinite(compete)
+    take = (greater < split.pairs(m).unsqueeze(-1)) & valid.unsqueeze(-1) & torch.isfinite(compete)
     return _assemble(forced, first, take)

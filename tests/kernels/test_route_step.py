@@ -20,6 +20,8 @@ from seqtopk.routing.scoring import BiasedScoring, SoftmaxScoring
 
 E, K, CAP = 16, 4, 6
 SPLITS = [(1, False), (0, False), (1, True), (2, True), (2, False)]  # min_experts, exact_budget
+# Fractional budgets (B(m) = floor(m*k + 1/2)): k, min_experts, exact_budget
+FRACTIONAL = [(2.5, 1, False), (1.75, 1, True), (0.6, 0, False), (0.5, 0, True)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,15 +52,15 @@ def assert_same(reference, kernel):
 
 
 @pytest.mark.parametrize("levels", [None, 2, 5])
-@pytest.mark.parametrize("min_experts,exact", SPLITS)
-def test_sequence_rule_with_padding_and_ties(levels, min_experts, exact):
+@pytest.mark.parametrize("k,min_experts,exact", [(K, *split) for split in SPLITS] + FRACTIONAL)
+def test_sequence_rule_with_padding_and_ties(levels, k, min_experts, exact):
     gen = torch.Generator().manual_seed(levels or 0)
     batch, tokens = 4, 23
     valid = torch.ones(batch, tokens, dtype=torch.bool)
     valid[1, :6] = False  # left padding
     valid[2, -4:] = False  # right padding
     valid[3, :] = False  # all padding
-    cfg = SeqTopKConfig(k=K, cap=CAP, min_experts=min_experts, exact_budget=exact).resolve(K, E)
+    cfg = SeqTopKConfig(k=k, cap=CAP, min_experts=min_experts, exact_budget=exact).resolve(K, E)
     for scoring in (SoftmaxScoring(renormalize=True), BiasedScoring(bias=torch.randn(E, generator=gen) * 0.1,
                                                                    renormalize=True, scaling=2.5)):
         logits = logits_for(batch * tokens, gen, levels)
@@ -84,8 +86,8 @@ def paged_store(rows: int, context: torch.Tensor, gen, levels: int | None, block
 
 
 @pytest.mark.parametrize("levels", [None, 3])
-@pytest.mark.parametrize("min_experts,exact", SPLITS)
-def test_packed_step_mixing_every_rule(levels, min_experts, exact):
+@pytest.mark.parametrize("k,min_experts,exact", [(K, *split) for split in SPLITS] + FRACTIONAL)
+def test_packed_step_mixing_every_rule(levels, k, min_experts, exact):
     """One packed step as vLLM runs it: fresh prompts (sequence rule), later chunks (causal, against paged
     history), one-token rows (decode), TopK for generated tokens under decode="topk", padding past the rows."""
     gen = torch.Generator().manual_seed(17 + (levels or 0))
@@ -94,9 +96,9 @@ def test_packed_step_mixing_every_rule(levels, min_experts, exact):
     rows, tokens = len(query), int(query.sum()) + 3  # 3 padding tokens
     starts = torch.cat([torch.zeros(1, dtype=torch.long), query.cumsum(0)])
     store, table, block = paged_store(rows, context, gen, levels)
-    for decode in ("expert_cache", "topk"):
+    for decode in ("expert_cache", "topk") if k == int(k) else ("expert_cache",):  # (topk needs a whole k)
         for prefill in ("sequence", "causal"):
-            cfg = SeqTopKConfig(k=K, cap=CAP, min_experts=min_experts, exact_budget=exact, prefill=prefill,
+            cfg = SeqTopKConfig(k=k, cap=CAP, min_experts=min_experts, exact_budget=exact, prefill=prefill,
                                 decode=decode).resolve(K, E)
             batch = ragged_batch(starts, context + query, tokens, int(query.max()))
             position = batch.positions()
@@ -135,12 +137,12 @@ def decode_case(seed: int, levels: int | None):
 
 
 @pytest.mark.parametrize("levels", [None, 4])
-@pytest.mark.parametrize("min_experts,exact", [(1, False), (2, True)])
-def test_decode_steps_from_bands_equal_the_torch_rule(levels, min_experts, exact):
+@pytest.mark.parametrize("k,min_experts,exact", [(K, 1, False), (K, 2, True), (1.5, 1, False), (0.6, 0, False)])
+def test_decode_steps_from_bands_equal_the_torch_rule(levels, k, min_experts, exact):
     """Rows decode for hundreds of steps; the scores' scale moves in phases, so the streaming cut drifts out of
     each band (rebuilt from the store) and back. Every step equals the torch rule on the same store."""
     gen, rows, context, store, table, block = decode_case(3 + (levels or 0), levels)
-    cfg = SeqTopKConfig(k=K, cap=CAP, min_experts=min_experts, exact_budget=exact).resolve(K, E)
+    cfg = SeqTopKConfig(k=k, cap=CAP, min_experts=min_experts, exact_budget=exact).resolve(K, E)
     rules = TokenRules.uniform("causal")
     bands = new_bands(rows)
     store_ref = store.clone()

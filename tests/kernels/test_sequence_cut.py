@@ -172,7 +172,7 @@ def split_case(cap: int = CAP):
 
 def ties_cross_chunks(values, routed, split, chunk: int) -> bool:
     """Whether exact ties straddle the cut of this row and lie in more than one chunk of `chunk` entries."""
-    forced, first, per_token = split
+    forced, first, per_token = split[:3]
     competing = torch.zeros(values.shape, dtype=torch.bool)
     competing[:, first:] = routed.unsqueeze(1)
     real = values.float()[competing]

@@ -3,7 +3,7 @@
 The counters live in the worker process (seqtopk.engines.vllm.stats); /metrics is served by the API server
 process. With SeqTopK on, the API server polls the workers every SEQTOPK_METRICS_INTERVAL seconds (default
 5; 0 turns the gauges off) through the engine's collective RPC (`seqtopk_stats`, one device read) while
-requests run, and once after they finish, and sets:
+requests run, and once after they finish (or after requests finished between two polls), and sets:
 - seqtopk_routing_state_rows: rows of paged routing state held by running requests (one per KV slot of
   their blocks; it returns to 0 when no request runs, so a leak shows as a floor that does not drop);
 - seqtopk_routing_state_bytes: the same in bytes, over every MoE layer;
@@ -71,22 +71,37 @@ def publish(stats: dict) -> None:
     g["rows"].set(sum(rows) / len(rows) if rows else 0.0)
 
 
+def finished_requests() -> float | None:
+    """Requests this server has finished so far, read from vLLM's own `vllm:request_success` counter (same
+    process, same registry); None when vLLM keeps no statistics (--disable-log-stats)."""
+    from prometheus_client import REGISTRY
+
+    total, found = 0.0, False
+    for metric in REGISTRY.collect():
+        if metric.name == "vllm:request_success":
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    total, found = total + sample.value, True
+    return total if found else None
+
+
 async def poll(engine_client) -> None:
     """Refresh the gauges until the server stops; a failed read is logged and retried, never raised.
 
-    Reads only while requests run, and once more when they have all finished (the state rows then read 0):
-    each read wakes the worker, whose message queue then spins a CPU core for a second, so an idle server
-    is left alone."""
-    settled = False
+    Reads while requests run, and once more when they have all finished (the state rows then read 0), or when
+    requests finished since the last read (one shorter than the interval is never seen running): each read
+    wakes the worker, whose message queue then spins a CPU core for a second, so an idle server is left alone."""
+    settled, done = False, None
     while True:
         await asyncio.sleep(interval())
         busy = engine_client.get_num_unfinished_requests() > 0
-        if settled and not busy:
+        finished = finished_requests()
+        if settled and not busy and finished == done:
             continue
         try:
             replies = await engine_client.collective_rpc("seqtopk_stats", timeout=30)
             publish(replies[0])
-            settled = not busy
+            settled, done = not busy, finished
         except asyncio.CancelledError:
             raise
         except Exception as err:  # the server must keep serving whatever the read does

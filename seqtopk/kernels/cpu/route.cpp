@@ -3,7 +3,7 @@
 // The torch reference is seqtopk.routing.rules (select_sequence, select_causal, topk_mask, applied per token by
 // rules.choose); this op makes the same decisions, slot for slot, ties included, in one call:
 //
-// - sequence rule (a row's tokens the rule routes): the (n*per_token)-th largest competing value is found by
+// - sequence rule (a row's tokens the rule routes): the B(n)-th largest competing value is found by
 //   selection (std::nth_element, O(n*W)), then one pass in flat order (token-major, then column) takes every
 //   value above the cut and as many values equal to it as the budget leaves: exact ties go to the earlier token,
 //   then the better column, as in the reference;
@@ -14,7 +14,8 @@
 //   band rebuilt from the paged store only when the cut has left it (or it is stale); without bands, a walk of
 //   the history;
 // - TopK rule: the first k slots.
-// Every routed token keeps its first `forced` slots (min_experts). Tokens with valid == false take nothing.
+// Budgets: the competing columns of m real tokens share B(m) = floor(m * per_token / scale + 1/2) pairs (scale 1
+// for a whole k: m * per_token). Every routed token keeps its first `forced` slots (min_experts). Tokens with valid == false take nothing.
 // Each token's capped scores are written to its history slot (write_slots >= 0; -inf for padding tokens) after
 // every decision is made.
 //
@@ -36,7 +37,9 @@ namespace {
 constexpr int8_t kSequence = 0, kCausal = 1, kTopK = 2;
 
 struct Split {
-  int64_t forced, first, per_token, k;
+  int64_t forced, first, per_token, scale, k;
+  // Pairs the competing columns of m real tokens share: floor(m * per_token / scale + 1/2) (rules.BudgetSplit).
+  int64_t pairs(int64_t m) const { return scale == 1 ? m * per_token : (m * per_token + scale / 2) / scale; }
 };
 
 // Order statistics over a small set of ranks (the chunk's distinct values), counting inserted values.
@@ -79,7 +82,7 @@ void select_sequence_row(const Step& s, int64_t begin, int64_t end, std::vector<
   entries.clear();
   for (int64_t t = begin; t < end; ++t)
     if (s.real(t) && s.rule_of(t) == kSequence) entries.insert(entries.end(), s.competing(t), s.competing(t) + w);
-  const int64_t budget = static_cast<int64_t>(entries.size()) / w * s.split.per_token;
+  const int64_t budget = s.split.pairs(static_cast<int64_t>(entries.size()) / w);
   if (budget <= 0) return;
   float cut = -std::numeric_limits<float>::infinity();
   int64_t room = budget;
@@ -161,7 +164,7 @@ void select_causal_chunk(const Step& s, int64_t r, int64_t begin, int64_t end, s
       ++inserted;
     }
     if (s.rule_of(t) != kCausal) continue;
-    const int64_t budget = m * s.split.per_token;
+    const int64_t budget = s.split.pairs(m);
     bool* mt = s.mask + t * s.cap + s.split.first;
     for (int64_t j = 0; j < w; ++j) {
       if (!std::isfinite(v[j])) continue;
@@ -186,7 +189,7 @@ void select_causal_token(const Step& s, int64_t r, int64_t t, std::vector<float>
   const int64_t w = s.width();
   const float* v = s.competing(t);
   bool* mt = s.mask + t * s.cap + s.split.first;
-  const int64_t budget = (s.seen[r] + 1) * s.split.per_token;
+  const int64_t budget = s.split.pairs(s.seen[r] + 1);
   std::vector<int64_t>& need = scratch_need();
   need.resize(w);
   for (int64_t j = 0; j < w; ++j) {
@@ -228,7 +231,7 @@ void select_causal_token(const Step& s, int64_t r, int64_t t, std::vector<float>
       if (answer == Answer::kTake) mt[j] = true;
     }
     // This token's scores join the history (written after every decision): the band follows.
-    const int64_t next_center = center + s.split.per_token;
+    const int64_t next_center = s.split.pairs(s.seen[r] + 2) - 1 - w / 2;
     const int64_t slot = s.write_slots != nullptr ? s.write_slots[t] : -1;
     if (slot < 0) {  // not recorded: the history does not move, and the band must not either
       band->length = -1;
@@ -292,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_step(const at::Tensor& valu
                       int64_t block_size, const std::optional<at::Tensor>& row_length,
                       const std::optional<at::Tensor>& write_slots, const std::optional<at::Tensor>& bands,
                       const std::optional<at::Tensor>& row_band, int64_t forced, int64_t first, int64_t per_token,
-                      int64_t k, const std::optional<at::Tensor>& histogram, const std::optional<at::Tensor>& token_class,
+                      int64_t scale, int64_t k, const std::optional<at::Tensor>& histogram, const std::optional<at::Tensor>& token_class,
                       const std::optional<at::Tensor>& class_counters, const std::optional<at::Tensor>& ids,
                       int64_t unchosen, int64_t weight_mode) {
   TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
@@ -319,7 +322,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_step(const at::Tensor& valu
   s.rules = ptr_or_null<int8_t>(token_rule);
   s.rule = static_cast<int8_t>(rule);
   s.seen = row_seen.data_ptr<int64_t>();
-  s.split = Split{forced, first, per_token, k};
+  TORCH_CHECK(scale >= 1, "scale (the budget's denominator) must be >= 1");
+  s.split = Split{forced, first, per_token, scale, k};
   const bool has_history = store.has_value() && store->defined();
   if (has_history) {
     TORCH_CHECK(store->dim() == 2 && store->scalar_type() == at::kFloat && store->size(1) == cap &&
@@ -428,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_step(const at::Tensor& valu
 TORCH_LIBRARY(seqtopk_cpu, m) {
   m.def("route_step(Tensor values, Tensor row_start, Tensor? token_valid, Tensor? token_rule, int rule, "
         "Tensor row_seen, Tensor(a!)? store, Tensor? block_table, int block_size, Tensor? row_length, "
-        "Tensor? write_slots, Tensor(b!)? bands, Tensor? row_band, int forced, int first, int per_token, int k, "
+        "Tensor? write_slots, Tensor(b!)? bands, Tensor? row_band, int forced, int first, int per_token, int scale, int k, "
         "Tensor(c!)? histogram, Tensor? token_class, Tensor(d!)? class_counters, Tensor? ids, int unchosen, "
         "int weight_mode) -> (Tensor, Tensor, Tensor)");
   m.def("band_bytes() -> int", []() -> int64_t { return seqtopk::kBandBytes; });
