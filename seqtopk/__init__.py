@@ -23,6 +23,7 @@ __all__ = [
     "patch",
     "unpatch",
     "patched",
+    "topk_at",
     "is_patched",
     "routing_stats",
     "reset_routing_stats",
@@ -65,6 +66,17 @@ def patched(model, **settings):
         yield model
     finally:
         unpatch(model)
+
+
+@contextmanager
+def topk_at(model, k: int):
+    """`with seqtopk.topk_at(model, 1):` stock TopK with k experts per token inside the block: the baseline for a
+    SeqTopK budget below the model's top_k. Routes as the model loaded with its top_k set to k (the same tokens,
+    tested), without reloading it: every token keeps its best k experts, weighted by the family's own rule."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"TopK takes a whole number of experts per token >= 1, got {k!r}")
+    with patched(model, k=k, cap=k, decode="topk"):
+        yield model
 
 
 def routing_stats(model):

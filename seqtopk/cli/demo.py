@@ -93,16 +93,25 @@ def run(args) -> int:
         cfg = seqtopk.engines.hf.require_patch(model).layers[0].cfg
         routed_ids = generate()
         view = demo.token_view(model, routed_ids)
+    top_k = model.config.num_experts_per_tok
+    reduced = demo.topk_budgets_around(cfg.k, top_k)
     print(f"SeqTopK: k={cfg.k} cap={cfg.cap} min_experts={cfg.min_experts} exact_budget={cfg.exact_budget}; "
           f"{describe_rules(cfg)}")
-    print(f"\n--- stock TopK (every token takes {cfg.k} experts in every layer)")
+    print(f"\n--- stock TopK (every token takes {top_k} experts in every layer)")
     print(_text(tok, stock_ids))
+    for k in reduced:  # the honest baseline for a reduced budget: TopK at that budget
+        with seqtopk.topk_at(model, k):
+            reduced_ids = generate()
+        print(f"\n--- stock TopK at k={k} (every token takes {k} expert{'s' * (k > 1)} in every layer; bars on "
+              f"the SeqTopK scale below)")
+        for line in _bars(tok, reduced_ids, torch.full((len(reduced_ids),), float(k)), cfg.min_experts, cfg.cap):
+            print(line)
     per_token = view.experts.float().mean(0)
     print(f"\n--- SeqTopK (under each token: experts it took, mean over layers, {BARS[0]} {cfg.min_experts} "
           f"... {BARS[-1]} {cfg.cap}; mean {float(per_token.mean()):.2f})")
     for line in _bars(tok, routed_ids, per_token, cfg.min_experts, cfg.cap):
         print(line)
-    _held_out(args, model, tok, settings, card, path)
+    _held_out(args, model, tok, settings, card, path, reduced)
     _draw(tok, view, ids.shape[1], cfg, args.png)
     print(f"\npng: {args.png}")
     return 0
@@ -131,7 +140,7 @@ def _bars(tok, ids, per_token, low: int, high: int, width: int = 80) -> list[str
     return lines + [text, bars] if text else lines
 
 
-def _held_out(args, model, tok, settings: dict, card: dict, path) -> None:
+def _held_out(args, model, tok, settings: dict, card: dict, path, reduced: tuple[int, ...]) -> None:
     from seqtopk import demo
     from seqtopk.paths import shared_path
 
@@ -142,7 +151,8 @@ def _held_out(args, model, tok, settings: dict, card: dict, path) -> None:
         except FileNotFoundError:
             source = None
     if source is not None and Path(source).is_file():
-        figures = demo.held_out_figures(model, settings, demo.held_out_ids(tok, Path(source).read_text())).as_dict()
+        figures = demo.held_out_figures(model, settings, demo.held_out_ids(tok, Path(source).read_text()),
+                                        reduced=reduced).as_dict()
         where = f"measured now on the last 10% of {source}"
     elif card.get("held_out"):
         figures, where = card["held_out"], f"recorded in {Path(path) / demo.CARD} (held-out text not found here)"
@@ -152,6 +162,9 @@ def _held_out(args, model, tok, settings: dict, card: dict, path) -> None:
     print(f"\nheld-out text ({figures['tokens']} tokens, {where}):")
     print(f"  loss (nats/token): stock TopK {figures['topk_loss']:.4f}, SeqTopK {figures['seqtopk_loss']:.4f} "
           f"at {figures['seqtopk_experts_per_token']:.4f} experts/token")
+    for k, loss in figures.get("topk_at_loss", {}).items():
+        print(f"  loss (nats/token): stock TopK at k={k}: {loss:.4f} ({loss - figures['topk_loss']:+.4f} against the "
+              f"model's top_k; SeqTopK {figures['seqtopk_loss'] - figures['topk_loss']:+.4f})")
     print(f"  experts per token vs token loss: Spearman {figures['spearman_experts_loss']:+.4f}; "
           f"vs router entropy: {figures['spearman_experts_entropy']:+.4f}")
     print("  (Spearman's rho: +1 = more experts exactly where the measure is higher, 0 = unrelated, -1 = the reverse)")

@@ -14,7 +14,8 @@ forward pass predicts), and with its router entropy.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -101,18 +102,25 @@ class HeldOut:
     seqtopk_experts_per_token: float
     spearman_experts_loss: float  # SeqTopK: experts per token (mean over layers) vs next-token loss
     spearman_experts_entropy: float  # SeqTopK: experts per token vs router entropy
+    topk_at_loss: dict = field(default_factory=dict)  # stock TopK at budgets below the model's top_k: {k: loss}
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def held_out_figures(model, settings: dict, ids: torch.Tensor, blocks: int = 16) -> HeldOut:
-    """Measure on `blocks` consecutive windows of BLOCK tokens of held-out ids; the model is left unpatched."""
+def held_out_figures(model, settings: dict, ids: torch.Tensor, blocks: int = 16,
+                     reduced: tuple[int, ...] = ()) -> HeldOut:
+    """Measure on `blocks` consecutive windows of BLOCK tokens of held-out ids; the model is left unpatched.
+    reduced: budgets at which stock TopK is measured too (see `topk_budgets_around`)."""
     import seqtopk
 
     windows = ids[: blocks * BLOCK].view(-1, BLOCK)
     seqtopk.unpatch(model) if seqtopk.is_patched(model) else None
     stock = [token_view(model, w) for w in windows]
+    topk_at_loss = {}
+    for k in reduced:
+        with seqtopk.topk_at(model, k):
+            topk_at_loss[k] = float(torch.cat([token_view(model, w).loss for w in windows]).mean())
     with seqtopk.patched(model, **settings):
         routed = [token_view(model, w) for w in windows]
     experts = torch.cat([v.experts.float().mean(0)[:-1] for v in routed])  # tokens that predict a next token
@@ -121,7 +129,17 @@ def held_out_figures(model, settings: dict, ids: torch.Tensor, blocks: int = 16)
     return HeldOut(tokens=len(loss), topk_loss=float(torch.cat([v.loss for v in stock]).mean()),
                    seqtopk_loss=float(loss.mean()),
                    seqtopk_experts_per_token=float(torch.cat([v.experts.float().mean(0) for v in routed]).mean()),
-                   spearman_experts_loss=spearman(experts, loss), spearman_experts_entropy=spearman(experts, entropy))
+                   spearman_experts_loss=spearman(experts, loss), spearman_experts_entropy=spearman(experts, entropy),
+                   topk_at_loss=topk_at_loss)
+
+
+def topk_budgets_around(k, top_k: int) -> tuple[int, ...]:
+    """The stock TopK budgets a SeqTopK budget k below the model's top_k is compared with (SPEC section 5):
+    k itself when whole, else the two whole numbers around it (those >= 1); () when k is not below top_k."""
+    if k >= top_k:
+        return ()
+    low, high = math.floor(k), math.ceil(k)
+    return tuple(sorted({b for b in (low, high) if b >= 1}))
 
 
 def held_out_ids(tokenizer, text: str) -> torch.Tensor:

@@ -107,6 +107,31 @@ def recompute_held_out(shared_data) -> dict:
                 rho_entropy=scipy.stats.spearmanr(experts, entropy).statistic)
 
 
+def test_demo_at_a_reduced_budget_shows_topk_at_that_budget(tmp_path, shared_data):
+    """`seqtopk demo --k 1` on the top-2 model: TopK at k=1 is shown beside SeqTopK (text, bars, held-out loss),
+    and its loss equals the model loaded with num_experts_per_tok=1, computed here independently."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from seqtopk.demo import MODEL_DIR
+
+    result = run_cli("demo", "--k", "1", "--max-new-tokens", "24", "--png", str(tmp_path / "k1.png"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "SeqTopK: k=1 cap=4" in out  # (cap from the model card)
+    block = out.split("--- stock TopK at k=1", 1)[1].split("\n--- SeqTopK", 1)[0].split("\n")[1:]
+    assert len(block) >= 2 and set(block[1]) <= set("▁ ") and "▁" in block[1]  # one expert: the lowest bar
+    printed = float(re.search(r"stock TopK at k=1: ([\d.]+)", out)[1])
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, num_experts_per_tok=1).eval()
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    ids = torch.tensor(tok((shared_data / "tinyshakespeare" / "input.txt").read_text())["input_ids"])
+    blocks = ids[int(len(ids) * 0.9):][: 16 * 128].view(16, 128)
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(input_ids=b[None]).logits[0, :-1], b[1:], reduction="none")
+                  for b in blocks]
+    assert printed == pytest.approx(float(torch.cat(losses).mean()), abs=2e-4)
+
+
 def test_demo_on_a_tiny_random_checkpoint(tmp_path):
     png = tmp_path / "tiny.png"
     result = subprocess.run([sys.executable, "-m", "seqtopk.cli", "demo", "--tiny", "qwen3_moe", "--max-new-tokens",
