@@ -22,7 +22,8 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 def prepare_task_dir(dest: str | os.PathLike | None = None, tasks_dir: str | os.PathLike | None = None) -> Path:
-    """Copy the local task YAMLs to `dest` with `../shared` replaced by the real shared directory."""
+    """Copy the local task YAMLs to `dest` with `../shared` replaced by the real shared directory and
+    `{task_dir}` by `dest`, where the documents of tasks built from a shared text are written."""
     source = Path(tasks_dir) if tasks_dir else TASKS_DIR
     if not source.is_dir():
         raise FileNotFoundError(f"task directory {source} not found; pass --tasks-dir")
@@ -30,8 +31,22 @@ def prepare_task_dir(dest: str | os.PathLike | None = None, tasks_dir: str | os.
     out.mkdir(parents=True, exist_ok=True)
     root = str(shared_root().resolve())
     for yaml_file in sorted(source.glob("*.yaml")):
-        (out / yaml_file.name).write_text(yaml_file.read_text().replace("../shared", root))
+        (out / yaml_file.name).write_text(yaml_file.read_text().replace("../shared", root).replace("{task_dir}", str(out)))
+    text = shared_root() / "data" / "tinyshakespeare" / "input.txt"
+    if text.is_file():
+        write_held_out_speeches(text.read_text(), out / "tinyshakespeare_heldout.jsonl")
     return out
+
+
+def write_held_out_speeches(text: str, path: Path) -> int:
+    """The last 10% of the text (what the demo model never trained on), one JSON document per speech (blocks
+    between blank lines); returns how many."""
+    import json
+
+    held_out = text[int(len(text) * 0.9):]
+    speeches = [s.strip("\n") for s in held_out.split("\n\n") if s.strip()]
+    path.write_text("".join(json.dumps({"text": s}) + "\n" for s in speeches))
+    return len(speeches)
 
 
 def run_lm_eval(model_path: str, tasks: list[str], settings: dict | None, limit: int | float | None = None,

@@ -38,3 +38,27 @@ def test_decode_routing_bench_runs_small(tmp_path):
     assert set(result["us_per_layer_step"]) == {"topk", "compiled", "compiled-walk", "torch"}
     assert set(result["ratio_vs_topk"]["compiled"]) == {"16", "48"}
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_budget_sweep_runs_small(tmp_path, shared_data):
+    """evals/budget_sweep.py's quality, lm-eval and transformers speed parts at toy size (the vLLM part is the
+    same bench_vllm rounds over engines started with hf_overrides and fractional settings, which
+    tests/vllm/test_budgets.py serves for real)."""
+    out = tmp_path / "budget_sweep.json"
+    run_script("budget_sweep.py", "--small", "--parts", "quality", "lm-eval", "hf", "--seeds", "0,1", "--out", str(out))
+    result = json.loads(out.read_text())
+    for model in ("demo", "repro"):
+        tuned = result["quality"][model]["fine_tuned"]
+        assert set(tuned) == {"topk-2", "topk-1", "seqtopk-2", "seqtopk-1.5", "seqtopk-1", "seqtopk-0.5"}
+        assert all(len(row["per_seed"]) == 2 for row in tuned.values())
+        assert tuned["seqtopk-0.5"]["experts_per_token"] < 0.75 < tuned["seqtopk-1"]["experts_per_token"]
+        assert set(result["quality"][model]["verdict"]) == {"switched_on k=1", "fine_tuned k=1"}
+    switched = result["quality"]["demo"]["switched_on"]
+    assert {"seqtopk-1.25", "seqtopk-0.75"} <= set(switched)
+    lm = result["lm_eval"]["results"]
+    assert lm["topk-2"]["bits_per_byte"] < result["lm_eval"]["chance_bits_per_byte"] / 2  # far from chance
+    assert lm["topk-1"]["bits_per_byte"] != lm["topk-2"]["bits_per_byte"]
+    for phase in ("prefill", "decode"):
+        assert set(result["hf"]["ratios"][phase]) == {"k=8", "k=6", "k=4", "k=2"}
+        assert result["hf"]["ratios"][phase]["k=8"]["topk_speedup_over_topk_K"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 0
