@@ -45,7 +45,9 @@ def test_settings_from_additional_config_or_environment(engine_args, monkeypatch
 
 @pytest.mark.parametrize("bad, message", [
     ({"kk": 4}, "unknown SeqTopK option"),
-    ({"k": 0}, "k must be >= 1"),
+    ({"k": 0}, "k must be >= 0.1"),
+    ({"k": 1.5, "decode": "topk"}, "decode='topk' gives every generated token exactly k"),
+    ({"k": 0.5, "min_experts": 1}, "set min_experts=0"),
     ({"prefill": "whole"}, "prefill must be one of"),
     ([4], "JSON object"),
 ])
