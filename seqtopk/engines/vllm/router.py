@@ -22,6 +22,7 @@ Shared experts stay outside the op, computed by the runner as vLLM computes them
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
@@ -172,8 +173,9 @@ class SeqTopKRouter(BaseRouter):
                 from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
                 fused = experts.quant_method.moe_kernel.fused_experts
+                # (with zentorch the same `apply` runs zentorch's kernel, as the modular path would)
                 direct = (type(fused) in (CPUUnquantizedExperts, *CPUUnquantizedExperts.__subclasses__())
-                          and not getattr(fused, "_use_zentorch", True) and experts.expert_map is None
+                          and experts.expert_map is None
                           and not experts.apply_router_weight_on_input)
             except (ImportError, AttributeError):
                 direct = False
@@ -216,6 +218,7 @@ def wrap_router_factory(original):
     """create_fused_moe_router, returning a SeqTopKRouter when the engine runs with SeqTopK settings."""
     signature = inspect.signature(original)
 
+    @functools.wraps(original)  # keeps vLLM's signature readable (compat.check_live)
     def create_router(*args, **kwargs):
         from vllm.config import get_current_vllm_config
 

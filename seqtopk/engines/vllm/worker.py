@@ -111,16 +111,18 @@ def refresh_step_rows(runner, scheduler_output) -> None:
 
 def run_layer(runner, hidden_states, router_logits, shared_experts_input, shared_experts_overlapping):
     """A SeqTopK layer in place of the runner's router + experts call: the routed experts as one opaque op
-    (seqtopk.engines.vllm.router.moe); the shared experts as vLLM runs them without overlap (their own module on
-    the layer's input), or awaited where vLLM already launched them on another stream."""
+    (seqtopk.engines.vllm.router.moe); the shared experts through their public calls, in the order vLLM's own
+    `_apply_quant_method` makes them: run now unless vLLM already launched them on another stream (then
+    awaited). The third order, inside the experts kernel, is refused at start-up (attach_state)."""
+    from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
+
     shared = runner.shared_experts
     shared_out = None
     if shared is not None:
+        shared(shared_experts_input, SharedExpertsOrder.NO_OVERLAP)
         if shared_experts_overlapping:
             shared.wait()
-            shared_out = shared.output
-        else:
-            shared_out = shared._layer(shared_experts_input)
+        shared_out = shared.output
     return shared_out, torch.ops.seqtopk.moe(hidden_states, router_logits, runner.router.index)
 
 
@@ -145,6 +147,12 @@ def attach_state(runner, kv_cache_config, log: bool = True) -> None:
     if stock:
         raise RuntimeError(f"SeqTopK could not replace the router of MoE layer(s) {stock}: they were built "
                            "with their own router; this model is not supported")
+    overlapped = [name for name, layer in layers.items() if layer.shared_experts is not None
+                  and layer.routed_experts.quant_method.mk_can_overlap_shared_experts]
+    if overlapped:
+        # the op calls the experts kernel without the shared experts, which that kernel would have run
+        raise RuntimeError(f"SeqTopK cannot run MoE layer(s) {overlapped}: their experts kernel runs the shared "
+                           "experts inside its dispatch (all-to-all); run without expert parallelism")
     fused = [name for name, layer in layers.items() if layer.is_monolithic]
     if fused:
         raise RuntimeError(f"SeqTopK cannot run MoE layer(s) {fused}: their kernel "
