@@ -44,6 +44,7 @@ class Symbol:
         (source text of the call's function, in `module`), so the hook is not silently skipped.
     abstract: for a class the plugin subclasses: its abstract methods (a new one would break the subclass).
     strings: names the plugin gives vLLM as strings (op names, environment variables): constants in `module`.
+    bases: names of classes the class must derive from (directly or not).
     """
 
     module: str
@@ -54,6 +55,7 @@ class Symbol:
     called: str = ""
     abstract: tuple[str, ...] | None = None
     strings: tuple[str, ...] = ()
+    bases: tuple[str, ...] = ()
     use: str = ""
 
 
@@ -65,19 +67,16 @@ ROUTER_ARGS = ("top_k", "global_num_experts", "renormalize", "use_grouped_topk",
                "custom_routing_function", "eplb_state", "zero_expert_type", "hash_indices_table", "bias_vl")
 
 SYMBOLS: tuple[Symbol, ...] = (
-    # --- runtime patches (6): each wraps a vLLM function and calls the original
+    # --- runtime patches (5): each wraps a vLLM function and calls the original
     Symbol("vllm.engine.arg_utils", "EngineArgs.create_engine_config",
            use="patch: validate SeqTopK settings, adjust engine arguments, name the worker extension"),
-    Symbol("vllm.engine.arg_utils", "EngineArgs", attrs=("additional_config", "enable_dbo", "speculative_config", "worker_extension_cls",
+    Symbol("vllm.engine.arg_utils", "EngineArgs",
+           attrs=("additional_config", "enable_dbo", "speculative_config", "worker_extension_cls",
                   "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "enable_expert_parallel",
                   "enable_eplb", "enforce_eager", "enable_chunked_prefill", "enable_prefix_caching"),
            use="the engine arguments settings.prepare_engine_args reads and adjusts"),
     Symbol(f"{_FUSED_MOE}.layer", "create_fused_moe_router", params=ROUTER_ARGS, called="create_fused_moe_router",
            use="patch: a SeqTopK router for each MoE layer (vLLM has no router registry)"),
-    Symbol(f"{_FUSED_MOE}.runner.moe_runner", "MoERunner._apply_quant_method", ordered=True,
-           params=("hidden_states", "router_logits", "shared_experts_input", "input_ids", "shared_experts_overlapping"),
-           called="self._apply_quant_method",
-           use="patch: a SeqTopK layer's routed experts as one opaque op (routing needs the step's layout)"),
     Symbol(_RUNNER, "GPUModelRunner._prepare_inputs", params=("scheduler_output",), ordered=True,
            called="self._prepare_inputs", use="patch: prompt lengths and decode bands to the device before a step"),
     Symbol(_RUNNER, "GPUModelRunner.initialize_kv_cache", params=("kv_cache_config", "is_profiling"), ordered=True,
@@ -86,6 +85,19 @@ SYMBOLS: tuple[Symbol, ...] = (
            ordered=True, called="init_app_state", use="patch: start the /metrics poller with the engine client"),
     Symbol("vllm.v1.worker.gpu_worker", "Worker.initialize_from_config", called="self.model_runner.initialize_kv_cache",
            use="the call that reaches the initialize_kv_cache patch"),
+    # --- an override through a public extension point (in place of a patch before)
+    Symbol(f"{_FUSED_MOE}.runner.moe_runner", "MoERunner._apply_quant_method", ordered=True,
+           params=("hidden_states", "router_logits", "shared_experts_input", "input_ids", "shared_experts_overlapping"),
+           called="self._apply_quant_method",
+           use="overridden by SeqTopKMoERunner: a SeqTopK layer's routed experts as one opaque op"),
+    Symbol(f"{_FUSED_MOE}.runner.moe_runner", "MoERunner", bases=("PluggableLayer",),
+           use="instantiated through PluggableLayer.__new__, which honours out-of-tree replacements"),
+    Symbol("vllm.model_executor.custom_op", "PluggableLayer", attrs=("register_oot", "__new__"),
+           use="public out-of-tree layer registry: SeqTopKMoERunner replaces MoERunner (worker.runner_class)"),
+    Symbol("vllm.model_executor.custom_op", "PluggableLayer.register_oot", params=("name",)),
+    Symbol("vllm.model_executor.custom_op", "op_registry_oot"),
+    Symbol(f"{_FUSED_MOE}.layer", "FusedMoEFactory", called="runner_cls",
+           use="builds each layer's runner (runner_cls)"),
     # --- engine configuration
     Symbol("vllm.config", "VllmConfig", attrs=("additional_config", "compilation_config")),
     Symbol("vllm.config", "get_current_vllm_config"),
@@ -94,7 +106,8 @@ SYMBOLS: tuple[Symbol, ...] = (
            attrs=("NONE", "FULL", "PIECEWISE", "FULL_AND_PIECEWISE", "FULL_DECODE_ONLY", "mixed_mode")),
     Symbol("vllm.config.compilation", "CompilationConfig",
            attrs=("cudagraph_mode", "splitting_ops", "splitting_ops_contain_attention", "static_forward_context")),
-    Symbol(f"{_FUSED_MOE}.runner.moe_runner", "direct_register_custom_op", strings=("moe_forward", "moe_forward_shared"),
+    Symbol(f"{_FUSED_MOE}.runner.moe_runner", "direct_register_custom_op",
+           strings=("moe_forward", "moe_forward_shared"),
            use="op names vllm::moe_forward(_shared) that piecewise graphs split around (settings.MOE_OPS)"),
     Symbol("vllm.platforms", "current_platform"),
     Symbol("vllm.platforms.interface", "Platform.is_cpu"),
@@ -105,7 +118,8 @@ SYMBOLS: tuple[Symbol, ...] = (
            use="public extension point: --worker-extension-cls (SeqTopKWorkerExtension)"),
     # --- the router and the MoE layer
     Symbol(f"{_FUSED_MOE}.router.base_router", "BaseRouter", params=("top_k", "global_num_experts", "eplb_state"),
-           attrs=("top_k", "routing_method_type", "_compute_routing"), abstract=("_compute_routing", "routing_method_type"),
+           attrs=("top_k", "routing_method_type", "_compute_routing"),
+           abstract=("_compute_routing", "routing_method_type"),
            use="SeqTopKRouter's base class"),
     Symbol(f"{_FUSED_MOE}.router.base_router", "BaseRouter._compute_routing",
            params=("hidden_states", "router_logits", "indices_type", "input_ids"), ordered=True),
@@ -277,6 +291,9 @@ def check_live() -> list[str]:
                     assigned = _self_assigned_live(target)
                 if attr not in assigned:
                     problems.append(f"{where}: no attribute {attr!r}")
+        if sym.bases:
+            found = {k.__name__ for k in getattr(target, "__mro__", ())[1:]}
+            problems += [f"{where}: does not derive from {b}" for b in sym.bases if b not in found]
         if sym.abstract is not None:
             found = set(getattr(target, "__abstractmethods__", ()))
             if found != set(sym.abstract):
@@ -337,6 +354,9 @@ def check_tree(root: str | Path) -> list[str]:
             for attr in sym.attrs:
                 if tree.member(home, node, attr)[0] is None and attr not in tree.self_assigned(home, node):
                     problems.append(f"{where}: no attribute {attr!r}")
+        if sym.bases and isinstance(node, ast.ClassDef):
+            found = tree.ancestors(home, node)
+            problems += [f"{where}: does not derive from {b}" for b in sym.bases if b not in found]
         if sym.abstract is not None and isinstance(node, ast.ClassDef):
             found = tree.abstract(home, node)
             if found != set(sym.abstract):
@@ -467,6 +487,13 @@ class _Tree:
         if depth < 12:
             for base, where in self._bases(home, cls):
                 names |= self.self_assigned(where, base, depth + 1)
+        return names
+
+    def ancestors(self, home: str, cls: ast.ClassDef, depth: int = 0) -> set[str]:
+        names = set()
+        if depth < 12:
+            for base, where in self._bases(home, cls):
+                names |= {base.name} | self.ancestors(where, base, depth + 1)
         return names
 
     def abstract(self, home: str, cls: ast.ClassDef) -> set[str]:

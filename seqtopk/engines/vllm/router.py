@@ -115,8 +115,9 @@ class SeqTopKRouter(BaseRouter):
         return self.runner
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
-        raise RuntimeError("a SeqTopK layer routes inside its seqtopk::moe op (seqtopk.engines.vllm.worker); "
-                           "nothing else should ask its router for experts")
+        raise RuntimeError("a SeqTopK layer routes inside its seqtopk::moe op, called by SeqTopK's MoE runner "
+                           "(seqtopk.engines.vllm.worker); this layer runs under another runner class (a model's "
+                           "own MoERunner subclass, e.g. vLLM's Transformers backend), which SeqTopK does not support")
 
     def forward(self, hidden_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The layer's routed experts: route, run the chosen pairs, combine. Runs inside seqtopk::moe."""
