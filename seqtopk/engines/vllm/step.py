@@ -66,9 +66,9 @@ def current_step(num_tokens: int) -> Step | None:
     import vllm.forward_context as forward  # (imported with the engine; a module attribute lookup per layer)
 
     source = WORKER.source
-    context = forward._forward_context if source.group is not None else None
-    if context is None:
+    if source.group is None or not forward.is_forward_context_available():
         return None
+    context = forward.get_forward_context()
     if context is source.last_context:
         return source.last_step
     runner = source.runner()

@@ -4,7 +4,8 @@ When SeqTopK is on, the engine configuration names `SeqTopKWorkerExtension` as v
 (`--worker-extension-cls`). vLLM imports this module in each worker before it builds the model, and the
 import installs the worker-side hooks:
 - the MoE router factory, so each MoE layer is built with a SeqTopK router (seqtopk.engines.vllm.router);
-- the MoE runner's router + experts call: a SeqTopK layer's routed experts run as one opaque op,
+- the MoE runner's router + experts call (vLLM's MoERunner replaced by a subclass through its public
+  out-of-tree layer registry, `PluggableLayer.register_oot`): a SeqTopK layer's routed experts run as one opaque op,
   `seqtopk::moe` (routing, the chosen pairs through the layer's kernel, the combine), in eager and compiled
   modes alike; its shared experts, if any, run beside it as vLLM runs them; every other layer is untouched;
 - the step's input preparation, where each batch row's prompt length and decode band reach the device;
@@ -44,24 +45,21 @@ def _install() -> None:
     import vllm.model_executor.layers.fused_moe.layer as fused_moe_layer
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from seqtopk.engines.vllm.router import SeqTopKRouter, wrap_router_factory
+    from seqtopk.engines.vllm.router import wrap_router_factory
 
     factory = fused_moe_layer.create_fused_moe_router
     if not getattr(factory, "seqtopk_wrapped", False):
         fused_moe_layer.create_fused_moe_router = wrap_router_factory(factory)
-    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+    from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
 
-    apply = MoERunner._apply_quant_method
-    if not getattr(apply, "seqtopk_wrapped", False):
-        def _apply_quant_method(self, hidden_states, router_logits, shared_experts_input, input_ids=None,
-                                shared_experts_overlapping=False):
-            if not isinstance(self.router, SeqTopKRouter):
-                return apply(self, hidden_states, router_logits, shared_experts_input, input_ids,
-                             shared_experts_overlapping)
-            return run_layer(self, hidden_states, router_logits, shared_experts_input, shared_experts_overlapping)
-
-        _apply_quant_method.seqtopk_wrapped = True
-        MoERunner._apply_quant_method = _apply_quant_method
+    # vLLM's out-of-tree layer replacement (a public extension point, no patch): every MoERunner this worker
+    # builds is a SeqTopKMoERunner.
+    current = op_registry_oot.get("MoERunner")
+    if current is None:
+        PluggableLayer.register_oot(runner_class(), name="MoERunner")
+    elif not getattr(current, "seqtopk_runner", False):
+        raise RuntimeError(f"another vLLM plugin replaced vLLM's MoERunner ({current.__module__}."
+                           f"{current.__qualname__}); SeqTopK cannot run beside it")
     prepare = GPUModelRunner._prepare_inputs
     if not getattr(prepare, "seqtopk_wrapped", False):
         def _prepare_inputs(self, scheduler_output, *args, **kwargs):
@@ -81,6 +79,32 @@ def _install() -> None:
 
     initialize_kv_cache.seqtopk_wrapped = True
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache
+
+
+_RUNNER_CLASS: list = []
+
+
+def runner_class():
+    """vLLM's MoERunner with the router + experts call of SeqTopK layers replaced (run_layer); every other layer
+    runs as vLLM runs it. Built once, on first use (it subclasses a vLLM class)."""
+    if _RUNNER_CLASS:
+        return _RUNNER_CLASS[0]
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    from seqtopk.engines.vllm.router import SeqTopKRouter
+
+    class SeqTopKMoERunner(MoERunner):
+        seqtopk_runner = True
+
+        def _apply_quant_method(self, hidden_states, router_logits, shared_experts_input, input_ids=None,
+                                shared_experts_overlapping=False):
+            if not isinstance(self.router, SeqTopKRouter):
+                return super()._apply_quant_method(hidden_states, router_logits, shared_experts_input, input_ids,
+                                                   shared_experts_overlapping)
+            return run_layer(self, hidden_states, router_logits, shared_experts_input, shared_experts_overlapping)
+
+    _RUNNER_CLASS.append(SeqTopKMoERunner)
+    return SeqTopKMoERunner
 
 
 def refresh_step_rows(runner, scheduler_output) -> None:
@@ -111,16 +135,18 @@ def refresh_step_rows(runner, scheduler_output) -> None:
 
 def run_layer(runner, hidden_states, router_logits, shared_experts_input, shared_experts_overlapping):
     """A SeqTopK layer in place of the runner's router + experts call: the routed experts as one opaque op
-    (seqtopk.engines.vllm.router.moe); the shared experts as vLLM runs them without overlap (their own module on
-    the layer's input), or awaited where vLLM already launched them on another stream."""
+    (seqtopk.engines.vllm.router.moe); the shared experts through their public calls, in the order vLLM's own
+    `_apply_quant_method` makes them: run now unless vLLM already launched them on another stream (then
+    awaited). The third order, inside the experts kernel, is refused at start-up (attach_state)."""
+    from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
+
     shared = runner.shared_experts
     shared_out = None
     if shared is not None:
+        shared(shared_experts_input, SharedExpertsOrder.NO_OVERLAP)
         if shared_experts_overlapping:
             shared.wait()
-            shared_out = shared.output
-        else:
-            shared_out = shared._layer(shared_experts_input)
+        shared_out = shared.output
     return shared_out, torch.ops.seqtopk.moe(hidden_states, router_logits, runner.router.index)
 
 
@@ -145,6 +171,17 @@ def attach_state(runner, kv_cache_config, log: bool = True) -> None:
     if stock:
         raise RuntimeError(f"SeqTopK could not replace the router of MoE layer(s) {stock}: they were built "
                            "with their own router; this model is not supported")
+    other = [name for name, layer in layers.items() if not getattr(layer, "seqtopk_runner", False)]
+    if other:
+        raise RuntimeError(f"SeqTopK could not replace the runner of MoE layer(s) {other} "
+                           f"({type(layers[other[0]]).__name__}, a model's own runner class); this model is not "
+                           "supported")
+    overlapped = [name for name, layer in layers.items() if layer.shared_experts is not None
+                  and layer.routed_experts.quant_method.mk_can_overlap_shared_experts]
+    if overlapped:
+        # the op calls the experts kernel without the shared experts, which that kernel would have run
+        raise RuntimeError(f"SeqTopK cannot run MoE layer(s) {overlapped}: their experts kernel runs the shared "
+                           "experts inside its dispatch (all-to-all); run without expert parallelism")
     fused = [name for name, layer in layers.items() if layer.is_monolithic]
     if fused:
         raise RuntimeError(f"SeqTopK cannot run MoE layer(s) {fused}: their kernel "
