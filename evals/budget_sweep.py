@@ -177,8 +177,13 @@ def verdict(summary, top_k, budgets) -> dict:
                 continue
             topk_loss = rows[f"topk-{k}"]["held_out_loss"] - ref["held_out_loss"]
             seq_loss = rows[f"seqtopk-{k}"]["held_out_loss"] - ref["held_out_loss"]
+            paired = [a - b for a, b in zip(rows[f"seqtopk-{k}"]["per_seed"], rows[f"topk-{k}"]["per_seed"])]
+            mean, std = mean_std(paired)
             out[f"{mode} k={k}"] = {"topk_loses": topk_loss, "seqtopk_loses": seq_loss,
-                                    "seqtopk_loses_at_most_half": seq_loss <= 0.5 * topk_loss}
+                                    "seqtopk_share_of_topk_loss": seq_loss / topk_loss if topk_loss > 0 else None,
+                                    "seqtopk_loses_at_most_half": seq_loss <= 0.5 * topk_loss,
+                                    "seqtopk_minus_topk_same_k": mean, "seqtopk_minus_topk_same_k_std": std,
+                                    "seqtopk_minus_topk_same_k_per_seed": paired}
     return out
 
 
@@ -465,11 +470,22 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="vLLM rounds per engine after a warm-up")
     parser.add_argument("--small", action="store_true", help="a smoke run: tiny loads, few steps")
     parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--resummarise", action="store_true",
+                        help="recompute the quality verdicts of the recorded JSON from its per-seed losses, run nothing")
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.small:
         args.finetune_steps, args.pretrain_steps, args.reps, args.rounds = 3, 5, 1, 1
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if args.resummarise:
+        for model in ("demo", "repro"):
+            rows = result["quality"][model]
+            top_k = result["quality"]["setup"]["top_k"]
+            rows["verdict"] = verdict(rows, top_k, [budget(f, top_k) for f in FRACTIONS])
+        args.out.write_text(json.dumps(result, indent=2))
+        plot(result, args.out.with_suffix(".png"))
+        print(json.dumps({m: result["quality"][m]["verdict"] for m in ("demo", "repro")}, indent=2))
+        return 0
     result.update(host={"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                         "torch": torch.__version__})
     runners = {"quality": ("quality", run_quality), "lm-eval": ("lm_eval", run_lm_eval_part),
