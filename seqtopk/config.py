@@ -10,12 +10,9 @@ from __future__ import annotations
 import math
 
 from dataclasses import asdict, dataclass, fields
-from fractions import Fraction
 
 PREFILL_RULES = ("sequence", "causal")
 DECODE_RULES = ("expert_cache", "topk")
-MIN_K = 0.1  # below it nine tokens in ten would skip every expert: not a budget anyone serves
-MAX_DENOMINATOR = 1000  # k is a multiple of 1/1000 (1.5, 0.75, 1/3 ...), so every budget is integer arithmetic
 
 
 @dataclass(frozen=True)
@@ -41,6 +38,8 @@ class SeqTopKConfig:
     decode: str = "expert_cache"
 
     def __post_init__(self):
+        from seqtopk.routing.rules import budget_fraction  # (how a budget is computed is the rules' business)
+
         if self.k is not None:
             budget_fraction(self.k)  # validates
         _check_int("cap", self.cap, minimum=1, optional=True)
@@ -79,6 +78,8 @@ class SeqTopKConfig:
         top_k: the layer's own per-token expert count. max_cap: how many experts one token can choose
         from (all experts, or fewer under group-limited routing).
         """
+        from seqtopk.routing.rules import budget_split, normalized_k
+
         k = normalized_k(self.k) if self.k is not None else top_k
         if k > max_cap:
             raise ValueError(f"k={k} exceeds the {max_cap} experts a token can choose from in {where}")
@@ -90,8 +91,6 @@ class SeqTopKConfig:
                 f"cap={cap} exceeds the {max_cap} experts a token can choose from in {where}; use cap <= {max_cap}"
             )
         if not isinstance(k, int):
-            from seqtopk.routing.rules import budget_split
-
             budget_split(k, 1, 0, False)  # learns k's ratio here, outside any compiled graph
         min_experts = self.min_experts if self.min_experts is not None else (1 if k >= 1 else 0)
         if min_experts > k:
@@ -110,24 +109,6 @@ class ResolvedConfig:
     exact_budget: bool
     prefill: str
     decode: str
-
-
-def budget_fraction(k) -> Fraction:
-    """k as an exact fraction (what every rule's budget B(m) = floor(m*k + 1/2) is computed from), validated."""
-    if isinstance(k, bool) or not isinstance(k, (int, float, Fraction)):
-        raise ValueError(f"k must be a number (an integer, or a fraction such as 1.5), got {k!r}")
-    if not math.isfinite(k) or k < MIN_K:
-        raise ValueError(f"k must be >= {MIN_K} experts per token, got {k}")
-    exact = Fraction(k).limit_denominator(MAX_DENOMINATOR)
-    if abs(float(exact) - float(k)) > 1e-9:
-        raise ValueError(f"k must be a multiple of 1/{MAX_DENOMINATOR} (e.g. 1.5, 0.75), got {k}")
-    return exact
-
-
-def normalized_k(k) -> int | float:
-    """k as an int when it is whole (so k=4.0 routes exactly as k=4), else as a float."""
-    exact = budget_fraction(k)
-    return int(exact) if exact.denominator == 1 else float(exact)
 
 
 def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:

@@ -33,8 +33,10 @@ weight 0 (fixed-width kernels that need a valid id).
 from __future__ import annotations
 
 import functools
+import math
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
@@ -43,6 +45,8 @@ from seqtopk.routing.counting import causal_greater_counts
 from seqtopk.routing.paged import PagedHistory
 
 NEG_INF = float("-inf")
+MIN_K = 0.1  # below it nine tokens in ten would skip every expert: not a budget anyone serves
+MAX_DENOMINATOR = 1000  # k is a multiple of 1/1000 (1.5, 0.75, 1/3 ...), so every budget is integer arithmetic
 
 SEQUENCE, CAUSAL, TOPK = "sequence", "causal", "topk"
 RULES = (SEQUENCE, CAUSAL, TOPK)  # a rule's code is its index here
@@ -226,11 +230,27 @@ _RATIOS: dict = {}  # k -> (numerator, denominator), so a compiled graph reads a
 
 def _ratio(k) -> tuple[int, int]:
     if k not in _RATIOS:
-        from seqtopk.config import budget_fraction
-
         fraction = budget_fraction(k)
         _RATIOS[k] = (fraction.numerator, fraction.denominator)
     return _RATIOS[k]
+
+
+def budget_fraction(k) -> Fraction:
+    """k as an exact fraction (what every rule's budget B(m) = floor(m*k + 1/2) is computed from), validated."""
+    if isinstance(k, bool) or not isinstance(k, (int, float, Fraction)):
+        raise ValueError(f"k must be a number (an integer, or a fraction such as 1.5), got {k!r}")
+    if not math.isfinite(k) or k < MIN_K:
+        raise ValueError(f"k must be >= {MIN_K} experts per token, got {k}")
+    exact = Fraction(k).limit_denominator(MAX_DENOMINATOR)
+    if abs(float(exact) - float(k)) > 1e-9:
+        raise ValueError(f"k must be a multiple of 1/{MAX_DENOMINATOR} (e.g. 1.5, 0.75), got {k}")
+    return exact
+
+
+def normalized_k(k) -> int | float:
+    """k as an int when it is whole (so k=4.0 routes exactly as k=4), else as a float."""
+    exact = budget_fraction(k)
+    return int(exact) if exact.denominator == 1 else float(exact)
 
 
 def known_pair_count(rule: str, cfg, tokens: int) -> int | None:
