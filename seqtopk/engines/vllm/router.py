@@ -146,7 +146,7 @@ class SeqTopKRouter(BaseRouter):
             known = known_pair_count(rules.present[0], self.cfg, logits.shape[0]) if len(rules.present) == 1 else None
             out, rows = self._run_rows(experts, hidden_states, routed, known)
             self.host_rows += rows
-        stats.after_step(self, step, routed.mask, routed.ids, graph)
+        stats.after_step(self, step, routed, graph)
         return out
 
     def _run_groups(self, experts, hidden: torch.Tensor, routed) -> tuple[torch.Tensor, int]:

@@ -34,18 +34,24 @@ def interval() -> float:
 COUNTERS = ("prompt_tokens", "prompt_pairs", "generated_tokens", "generated_pairs", "expert_rows")
 
 
-def after_step(router, step, mask: torch.Tensor, ids: torch.Tensor, graph: bool = False) -> None:
+def after_step(router, step, routed, graph: bool = False) -> None:
     """Host work after a layer's step: its trace record while a client traces, and the periodic log line.
-    graph: the step is being captured in a CUDA graph, whose replays repeat its device work but none of this."""
+    routed: the layer's routing (seqtopk.routing.router.Routed). graph: the step is being captured in a CUDA
+    graph, whose replays repeat its device work but none of this."""
     if graph:
         return
     if WORKER.trace is not None:
         real = step.batch.real
         # Plain lists: the records travel back to the client through collective_rpc. `layer` numbers this
         # process's routers; `layer_name` is the model's (a pipeline stage numbers only its own layers).
+        # `values` (the capped scores the engine computed, best first) and `mask` (the slots chosen) let a
+        # client apply the torch rule to the engine's own scores (rule-level verification).
         WORKER.trace.append(dict(layer=router.index, layer_name=router.layer_name, req_ids=step.req_ids,
                                  row=step.batch.row[real].tolist(), position=step.batch.positions()[real].tolist(),
-                                 ids=pack(ids, mask, "drop")[real].tolist(), state_rows=state_rows_in_use()))
+                                 ids=pack(routed.ids, routed.mask, "drop")[real].tolist(),
+                                 values=routed.values[real].float().tolist(), mask=routed.mask[real].tolist(),
+                                 unchosen_weight=float(routed.weights[real].masked_fill(routed.mask[real], 0).abs().sum()),
+                                 state_rows=state_rows_in_use()))
     if router is WORKER.first_router() and interval() > 0 and time.monotonic() - _last_log[0] >= interval():
         _last_log[0] = time.monotonic()
         log_line()
