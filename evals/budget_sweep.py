@@ -46,6 +46,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from seqtopk.demo import topk_budgets_around
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
@@ -61,11 +63,6 @@ def budget(fraction: float, top_k: int) -> int | float:
 
 def seqtopk_settings(k) -> dict:
     return {"k": k, "min_experts": 0}
-
-
-def topk_around(k, top_k: int) -> list[int]:
-    """Whole TopK budgets a (reduced) k is compared with: k itself when whole, else the two around it (>= 1)."""
-    return sorted({b for b in (math.floor(k), math.ceil(k)) if 1 <= b <= top_k})
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -119,7 +116,8 @@ def fine_tuned(state, build, routing, k, train_ids, steps, seed):
 def quality_for(name, build, state_for_seed, seeds, top_k, train_ids, test_ids, steps, fractions, extra) -> dict:
     """Every routing and budget on one model: switched on as is, and fine-tuned per seed."""
     budgets = [budget(f, top_k) for f in fractions]
-    stock_budgets = sorted({b for k in budgets for b in topk_around(k, top_k)}, reverse=True)
+    # TopK-K, and the whole budgets each reduced k is compared with (seqtopk.demo.topk_budgets_around)
+    stock_budgets = sorted({top_k, *(b for k in budgets for b in topk_budgets_around(k, top_k))}, reverse=True)
     rows: dict = {"switched_on": {}, "fine_tuned": {}}
     runs = []  # (routing, k) pairs to fine-tune
     for k in stock_budgets:
