@@ -44,10 +44,15 @@ class RoutingStatsSnapshot:
 
 @dataclass
 class TraceRecord:
-    """One forward: chosen expert ids [layers, B, T, cap] (-1 = unchosen) and which tokens were real [B, T]."""
+    """One forward: chosen expert ids [layers, B, T, cap] (-1 = unchosen), which tokens were real [B, T], and
+    what the rule saw and chose: the capped scores [layers, B, T, cap] (best first) and the chosen slots
+    [layers, B, T, cap]. With these a check applies the reference rule to the scores the model itself computed
+    (tests/hf/test_families.py), whatever its numerics."""
 
     ids: torch.Tensor
     valid: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor
 
     @property
     def experts_per_token(self) -> torch.Tensor:
@@ -62,9 +67,6 @@ class RoutingTrace:
         """[layers, B, total tokens] over all recorded forwards (they must share a batch size)."""
         return torch.cat([r.experts_per_token for r in self.forwards], dim=2)
 
-    def valid(self) -> torch.Tensor:
-        return torch.cat([r.valid for r in self.forwards], dim=1)
-
 
 class RoutingStats:
     """Per-layer counters for one patched model."""
@@ -74,17 +76,18 @@ class RoutingStats:
         self.ks = list(ks)
         self._width = max(caps) + 1
         self._trace: RoutingTrace | None = None
-        self._pending: dict[int, torch.Tensor] = {}
+        self._pending: dict[int, tuple[torch.Tensor, ...]] = {}
         self._histogram: torch.Tensor | None = None  # [layers, width + 1]: tokens per expert count, + padding
 
     def reset(self) -> None:
         self._histogram = None
 
-    def trace(self, layer: int, ids: torch.Tensor) -> None:
-        """Keep this forward's chosen ids of a layer ([B, T, cap], -1 unchosen) for the trace, while tracing.
-        (The histogram is added to by the routing call itself: seqtopk.routing.router.RouteStats.)"""
+    def trace(self, layer: int, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        """Keep this forward's routing of a layer for the trace, while tracing: chosen ids ([B, T, cap], -1
+        unchosen), capped scores and chosen slots (same shape). (The histogram is added to by the routing call
+        itself: seqtopk.routing.router.RouteStats.)"""
         if self._trace is not None:
-            self._pending[layer] = ids.detach()
+            self._pending[layer] = (ids.detach(), values.detach().float(), mask.detach())
 
     @property
     def tracing(self) -> bool:
@@ -105,8 +108,8 @@ class RoutingStats:
             self._pending = {}
         if self._trace is None or not self._pending:
             return
-        ids = torch.stack([self._pending[i] for i in sorted(self._pending)])
-        self._trace.forwards.append(TraceRecord(ids=ids.cpu(), valid=valid.detach().cpu()))
+        ids, values, mask = (torch.stack(parts).cpu() for parts in zip(*(self._pending[i] for i in sorted(self._pending))))
+        self._trace.forwards.append(TraceRecord(ids=ids, valid=valid.detach().cpu(), values=values, mask=mask))
         self._pending = {}
 
     def start_trace(self) -> RoutingTrace:

@@ -181,7 +181,7 @@ class SeqTopKPatch:
         batch, tokens = int(inputs.shape[0]), int(inputs.shape[1])
         device = inputs.device
         cache = bound.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None else 0
+        past = cached_length(cache)
         valid, seen = self._padding(bound.get("attention_mask"), batch, tokens, past, device)
         use_cache = bound.get("use_cache")
         if use_cache is None:
@@ -297,13 +297,28 @@ class SeqTopKPatch:
         routed = route(logits, layer.scoring, cfg, view.layout, rules, view.history(layer.index, cfg.cap, logits.device),
                        unchosen="drop", stats=stats, record=first)
         if first and self.stats.tracing:
-            self.stats.trace(layer.index, routed.ids.view(view.batch, view.tokens, cfg.cap))
+            shape = (view.batch, view.tokens, cfg.cap)
+            self.stats.trace(layer.index, routed.ids.view(shape), routed.values.view(shape), routed.mask.view(shape))
         layer.plan = None
         if cfg.cap > cfg.k:  # with cap == k every real slot is chosen: stock dispatch, bit for bit
             (rule,) = rules.present  # one rule for the whole forward
             layer.plan = plan(routed.ids, routed.weights, routed.mask, layer.num_experts,
                               exact_total=known_pair_count(rule, cfg, n))
         return layer.family.outputs(router, logits, routed.weights, routed.ids, dtype)
+
+
+def cached_length(cache) -> int:
+    """Tokens a KV cache already holds. Cache.get_seq_length() reads layer 0, which in hybrid caches (MiniMax's)
+    may be a linear-attention layer that counts nothing: the longest layer is the sequence's length."""
+    if cache is None:
+        return 0
+    lengths = [int(cache.get_seq_length())]
+    for layer in getattr(cache, "layers", ()):
+        try:
+            lengths.append(int(layer.get_seq_length()))
+        except (AttributeError, NotImplementedError, TypeError, ValueError):
+            pass  # a layer kind without a token count (linear attention state)
+    return max(lengths)
 
 
 def _bind_router(patch: SeqTopKPatch, layer: _Layer, router):
