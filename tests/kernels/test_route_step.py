@@ -4,7 +4,7 @@ Same decisions, slot for slot, for every rule: the sequence rule with padding an
 causal rule over chunks against paged histories in shuffled blocks; mixed rules in one packed step (fresh
 prompts, chunk continuations, generated tokens, TopK); and decode steps answered from the per-sequence bands,
 over hundreds of steps whose cut drifts out of the band and back, with ties, -inf entries and a history
-rewritten behind the band's back. The kernel is built here if the set-up did not build it (about 30 s).
+rewritten behind the band's back. The kernel is built here if the set-up did not build it (under half a minute).
 """
 
 import pytest

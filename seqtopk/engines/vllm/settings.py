@@ -123,7 +123,7 @@ def prepare_engine_args(args, logger) -> SeqTopKConfig | None:
 
 
 def parallel_problems(args) -> list[str]:
-    """The parallel layouts SeqTopK refuses, each with its reason (README "Parallelism in vLLM").
+    """The parallel layouts SeqTopK refuses, each with its reason (docs/vllm.md, "Parallelism").
 
     Tensor and pipeline parallelism are verified (tests/vllm/test_parallel.py): every rank routes the same
     tokens with the same replicated gate, and each keeps its own layers' state beside its own KV cache.
