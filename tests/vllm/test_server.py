@@ -74,10 +74,12 @@ def test_aborted_stream_leaves_later_requests_unchanged(api_server):
 
 
 def test_bad_request_is_refused_and_the_server_keeps_serving(api_server):
+    before = api_server.json("/v1/completions", completion(api_server, prompt="hi"))
     with pytest.raises(urllib.error.HTTPError) as refused:
         api_server.json("/v1/completions", completion(api_server, prompt="hi", max_tokens=-3))
     assert refused.value.code == 400
-    assert api_server.json("/v1/completions", completion(api_server, prompt="hi"))["choices"][0]["text"]
+    after = api_server.json("/v1/completions", completion(api_server, prompt="hi"))
+    assert after["usage"]["completion_tokens"] == 12 and after["choices"][0]["text"] == before["choices"][0]["text"]
 
 
 def test_prompt_is_routed_by_the_sequence_budget_not_per_token(api_server):
