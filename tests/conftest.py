@@ -1,10 +1,16 @@
-"""Shared fixtures: tiny offline checkpoints (built once per test session) and the shared data location."""
+"""Shared fixtures: tiny offline checkpoints (built once per test session) and the shared data location.
+
+What a test does when the machine lacks something (vLLM, ../shared, a GPU) is decided in one place,
+seqtopk.testing.require: skip, or fail under CI=true for what CI must have.
+"""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+
+from seqtopk.testing.require import MARKER, apply_markers, require_shared
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -42,10 +48,14 @@ def load_tiny(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def shared_data():
-    """Path to ../shared/data; skips the test with a clear message when the data is absent."""
-    from seqtopk.paths import shared_root
+    """Path to ../shared/data; when absent, skips the test with a clear message (fails it under CI=true)."""
+    return require_shared("data")
 
-    root = shared_root() / "data"
-    if not root.is_dir():
-        pytest.skip(f"shared evaluation data not found at {root} (set SEQTOPK_SHARED to its parent)")
-    return root
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{MARKER}(kind, missing): skip when `missing` is a reason, or fail "
+                                       "under CI=true for what CI must have (seqtopk.testing.require)")
+
+
+def pytest_runtest_setup(item):
+    apply_markers(item)  # needs(kind, missing) markers: skip, or fail under CI

@@ -25,15 +25,6 @@ def version(name: str) -> str | None:
         return None
 
 
-def importable(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def features() -> list[tuple[str, bool, str]]:
     """(feature, ready, what it runs on or what to do)."""
     from seqtopk.kernels import compiled

@@ -1,33 +1,55 @@
 """Small runs of the routing benchmarks' scripts (evals/), so they keep working between recorded runs.
 
-Speed is not asserted here (the scripts record ratios measured side by side); these check that each script
-runs every path it has on this machine and writes its JSON and PNG.
+Speed is not asserted here (the scripts record ratios measured side by side, on 2 shared cores the figures
+are noise): these check that each script ran every path it has on this machine at the configuration asked
+for, that each figure is a finite positive measurement, that each ratio is the quotient of the figures it
+names, that budgets are the ones requested (experts per token near k), and that the PNG is a real image.
 """
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_script(name: str, *args: str) -> None:
+def run_script(name: str, *args: str) -> str:
     result = subprocess.run([sys.executable, str(REPO / "evals" / name), *args], cwd=REPO, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, path  # a drawn figure, not an empty file
 
 
 def test_gpu_routing_bench_runs_small(tmp_path):
     out = tmp_path / "gpu_routing.json"
-    run_script("bench_gpu_routing.py", "--device", "cpu", "--tokens", "256", "--rows", "4", "--context", "40",
-               "--repeats", "3", "--out", str(out))
+    printed = run_script("bench_gpu_routing.py", "--device", "cpu", "--tokens", "256", "--rows", "4", "--context", "40",
+                         "--repeats", "3", "--out", str(out))
     result = json.loads(out.read_text())
-    assert set(result["ratio_to_stock"]) == {"prefill", "decode"}
-    for group in ("prefill", "decode"):
-        assert result["ratio_to_stock"][group]["stock topk"] == 1.0
-        assert result["ms"][group]["seqtopk torch"] > 0
-    assert out.with_suffix(".png").stat().st_size > 0
+    assert {k: result["shape"][k] for k in ("device", "tokens", "rows", "context", "repeats", "k", "cap", "experts")} \
+        == dict(device="cpu", tokens=256, rows=4, context=40, repeats=3, k=8, cap=10, experts=64)
+    # on the CPU: stock TopK and the torch reference of the SeqTopK path (the fused ones need CUDA)
+    assert set(result["ms"]) == set(result["ratio_to_stock"]) == {"prefill", "decode"}
+    for group, times in result["ms"].items():
+        assert set(times) == set(result["ratio_to_stock"][group]) == {"stock topk", "seqtopk torch"}, group
+        assert all(positive(ms) for ms in times.values()), times
+        for name, ratio in result["ratio_to_stock"][group].items():
+            assert ratio == pytest.approx(times[name] / times["stock topk"], rel=1e-12), (group, name)
+            assert f"{group:8s} {name:28s}" in printed
+    assert_png(out.with_suffix(".png"))
 
 
 def test_decode_routing_bench_runs_small(tmp_path):
@@ -35,9 +57,24 @@ def test_decode_routing_bench_runs_small(tmp_path):
     run_script("bench_decode_routing.py", "--contexts", "16", "48", "--rows", "4", "--steps", "5", "--check-steps", "5",
                "--out", str(out))  # the script first checks every path against the torch rule (it fails if one differs)
     result = json.loads(out.read_text())
-    assert set(result["us_per_layer_step"]) == {"topk", "compiled", "compiled-walk", "torch"}
-    assert set(result["ratio_vs_topk"]["compiled"]) == {"16", "48"}
-    assert out.with_suffix(".png").stat().st_size > 0
+    assert (result["rows"], result["timed_steps"], result["checked_steps"]) == (4, 5, 5)
+    paths, contexts = {"topk", "compiled", "compiled-walk", "torch"}, {"16", "48"}
+    for key in ("us_per_layer_step", "mean_us_per_layer_step"):
+        assert set(result[key]) == paths, key
+        for path, per_context in result[key].items():
+            assert set(per_context) == contexts and all(positive(us) for us in per_context.values()), (key, path)
+    for key, times in (("ratio_vs_topk", "us_per_layer_step"), ("mean_ratio_vs_topk", "mean_us_per_layer_step")):
+        assert set(result[key]) == paths - {"topk"}, key
+        for path, per_context in result[key].items():
+            assert set(per_context) == contexts
+            for c, ratio in per_context.items():
+                assert ratio == pytest.approx(result[times][path][c] / result[times]["topk"][c], rel=1e-12)
+    for key in ("compiled_first_step_us", "layout_us_per_step"):
+        assert set(result[key]) == contexts and all(positive(us) for us in result[key].values()), key
+    # band rebuilds per timed step of the compiled path: counted, and at most one per row per step
+    builds = result["band_builds_per_step"]
+    assert set(builds) == contexts and all(isinstance(b, float) and 0 <= b <= 4 for b in builds.values()), builds
+    assert_png(out.with_suffix(".png"))
 
 
 def test_budget_sweep_runs_small(tmp_path, shared_data):
@@ -47,18 +84,72 @@ def test_budget_sweep_runs_small(tmp_path, shared_data):
     out = tmp_path / "budget_sweep.json"
     run_script("budget_sweep.py", "--small", "--parts", "quality", "lm-eval", "hf", "--seeds", "0,1", "--out", str(out))
     result = json.loads(out.read_text())
+    assert set(result) >= {"quality", "lm_eval", "hf"}
+    assert result["quality"]["setup"]["seeds"] == [0, 1] and result["quality"]["setup"]["top_k"] == 2
+
+    def k_of(label: str) -> float:
+        return float(label.split("-")[1])
+
+    def check_budgets(rows: dict, what: str) -> None:
+        """TopK at k spends exactly k experts per token; SeqTopK at k spends k on average over the held-out
+        text (within 20%: the causal rule evaluates, its running budget is not exact on a few thousand
+        tokens), so more experts for a larger k."""
+        for label, row in rows.items():
+            if label.startswith("topk-"):
+                assert row["experts_per_token"] == k_of(label), (what, label)
+            else:
+                assert row["experts_per_token"] == pytest.approx(k_of(label), rel=0.2), (what, label, row)
+        seq = sorted((k_of(label), row["experts_per_token"]) for label, row in rows.items()
+                     if label.startswith("seqtopk-"))
+        assert [e for _, e in seq] == sorted(e for _, e in seq), (what, seq)
+
+    budgets = {"topk-2", "topk-1", "seqtopk-2", "seqtopk-1.5", "seqtopk-1", "seqtopk-0.5"}
     for model in ("demo", "repro"):
-        tuned = result["quality"][model]["fine_tuned"]
-        assert set(tuned) == {"topk-2", "topk-1", "seqtopk-2", "seqtopk-1.5", "seqtopk-1", "seqtopk-0.5"}
-        assert all(len(row["per_seed"]) == 2 for row in tuned.values())
-        assert tuned["seqtopk-0.5"]["experts_per_token"] < 0.75 < tuned["seqtopk-1"]["experts_per_token"]
+        for stage in ("switched_on", "fine_tuned"):
+            rows = result["quality"][model][stage]
+            assert budgets <= set(rows), (model, stage)
+            if stage == "fine_tuned":
+                assert set(rows) == budgets
+                assert all(len(row["per_seed"]) == 2 for row in rows.values())
+            check_budgets(rows, f"{model} {stage}")
+            reference = rows["topk-2"]
+            for label, row in rows.items():
+                assert all(positive(loss) for loss in row["per_seed"]), (model, stage, label)
+                assert row["held_out_loss"] == pytest.approx(statistics.mean(row["per_seed"]), rel=1e-9)
+                # paired with TopK at the model's own k, seed by seed
+                assert row["minus_topk_K_per_seed"] == pytest.approx(
+                    [a - b for a, b in zip(row["per_seed"], reference["per_seed"])], abs=1e-9)
+            assert reference["minus_topk_K"] == 0.0
         assert set(result["quality"][model]["verdict"]) == {"switched_on k=1", "fine_tuned k=1"}
+        for stage in ("switched_on", "fine_tuned"):
+            rows, verdict = result["quality"][model][stage], result["quality"][model]["verdict"][f"{stage} k=1"]
+            ref = rows["topk-2"]["held_out_loss"]
+            assert verdict["topk_loses"] == pytest.approx(rows["topk-1"]["held_out_loss"] - ref, abs=1e-9)
+            assert verdict["seqtopk_loses"] == pytest.approx(rows["seqtopk-1"]["held_out_loss"] - ref, abs=1e-9)
+            assert verdict["seqtopk_loses_at_most_half"] == (verdict["seqtopk_loses"] <= 0.5 * verdict["topk_loses"])
     switched = result["quality"]["demo"]["switched_on"]
     assert {"seqtopk-1.25", "seqtopk-0.75"} <= set(switched)
+    # a budget of half an expert per token costs the shipped demo model far more than top-1 does
+    assert switched["seqtopk-0.5"]["minus_topk_K"] > switched["topk-1"]["minus_topk_K"] > 0
+
     lm = result["lm_eval"]["results"]
-    assert lm["topk-2"]["bits_per_byte"] < result["lm_eval"]["chance_bits_per_byte"] / 2  # far from chance
-    assert lm["topk-1"]["bits_per_byte"] != lm["topk-2"]["bits_per_byte"]
+    assert set(lm) == budgets
+    check_budgets(lm, "lm-eval")
+    for label, row in lm.items():
+        assert 0 < row["bits_per_byte"] < result["lm_eval"]["chance_bits_per_byte"] / 2, label  # far from chance
+        assert row["byte_perplexity"] == pytest.approx(2 ** row["bits_per_byte"], rel=1e-6), label
+    assert lm["topk-1"]["bits_per_byte"] > lm["topk-2"]["bits_per_byte"]  # one expert fewer costs
+
+    hf = result["hf"]
+    ks = {"k=8": 8, "k=6": 6, "k=4": 4, "k=2": 2}
     for phase in ("prefill", "decode"):
-        assert set(result["hf"]["ratios"][phase]) == {"k=8", "k=6", "k=4", "k=2"}
-        assert result["hf"]["ratios"][phase]["k=8"]["topk_speedup_over_topk_K"] == 1.0
-    assert out.with_suffix(".png").stat().st_size > 0
+        rates = hf["tokens_per_s"][phase]
+        assert set(rates) == {f"{r}-{k}" for r in ("topk", "seqtopk") for k in ks.values()}, phase
+        assert all(positive(rate) for rate in rates.values()), rates
+        assert set(hf["ratios"][phase]) == set(ks)
+        for label, k in ks.items():
+            ratios = hf["ratios"][phase][label]
+            assert ratios["topk_speedup_over_topk_K"] == pytest.approx(rates[f"topk-{k}"] / rates["topk-8"])
+            assert ratios["seqtopk_speedup_over_topk_K"] == pytest.approx(rates[f"seqtopk-{k}"] / rates["topk-8"])
+            assert ratios["seqtopk_over_topk_same_k"] == pytest.approx(rates[f"seqtopk-{k}"] / rates[f"topk-{k}"])
+    assert_png(out.with_suffix(".png"))

@@ -33,9 +33,10 @@ def vllm_missing() -> str | None:
 
 
 def require_vllm():
-    reason = vllm_missing()
-    if reason:
-        pytest.skip(reason)
+    """Skip without vLLM; fail instead under CI=true (seqtopk.testing.require)."""
+    from seqtopk.testing.require import require
+
+    require("vllm", vllm_missing())
 
 
 @contextlib.contextmanager
