@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from seqtopk.testing.require import needs
+
 from seqtopk.kernels import decode_step as fused
 from seqtopk.routing.paged import PagedLayout
 
 REPO = Path(__file__).resolve().parents[2]
 CASES = [(False, 1, True), (True, 1, False), (True, 2, True), (False, 0, False)]  # exact_budget, min_experts, renormalize
-needs_triton = pytest.mark.skipif(fused.triton is None, reason="triton is not installed (pip install triton)")
+needs_triton = needs("extra", "triton is not installed (pip install triton)" if fused.triton is None else None)
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and fused.triton is not None),
                                 reason="needs a CUDA GPU with Triton")
 BLOCK, CAP, K, EXPERTS = 4, 10, 8, 64

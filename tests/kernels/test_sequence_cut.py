@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from seqtopk.testing.require import needs
+
 from seqtopk.kernels import sequence_cut as fused
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +24,7 @@ BUDGETS = [(False, 1), (True, 1), (True, 2), (False, 0)]  # exact_budget, min_ex
 CAP = 10
 KS = [1, 4, CAP]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-needs_triton = pytest.mark.skipif(fused.triton is None, reason="triton is not installed (pip install triton)")
+needs_triton = needs("extra", "triton is not installed (pip install triton)" if fused.triton is None else None)
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and fused.triton is not None),
                                 reason="needs a CUDA GPU with Triton")
 

@@ -11,6 +11,8 @@ must compile as one graph (torch.compile fullgraph) and not recompile when only 
 import pytest
 import torch
 
+from seqtopk.testing.require import needs
+
 from seqtopk.config import SeqTopKConfig
 from seqtopk.engines.vllm.step import step_from_buffers
 from seqtopk.kernels import backend
@@ -151,7 +153,7 @@ def check_fused_path(decode: str, family: str) -> None:
         check_replays(fused, "cpu", decode, scoring)
 
 
-@pytest.mark.skipif(fused_gpu.triton is None, reason="triton is not installed (pip install triton)")
+@needs("extra", "triton is not installed (pip install triton)" if fused_gpu.triton is None else None)
 def test_graph_shaped_step_through_the_triton_kernels_in_the_interpreter():
     import os
     import subprocess
