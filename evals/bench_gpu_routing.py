@@ -54,6 +54,7 @@ def timer(device: str, repeats: int):
 
 def prefill_paths(tokens: int, experts: int, k: int, cap: int, device: str) -> dict:
     from seqtopk.kernels import sequence_cut
+    from seqtopk.kernels.backend import TRITON_STEPS
     from seqtopk.routing.rules import select_sequence
     from seqtopk.routing.scoring import SoftmaxScoring
 
@@ -67,7 +68,7 @@ def prefill_paths(tokens: int, experts: int, k: int, cap: int, device: str) -> d
     def seqtopk(fused: bool):
         def run():
             cand = scoring.candidates(logits, cap)
-            mask = select_sequence(cand.values.unsqueeze(0), None, k, fused=fused)[0]
+            mask = select_sequence(cand.values.unsqueeze(0), None, k, fused=TRITON_STEPS if fused else None)[0]
             return scoring.weights(logits, cand, mask), cand.ids
         return run
 

@@ -48,6 +48,35 @@ def backend_for(device: torch.device) -> str:
     return path
 
 
+class TritonSteps:
+    """The Triton kernels' share of the rules, handed to the torch rules when `backend_for` answers TRITON (by
+    seqtopk.routing.router.route, the one routing call): each step returns the mask, or None where its
+    kernel does not serve the tensors (the torch reference then runs)."""
+
+    @staticmethod
+    def sequence_cut(values: torch.Tensor, valid: torch.Tensor | None, split) -> torch.Tensor | None:
+        """The sequence rule's cut, [B, T, C] -> mask: a radix select, no host sync. Whole budgets only."""
+        from seqtopk.kernels import sequence_cut
+
+        if split.scale != 1 or not sequence_cut.available(values.device) or values.dtype not in sequence_cut.DTYPES:
+            return None
+        return sequence_cut.select_sequence_dense(values, valid, split)
+
+    @staticmethod
+    def causal_step(values: torch.Tensor, valid: torch.Tensor, history, seen: torch.Tensor, split) -> torch.Tensor | None:
+        """One new token per row under the causal rule, [B, 1, C] -> mask, straight from the paged store."""
+        if split.scale != 1 or values.dtype != torch.float32 or not decode_step.available(values.device):
+            return None
+        batch, _, cap = values.shape
+        paged = history.layout
+        mask = decode_step.paged_decode(values.view(batch, cap), history.store, paged.block_table, paged.block_size,
+                                        paged.length, seen, valid.view(batch), split, cap=cap, from_probs=False)
+        return mask.view(batch, 1, cap)
+
+
+TRITON_STEPS = TritonSteps()
+
+
 @contextmanager
 def forced(path: str):
     """Route on `path` inside this block where the device offers it, else on the torch reference

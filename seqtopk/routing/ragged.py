@@ -106,7 +106,7 @@ def from_dense(dense: torch.Tensor, batch: RaggedBatch) -> torch.Tensor:
 
 
 def select_ragged(values: torch.Tensor, batch: RaggedBatch, rules: TokenRules, cfg,
-                  history: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+                  history: torch.Tensor | None = None, fused=None) -> torch.Tensor:
     """SeqTopK choice for a packed step. values: [N, C] capped scores, best first. Returns bool [N, C].
 
     Each token is routed by its rule in `rules` (flat like the tokens): the causal rule against its row's
@@ -147,7 +147,7 @@ def _row_subset(batch: RaggedBatch, rows: list[int], max_query: int):
     return sub, tokens, index
 
 
-def _select_single(values, batch: RaggedBatch, rules: TokenRules, cfg, history, fused: bool) -> torch.Tensor:
+def _select_single(values, batch: RaggedBatch, rules: TokenRules, cfg, history, fused) -> torch.Tensor:
     """A step of one new token per row: token r is row r's (query_start_loc is 0..R), tokens past R are
     padding, so the dense layout is a view and needs no copy. Rows may have no token (a CUDA graph's padded
     rows, query 0): their token slot is padding too."""
@@ -160,7 +160,7 @@ def _select_single(values, batch: RaggedBatch, rules: TokenRules, cfg, history, 
     return torch.cat([mask, mask.new_zeros(values.shape[0] - rows, mask.shape[1])])
 
 
-def _select_dense(values, batch: RaggedBatch, rules: TokenRules, cfg, history, fused: bool) -> torch.Tensor:
+def _select_dense(values, batch: RaggedBatch, rules: TokenRules, cfg, history, fused) -> torch.Tensor:
     if batch.max_query == 1:
         rules = rules.single_tokens()
     dense, valid = to_dense(values, batch)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from seqtopk.config import ResolvedConfig
-from seqtopk.kernels.backend import CPU_KERNELS, TRITON, backend_for
+from seqtopk.kernels.backend import CPU_KERNELS, TRITON, TRITON_STEPS, backend_for
 from seqtopk.routing.dispatch import differentiable
 from seqtopk.routing.paged import PagedHistory
 from seqtopk.routing.ragged import RaggedBatch, select_ragged
@@ -38,7 +38,7 @@ class DenseLayout:
     _kernel: dict = field(default_factory=dict, repr=False)
 
     def choose(self, values: torch.Tensor, rules: TokenRules, cfg: ResolvedConfig,
-               history: torch.Tensor | PagedHistory | None, fused: bool = False) -> torch.Tensor:
+               history: torch.Tensor | PagedHistory | None, fused=None) -> torch.Tensor:
         shape = (self.batch, self.tokens)
         dense_rules = rules.laid_out(lambda codes: codes.view(shape))
         mask = choose(values.view(*shape, -1), self.valid, dense_rules, cfg, history, self.seen, fused=fused)
@@ -114,7 +114,7 @@ def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: DenseLayou
             weights = scoring.weights(logits, cand, mask)
         return Routed(values=cand.values, mask=mask, ids=ids, weights=weights)
     else:
-        fused = path == TRITON
+        fused = TRITON_STEPS if path == TRITON else None
         if isinstance(layout, RaggedBatch):
             mask = select_ragged(cand.values, layout, rules, cfg, history, fused=fused)
         else:

@@ -166,14 +166,14 @@ class TokenRules:
 
 
 def choose(values: torch.Tensor, valid: torch.Tensor | None, rules: TokenRules, cfg,
-           history: torch.Tensor | None = None, seen: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+           history: torch.Tensor | None = None, seen: torch.Tensor | None = None, fused=None) -> torch.Tensor:
     """Apply each token's rule. values: [B, T, C] capped scores, best first; valid: [B, T] real tokens.
 
     rules: with per-token codes laid out [B, T] like `values` (engines lay out `TokenRules.codes` as they
     lay out the values; padding positions may hold any code outside RULES).
     history / seen: the earlier tokens of each sequence, for the causal rule (see select_causal).
-    fused: let the Triton kernels take the sequence cut and one-token causal steps (CUDA tensors; the caller
-    decides, from seqtopk.kernels.backend). Returns the chosen slots, bool [B, T, C].
+    fused: the Triton steps (seqtopk.kernels.backend.TritonSteps) that may take the sequence cut and one-token
+    causal steps, or None; seqtopk.routing.router.route decides. Returns the chosen slots, bool [B, T, C].
     """
     k, min_experts, exact = cfg.k, cfg.min_experts, cfg.exact_budget
     mask = None
@@ -308,19 +308,17 @@ def _assemble(forced: torch.Tensor, first: int, take: torch.Tensor) -> torch.Ten
 
 
 def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_experts: int = 1,
-                    exact_budget: bool = False, fused: bool = False) -> torch.Tensor:
+                    exact_budget: bool = False, fused=None) -> torch.Tensor:
     """Published prefill rule. values: [B, T, C] capped scores, best first. Returns a bool mask [B, T, C].
-    fused=True: the same cut in the Triton kernel (seqtopk.kernels.sequence_cut) where it serves the tensors;
-    the torch code below is its reference (and the compiled CPU kernel's)."""
+    fused (TritonSteps): the same cut in a Triton kernel where it serves the tensors; the torch code below is
+    its reference (and the compiled CPU kernel's)."""
     batch, tokens, cap = values.shape
-    split = budget_split(k, cap, min_experts, exact_budget)
-    if fused and split.scale == 1:
-        from seqtopk.kernels import sequence_cut as fused_cut
-
-        if fused_cut.available(values.device) and values.dtype in fused_cut.DTYPES:
-            # radix select, no host sync
-            return fused_cut.select_sequence_dense(values, valid, split)
-    valid, forced, (_, first, per_token, scale) = _split_forced(values, valid, k, min_experts, exact_budget)
+    if fused is not None:
+        mask = fused.sequence_cut(values, valid, budget_split(k, cap, min_experts, exact_budget))
+        if mask is not None:
+            return mask
+    valid, forced, split = _split_forced(values, valid, k, min_experts, exact_budget)
+    first, per_token, scale = split.first, split.per_token, split.scale
     if per_token <= 0 or tokens == 0:
         return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
     compete = values[..., first:]
@@ -361,14 +359,14 @@ def select_sequence(values: torch.Tensor, valid: torch.Tensor | None, k: int, mi
 
 def select_causal(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_experts: int = 1,
                   exact_budget: bool = False, history: torch.Tensor | None = None,
-                  seen: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+                  seen: torch.Tensor | None = None, fused=None) -> torch.Tensor:
     """Streaming rule for a chunk of new tokens. Returns a bool mask [B, L, C].
 
     values: [B, L, C] capped scores of the new tokens, best first. valid: [B, L] real (non-pad) tokens.
     history: [B, S, C] capped scores of earlier tokens of the same sequences (-inf rows for padding), a
     seqtopk.routing.paged.PagedHistory of them, or None.
     seen: [B] number of real earlier tokens (defaults to the real rows of history, or 0).
-    fused: a one-token step from paged history runs in the Triton kernel where it serves the tensors.
+    fused (TritonSteps): a one-token step from paged history runs in a Triton kernel where it serves the tensors.
     """
     batch, length, cap = values.shape
     valid, forced, split = _split_forced(values, valid, k, min_experts, exact_budget)
@@ -376,15 +374,10 @@ def select_causal(values: torch.Tensor, valid: torch.Tensor | None, k: int, min_
     if per_token <= 0 or length == 0:
         return _assemble(forced, first, torch.zeros_like(values[..., first:], dtype=torch.bool))
     if isinstance(history, PagedHistory):
-        if fused and length == 1 and seen is not None and values.dtype == torch.float32 and split.scale == 1:
-            from seqtopk.kernels import decode_step
-
-            if decode_step.available(values.device):  # one new token per row, straight from the store
-                paged = history.layout
-                mask = decode_step.paged_decode(values.view(batch, cap), history.store, paged.block_table,
-                                                paged.block_size, paged.length, seen, valid.view(batch), split,
-                                                cap=cap, from_probs=False)
-                return mask.view(batch, 1, cap)
+        if fused is not None and length == 1 and seen is not None:
+            mask = fused.causal_step(values, valid, history, seen, split)
+            if mask is not None:
+                return mask
         history = history.gather()
     if seen is None:
         seen = torch.zeros(batch, dtype=torch.long, device=values.device)

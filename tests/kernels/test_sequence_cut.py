@@ -235,7 +235,7 @@ def check_dense_split(device: str, sync_free: bool = False) -> None:
     values[~valid] = float("-inf")
     with split_launches() as parts:
         for exact_budget, min_experts in BUDGETS:
-            expected = select_sequence(values, valid, 2, min_experts, exact_budget, fused=False)
+            expected = select_sequence(values, valid, 2, min_experts, exact_budget)
             got = run_fused(fused_select_dense, device, sync_free, (values, valid), 2, min_experts, exact_budget,
                             chunk=128, split_above=256)
             assert torch.equal(got, expected), (exact_budget, min_experts)
@@ -250,7 +250,7 @@ def check_long_row(device: str, sync_free: bool = False) -> None:
     values = _scores(16384, CAP, g, levels=64).to(torch.bfloat16).unsqueeze(0)
     with split_launches() as parts:
         for exact_budget, min_experts in BUDGETS:
-            expected = select_sequence(values, None, 8, min_experts, exact_budget, fused=False)
+            expected = select_sequence(values, None, 8, min_experts, exact_budget)
             got = run_fused(fused_select_dense, device, sync_free, (values, None), 8, min_experts, exact_budget)
             assert torch.equal(got, expected), (exact_budget, min_experts)
     assert parts == [16384 * CAP // fused.CHUNK] * 4, parts
