@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from seqtopk.patches._base import VLLM_RULE_LEVEL, VLLM_VERIFIED, Family, attr, given_logits, ids_first, linear, logits_first
-from seqtopk.routing.scoring import BiasedScoring, ChosenSoftmaxScoring, SoftmaxScoring
+from seqtopk.routing.scoring import build_scoring
 
 
 def _flag(router, name, default=True) -> bool:
@@ -27,10 +27,10 @@ def softmax_topk(name, module, block, *, renormalize="norm_topk_prob", cast="log
                  logits=None, **kw) -> Family:
     """Softmax over all experts, top-k, renormalised always (True), never (False) or iff router.<attr>."""
     if isinstance(renormalize, str):
-        scoring = lambda r, b: SoftmaxScoring(renormalize=_flag(r, renormalize))  # noqa: E731
+        scoring = lambda r, b: build_scoring("softmax", renormalize=_flag(r, renormalize))  # noqa: E731
         how = f"renormalised iff {renormalize}"
     else:
-        scoring = lambda r, b: SoftmaxScoring(renormalize=renormalize)  # noqa: E731
+        scoring = lambda r, b: build_scoring("softmax", renormalize=renormalize)  # noqa: E731
         how = "renormalised" if renormalize else "not renormalised"
     return Family(name, (block,), router, logits or linear(), scoring, logits_first(cast),
                   scheme=f"softmax, top-k, {how}", module=module, **kw)
@@ -42,7 +42,7 @@ def deepseek_v3_style(name, module, block, **kw) -> Family:
 
     def scoring(r, b):
         groups = int(r.num_group) if r.num_group else 1
-        return BiasedScoring(bias=r.e_score_correction_bias, n_group=groups,
+        return build_scoring("sigmoid", bias=r.e_score_correction_bias, n_group=groups,
                              topk_group=int(r.topk_group) if r.num_group else 1,
                              renormalize=bool(r.norm_topk_prob), scaling=float(r.routed_scaling_factor))
 
@@ -58,7 +58,7 @@ def sigmoid_biased(name, module, block, *, bias, scaling=None, renormalize=True,
 
     def scoring(r, b):
         found = attr(b, bias) if bias else None
-        return BiasedScoring(bias=found, renormalize=_flag(r, renormalize) if isinstance(renormalize, str)
+        return build_scoring("sigmoid", bias=found, renormalize=_flag(r, renormalize) if isinstance(renormalize, str)
                              else renormalize, eps=eps,
                              scaling=float(getattr(r, scaling)) if scaling else 1.0)
 
@@ -72,7 +72,7 @@ def sigmoid_biased(name, module, block, *, bias, scaling=None, renormalize=True,
 def chosen_softmax(name, module, block, *, outputs=None, upcast="output", bias=None, router="router",
                    **kw) -> Family:
     """Top-k on the logits, then softmax over the chosen logits only."""
-    return Family(name, (block,), router, linear(bias=bias, upcast=upcast), lambda r, b: ChosenSoftmaxScoring(),
+    return Family(name, (block,), router, linear(bias=bias, upcast=upcast), lambda r, b: build_scoring("chosen_softmax"),
                   outputs or ids_first(), scheme="top-k on logits, softmax over the chosen", module=module, **kw)
 
 
@@ -105,36 +105,36 @@ _DEEPSEEK_V3_COPIES = [
 
 def _deepseek_v2_scoring(r, b):
     grouped = getattr(r, "topk_method", "greedy") == "group_limited_greedy"
-    return BiasedScoring(bias=None, activation="softmax", n_group=int(r.num_group) if grouped else 1,
+    return build_scoring("softmax", n_group=int(r.num_group) if grouped else 1,
                          topk_group=int(r.topk_group) if grouped else 1, group_score="max",
                          scaling=float(r.routed_scaling_factor))
 
 
 def _mistral4_scoring(r, b):
-    return BiasedScoring(bias=None, activation="softmax", n_group=int(r.num_group), topk_group=int(r.topk_group),
+    return build_scoring("softmax", n_group=int(r.num_group), topk_group=int(r.topk_group),
                          renormalize=bool(r.norm_topk_prob), scaling=float(r.routed_scaling_factor))
 
 
 def _ernie_scoring(r, b):
-    return BiasedScoring(bias=r.moe_statics.e_score_correction_bias.squeeze(), activation="softmax",
+    return build_scoring("softmax", bias=r.moe_statics.e_score_correction_bias.squeeze(),
                          renormalize=True, eps=0.0, min_total=float(r.norm_min))
 
 
 def _cohere2_scoring(r, b):
     if r.expert_selection_fn == "softmax":
-        return ChosenSoftmaxScoring()
+        return build_scoring("chosen_softmax")
     # top-k on logits then sigmoid of the chosen: the order of the logits is the order of their sigmoids
-    return BiasedScoring(bias=None, renormalize=bool(r.norm_topk_prob), eps=0.0)
+    return build_scoring("sigmoid", renormalize=bool(r.norm_topk_prob), eps=0.0)
 
 
 def _lfm2_scoring(r, b):
-    return BiasedScoring(bias=b.expert_bias if r.use_expert_bias else None, renormalize=bool(r.norm_topk_prob),
+    return build_scoring("sigmoid", bias=b.expert_bias if r.use_expert_bias else None, renormalize=bool(r.norm_topk_prob),
                          eps=1e-6, scaling=float(r.routed_scaling_factor))
 
 
 def _dbrx_scoring(block, _):
     p = block.moe_normalize_expert_weights
-    return BiasedScoring(bias=None, activation="softmax", renormalize=p is not None, eps=0.0,
+    return build_scoring("softmax", renormalize=p is not None, eps=0.0,
                          norm_p=float(p) if p is not None else None)
 
 
@@ -151,14 +151,14 @@ FAMILIES: list[Family] = [
     softmax_topk("qwen3_vl_moe", "qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock", renormalize=True),
     # Gemma 4 routes in its decoder layer (dense layers of a dense Gemma 4 have no router and are left alone)
     Family("gemma4", ("Gemma4TextDecoderLayer",), "router", _gemma4_logits,
-           lambda r, b: SoftmaxScoring(renormalize=True), _gemma4_outputs,
+           lambda r, b: build_scoring("softmax", renormalize=True), _gemma4_outputs,
            scheme="softmax over a normalised, rescaled input, top-k, renormalised, x per-expert scale",
            top_k_attr="config.top_k_experts", num_experts_attr="config.num_experts", module="gemma4"),
     softmax_topk("minimax", "minimax", "MiniMaxSparseMoeBlock", renormalize=True, cast=None),
     softmax_topk("mellum", "mellum", "MellumSparseMoeBlock"),
     softmax_topk("hunyuan_v1_moe", "hunyuan_v1_moe", "HunYuanMoEV1Moe", renormalize=True,
                  logits=linear("wg.weight", upcast="weight")),
-    Family("jamba", ("JambaSparseMoeBlock",), "", given_logits(1), lambda r, b: SoftmaxScoring(renormalize=False),
+    Family("jamba", ("JambaSparseMoeBlock",), "", given_logits(1), lambda r, b: build_scoring("softmax"),
            lambda r, logits, w, ids, dtype: (ids, w.to(dtype)), scheme="softmax, top-k, not renormalised",
            route_method="route_tokens_to_experts", module="jamba"),
     Family("dbrx", ("DbrxFFN",), "", given_logits(0), _dbrx_scoring,
@@ -178,7 +178,7 @@ FAMILIES: list[Family] = [
     # sigmoid with a selection bias
     *[deepseek_v3_style(name, name, block) for name, block in _DEEPSEEK_V3_COPIES],
     Family("afmoe", ("AfmoeSparseMoeBlock",), "router", linear("gate.weight", upcast="output"),
-           lambda r, b: BiasedScoring(bias=b.expert_bias, renormalize=True, scaling=float(r.route_scale)),
+           lambda r, b: build_scoring("sigmoid", bias=b.expert_bias, renormalize=True, scaling=float(r.route_scale)),
            logits_first(), scheme="sigmoid + selection bias, top-k, renormalised, x route_scale", module="afmoe"),
     sigmoid_biased("hy_v3", "hy_v3", "HYV3MoE", bias="e_score_correction_bias", scaling="router_scaling_factor",
                    eps=1e-20, upcast="input"),
@@ -195,7 +195,7 @@ FAMILIES: list[Family] = [
            scheme="sigmoid (+ selection bias iff use_expert_bias), top-k, renormalised iff norm_topk_prob, "
                   "x routed_scaling_factor", module="lfm2_moe"),
     # top-k on logits, then softmax over the chosen
-    Family("gpt_oss", ("GptOssMLP",), "router", linear(bias="bias"), lambda r, b: ChosenSoftmaxScoring(),
+    Family("gpt_oss", ("GptOssMLP",), "router", linear(bias="bias"), lambda r, b: build_scoring("chosen_softmax"),
            logits_first(), scheme="top-k on biased logits, softmax over the chosen", module="gpt_oss"),
     chosen_softmax("granitemoe", "granitemoe", "GraniteMoeMoE"),
     chosen_softmax("aria", "aria", "AriaTextMoELayer", upcast="none", outputs=ids_first(None)),

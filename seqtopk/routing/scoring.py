@@ -133,13 +133,11 @@ class BiasedScoring:
 @dataclass(frozen=True)
 class ChosenSoftmaxScoring:
     """GPT-OSS, Granite-MoE, Aria, Cohere2-MoE (softmax): TopK on the logits, then softmax over the chosen
-    logits only, optionally scaled (OpenAI's privacy filter divides by k).
+    logits only.
 
     Logits are not comparable across tokens (each token's can shift freely), so tokens compete on their
     softmax probabilities over all experts; within a token that order is the logits' order.
     """
-
-    scaling: float = 1.0
 
     def max_candidates(self, num_experts: int) -> int:
         return num_experts
@@ -152,5 +150,35 @@ class ChosenSoftmaxScoring:
     def weights(self, logits: torch.Tensor, cand: Candidates, mask: torch.Tensor) -> torch.Tensor:
         chosen = logits.gather(-1, cand.ids).masked_fill(~mask, float("-inf"))
         weights = torch.softmax(chosen, dim=-1, dtype=logits.dtype)
-        weights = torch.nan_to_num(weights, nan=0.0)  # a token with nothing chosen: all -inf -> NaN -> 0
-        return weights * self.scaling if self.scaling != 1.0 else weights
+        return torch.nan_to_num(weights, nan=0.0)  # a token with nothing chosen: all -inf -> NaN -> 0
+
+
+SCORES = ("softmax", "sigmoid", "chosen_softmax")
+
+
+def build_scoring(score: str, *, renormalize: bool = False, bias: torch.Tensor | None = None, n_group: int = 1,
+                  topk_group: int = 1, group_score: str = "top2", scaling: float = 1.0, eps: float | None = None,
+                  min_total: float = 0.0, norm_p: float | None = None):
+    """The one builder of scoring objects. Each engine only translates its own inputs into this description
+    (patches/table.py a transformers router's attributes, seqtopk/engines/vllm/router.py the fused-MoE
+    factory's arguments); which object carries it is decided here.
+
+    score: "softmax" or "sigmoid" over all experts, weights from those scores; "chosen_softmax": top-k on the
+    logits, softmax over the chosen logits only. bias: selection-only bias. n_group / topk_group /
+    group_score: group-limited top-k (groups ranked by their two best scores, "top2", or their best, "max").
+    renormalize (with eps added, or the sum clamped below min_total, or a p-norm norm_p), then x scaling.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, not {score!r}")
+    grouped = n_group > 1 and topk_group < n_group
+    if score == "chosen_softmax":
+        if bias is not None or grouped or renormalize or scaling != 1.0 or norm_p is not None:
+            raise ValueError("chosen_softmax takes no bias, groups, renormalisation or scaling")
+        return ChosenSoftmaxScoring()
+    if (score == "softmax" and bias is None and not grouped and scaling == 1.0 and min_total == 0.0
+            and norm_p is None and (eps is None or not renormalize)):
+        return SoftmaxScoring(renormalize=renormalize)
+    extra = {} if eps is None else {"eps": eps}
+    return BiasedScoring(bias=bias, activation=score, n_group=n_group if grouped else 1,
+                         topk_group=topk_group if grouped else 1, group_score=group_score,
+                         renormalize=renormalize, scaling=scaling, min_total=min_total, norm_p=norm_p, **extra)

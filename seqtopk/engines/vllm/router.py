@@ -39,7 +39,7 @@ from seqtopk.kernels.backend import CPU_KERNELS, backend_for
 from seqtopk.routing.dispatch import combine, count_groups, gather_rows, plan, scatter_rows
 from seqtopk.routing.router import RouteStats, route
 from seqtopk.routing.rules import TOPK, TokenRules, known_pair_count
-from seqtopk.routing.scoring import BiasedScoring, SoftmaxScoring
+from seqtopk.routing.scoring import SoftmaxScoring, build_scoring
 
 logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
 WARM_UP = TokenRules.uniform(TOPK)  # forwards that carry no request: any valid choice will do
@@ -59,20 +59,16 @@ def scoring_for(args: dict):
             raise ValueError(f"SeqTopK does not support {what}")
     if args.get("num_fused_shared_experts"):
         raise ValueError("SeqTopK does not support shared experts fused into routing (ROCm AITER)")
-    grouped = bool(args["use_grouped_topk"]) and not (
-        (args["num_expert_group"] or 1) <= 1 and (args["topk_group"] or 1) <= 1)
-    bias = args.get("e_score_correction_bias")
-    scaling = float(args["routed_scaling_factor"])
     func = args["scoring_func"]
     if func not in ("softmax", "sigmoid"):
         raise ValueError(f"SeqTopK does not support scoring_func={func!r}")
-    if func == "softmax" and not grouped and bias is None and scaling == 1.0:
-        return SoftmaxScoring(renormalize=bool(args["renormalize"]))
+    grouped = bool(args["use_grouped_topk"])
+    bias = args.get("e_score_correction_bias")
     # vLLM's grouped top-k ranks groups by their two best biased scores with a bias, by their best one without
-    return BiasedScoring(bias=bias, activation=func, n_group=args["num_expert_group"] if grouped else 1,
-                         topk_group=args["topk_group"] if grouped else 1,
+    return build_scoring(func, bias=bias, n_group=(args["num_expert_group"] or 1) if grouped else 1,
+                         topk_group=(args["topk_group"] or 1) if grouped else 1,
                          group_score="top2" if bias is not None else "max",
-                         renormalize=bool(args["renormalize"]), scaling=scaling)
+                         renormalize=bool(args["renormalize"]), scaling=float(args["routed_scaling_factor"]))
 
 
 # vLLM's CPU fused-MoE kernel, per call: a fixed cost, in expert rows (the call's Python, thread fork-joins and
