@@ -31,18 +31,16 @@ __all__ = [
 ]
 
 
-def patch(model, *, k=None, cap=None, min_experts=None, exact_budget=False, prefill="sequence",
-          decode="expert_cache"):
+def patch(model, **settings):
     """Switch a transformers MoE model to SeqTopK routing, in place; returns the model.
 
-    Idempotent: patching again replaces the previous settings. Settings are validated against every MoE
-    layer before anything is changed; see SeqTopKConfig for their meaning.
+    settings: SeqTopKConfig's fields (k, cap, min_experts, exact_budget, prefill, decode), whose defaults and
+    meaning live there alone. Idempotent: patching again replaces the previous settings. Settings are
+    validated against every MoE layer before anything is changed.
     """
     from seqtopk.engines.hf import patch_model
 
-    config = SeqTopKConfig(k=k, cap=cap, min_experts=min_experts, exact_budget=exact_budget,
-                           prefill=prefill, decode=decode)
-    return patch_model(model, config)
+    return patch_model(model, SeqTopKConfig.from_dict(settings))
 
 
 def unpatch(model):

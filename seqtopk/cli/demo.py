@@ -16,7 +16,7 @@ BARS = "▁▂▃▄▅▆▇█"
 
 
 def add_parser(sub) -> None:
-    from seqtopk.config import DECODE_RULES, PREFILL_RULES
+    from seqtopk.config import DECODE_RULES, PREFILL_RULES, SeqTopKConfig
     from seqtopk.testing.tiny import FAMILY_CONFIGS
 
     p = sub.add_parser("demo", help="continue a prompt with TopK and SeqTopK; show experts per token",
@@ -38,9 +38,10 @@ def add_parser(sub) -> None:
                         "top_k); a reduced budget is also shown as stock TopK at that k")
     p.add_argument("--cap", type=int, default=None, help="most experts per token (default: the card's, else k + 2)")
     p.add_argument("--min-experts", type=int, default=None, help="default: 1, or 0 when k < 1")
-    p.add_argument("--exact-budget", action="store_true")
-    p.add_argument("--prefill", default=None, choices=PREFILL_RULES, help="default: the card's, else sequence")
-    p.add_argument("--decode", default="expert_cache", choices=DECODE_RULES)
+    p.add_argument("--exact-budget", action="store_true", default=None)
+    p.add_argument("--prefill", default=None, choices=PREFILL_RULES,
+                   help=f"default: the card's, else {SeqTopKConfig.prefill}")
+    p.add_argument("--decode", default=None, choices=DECODE_RULES, help=f"default: {SeqTopKConfig.decode}")
     p.set_defaults(func=run)
 
 
@@ -58,11 +59,11 @@ def run(args) -> int:
 
     path = args.model or (cached_checkpoint(args.tiny) if args.tiny else demo.MODEL_DIR)
     card = demo.card(path)
-    settings = {**{"prefill": "sequence"}, **card.get("seqtopk", {})}
-    settings.update({name: value for name, value in dict(k=args.k, cap=args.cap, prefill=args.prefill).items()
-                     if value is not None})
-    settings.update(min_experts=args.min_experts, exact_budget=args.exact_budget, decode=args.decode)
-    seqtopk.SeqTopKConfig(**settings)  # validate before loading anything
+    # the card's settings, then the flags given; SeqTopKConfig's defaults for the rest
+    given = dict(k=args.k, cap=args.cap, min_experts=args.min_experts, exact_budget=args.exact_budget,
+                 prefill=args.prefill, decode=args.decode)
+    settings = {**card.get("seqtopk", {}), **{name: value for name, value in given.items() if value is not None}}
+    seqtopk.SeqTopKConfig.from_dict(settings)  # validate before loading anything
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
     if args.held_out is not None and not args.held_out.is_file():

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-NEG_INF = float("-inf")
+from seqtopk.routing.paged import NEG_INF
+
 
 # Above this many (query x pool) comparisons in a call, counting switches from a broadcast compare to
 # sort + binary search.

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-NEG_INF = float("-inf")
+NEG_INF = float("-inf")  # a score no token offers: empty history rows, padding, masked groups (every module reads it here)
 
 
 def history_slots(block_table: torch.Tensor, block_size: int, context: torch.Tensor, width: int,

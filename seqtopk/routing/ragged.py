@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seqtopk.routing.paged import PagedHistory
+from seqtopk.routing.paged import NEG_INF, PagedHistory
 from seqtopk.routing.rules import TokenRules, choose
 
-NEG_INF = float("-inf")
 
 
 @dataclass

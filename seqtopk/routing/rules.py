@@ -42,9 +42,8 @@ from typing import NamedTuple
 import torch
 
 from seqtopk.routing.counting import causal_greater_counts
-from seqtopk.routing.paged import PagedHistory
+from seqtopk.routing.paged import NEG_INF, PagedHistory
 
-NEG_INF = float("-inf")
 MIN_K = 0.1  # below it nine tokens in ten would skip every expert: not a budget anyone serves
 MAX_DENOMINATOR = 1000  # k is a multiple of 1/1000 (1.5, 0.75, 1/3 ...), so every budget is integer arithmetic
 
