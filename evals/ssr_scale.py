@@ -23,6 +23,7 @@ import numpy as np
 
 from seqtopk.sparse.ssr.baselines import KMeansIndex
 from seqtopk.sparse.ssr.evaluate import latency_summary
+from seqtopk.sparse.ssr.index import DEFAULT_PROBE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import figure, save_results  # noqa: E402  (evals/ is scripts, not a package)
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--niter", type=int, default=10)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--pool", type=int, default=100)
-    parser.add_argument("--probe", type=int, default=8)
+    parser.add_argument("--probe", type=int, default=DEFAULT_PROBE)
     parser.add_argument("--nprobe", default="1,2,4")
     parser.add_argument("--encode-sample", type=int, default=None,
                         help="time the SAE encoding on the first N rows and scale it (default: encode all)")

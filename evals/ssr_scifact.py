@@ -34,6 +34,7 @@ import numpy as np
 
 from seqtopk.sparse.ssr.baselines import KMeansIndex, dense_maxsim_scores
 from seqtopk.sparse.ssr.evaluate import latency_summary, retrieval_scores, run_queries, scifact_test
+from seqtopk.sparse.ssr.index import DEFAULT_PROBE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import figure, save_results  # noqa: E402  (evals/ is scripts, not a package)
@@ -153,7 +154,7 @@ def main() -> None:
     parser.add_argument("--niter", type=int, default=10, help="k-means iterations")
     parser.add_argument("--nprobe", default="1,4", help="centroids probed per query token")
     parser.add_argument("--pools", default="30,100,300", help="SSR two-stage pool sizes")
-    parser.add_argument("--probe", type=int, default=8, help="SSR first stage: strongest latents per query token")
+    parser.add_argument("--probe", type=int, default=DEFAULT_PROBE, help="SSR first stage: strongest latents per query token")
     parser.add_argument("--no-plaid", action="store_true", help="skip the PLAID anchor (its venv is made on demand)")
     parser.add_argument("--queries", type=int, default=None, help="first N queries only (quick runs)")
     parser.add_argument("--extra-docs", type=int, default=None, help="judged docs + first N others (quick runs)")

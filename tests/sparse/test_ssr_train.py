@@ -167,3 +167,16 @@ def test_export_yields_every_indexed_token_code(built):
     assert {c.doc_id for c in codes} == set(data.doc_ids[:2])
     assert [c.position for c in codes if c.doc_id == data.doc_ids[0]] == list(range(ssr.index.doc_lengths[0]))
     assert all(0 < len(c.latent_ids) <= TINY_SSR_K and c.latent_ids.max() < TINY_SSR_LATENTS for c in codes)
+
+
+def test_text_search_two_stage_walks_the_default_probe_like_ssr_eval(built, monkeypatch):
+    """`ssr search --pool` and `ssr eval` share one first stage: DEFAULT_PROBE strongest latents per query token
+    (the tiny head's k equals 8, so the walk itself cannot tell; the probe the index receives can)."""
+    from seqtopk.sparse.ssr.index import DEFAULT_PROBE
+
+    data, ssr = built
+    asked = []
+    search = ssr.index.search
+    monkeypatch.setattr(ssr.index, "search", lambda *a, **kw: asked.append(kw) or search(*a, **kw))
+    hits = ssr.search(data.query_texts[0], 5, pool=10)
+    assert asked == [{"pool": 10, "probe": DEFAULT_PROBE}] and DEFAULT_PROBE == 8 and len(hits) == 5
