@@ -8,13 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from seqtopk.sparse.data.readers import read_beir_jsonl
 from seqtopk.sparse.export.common import CodesInfo
 from seqtopk.sparse.index.rows import SparseRows
-
-# Transitional: the reader is seqtopk.sparse.data.readers.read_beir_jsonl; this name stays only until
-# seqtopk/cli/csr.py imports that directly.
-read_jsonl_texts = read_beir_jsonl
 
 
 class HeadEncoder:
