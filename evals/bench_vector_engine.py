@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from csr_search_bench import head_codes  # noqa: E402  (evals/ is scripts, not a package)
+from _results import figure, save_results  # noqa: E402  (evals/ is scripts, not a package)
+from csr_search_bench import head_codes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -198,49 +199,40 @@ def main() -> int:
         "pymilvus over gRPC to its local server process; Qdrant: local mode in this process)",
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out.with_suffix(".png"))
+    save_results(result, args.out.with_suffix(".json"), plot)
     print(json.dumps(result, indent=2))
     return 0
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = result["runs"]
     names = [f"{r['engine'].split(' (')[0].replace('ours: exact inverted index', 'ours (exact)')}"
              + (f"\ndrop={r['drop_ratio_search']}" if "drop_ratio_search" in r else "") + f"\n{r['docs']:,} docs"
              for r in runs]
     colors = ["#3b7dd8" if r["engine"].startswith("ours") else "#e08a2c" if "milvus" in r["engine"] else "#5aa05a"
               for r in runs]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    panels = [("p50_ms", "query latency p50 (ms), p95 as whisker"), ("index_seconds", "index time (s)"),
-              ("memory", "memory (MiB)")]
-    for ax, (key, label) in zip(axes, panels):
-        if key == "memory":
-            values = [(r.get("memory_bytes") or r.get("server_rss_bytes") or r.get("process_rss_growth_bytes") or 0)
-                      / 2**20 for r in runs]
-            label = "memory (MiB): ours arrays, Milvus server RSS, Qdrant RSS growth"
-        else:
-            values = [r[key] for r in runs]
-        bars = ax.bar(range(len(runs)), values, color=colors)
-        if key == "p50_ms":
-            ax.errorbar(range(len(runs)), values, yerr=[[0] * len(runs), [r["p95_ms"] - r["p50_ms"] for r in runs]],
-                        fmt="none", ecolor="black", capsize=3)
-        ax.set_yscale("log")
-        ax.set_title(label, fontsize=9)
-        ax.set_xticks(range(len(runs)), names, fontsize=7)
-        for bar, value, r in zip(bars, values, runs):
-            note = f"{value:.3g}" + (f"\nR@10={r['recall_at_10_vs_ours']:.3f}" if key == "p50_ms" else "")
-            ax.annotate(note, (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=7)
-    fig.suptitle(f"sparse codes (k={result['k']}, {result['dim']} latents) in vector engines vs our exact index, "
-                 f"{result['queries']} SciFact queries one at a time, {result['machine']['cpus']} CPU cores")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, 1, 3, figsize=(16, 5)) as (fig, axes):
+        panels = [("p50_ms", "query latency p50 (ms), p95 as whisker"), ("index_seconds", "index time (s)"),
+                  ("memory", "memory (MiB)")]
+        for ax, (key, label) in zip(axes, panels):
+            if key == "memory":
+                values = [(r.get("memory_bytes") or r.get("server_rss_bytes") or r.get("process_rss_growth_bytes") or 0)
+                          / 2**20 for r in runs]
+                label = "memory (MiB): ours arrays, Milvus server RSS, Qdrant RSS growth"
+            else:
+                values = [r[key] for r in runs]
+            bars = ax.bar(range(len(runs)), values, color=colors)
+            if key == "p50_ms":
+                ax.errorbar(range(len(runs)), values, yerr=[[0] * len(runs), [r["p95_ms"] - r["p50_ms"] for r in runs]],
+                            fmt="none", ecolor="black", capsize=3)
+            ax.set_yscale("log")
+            ax.set_title(label, fontsize=9)
+            ax.set_xticks(range(len(runs)), names, fontsize=7)
+            for bar, value, r in zip(bars, values, runs):
+                note = f"{value:.3g}" + (f"\nR@10={r['recall_at_10_vs_ours']:.3f}" if key == "p50_ms" else "")
+                ax.annotate(note, (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=7)
+        fig.suptitle(f"sparse codes (k={result['k']}, {result['dim']} latents) in vector engines vs our exact index, "
+                     f"{result['queries']} SciFact queries one at a time, {result['machine']['cpus']} CPU cores")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import figure, save_results  # noqa: E402  (evals/ is scripts, not a package)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -199,35 +202,26 @@ def main() -> int:
         "dense": dense,
         "sparse": indexes,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out.with_suffix(".png"))
+    save_results(result, args.out.with_suffix(".json"), plot)
     print(json.dumps(result, indent=2))
     return 0
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     entries = [{"name": "dense exact (numpy)", **result["dense"]}, *result["sparse"]]
     names = [textwrap.fill(e["name"], 20) for e in entries]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, label in ((axes[0], "latency_ms_mean", "mean query latency (ms)"), (axes[1], "index_bytes", "index memory (MiB)")):
-        values = [e[key] / (2**20 if key == "index_bytes" else 1) for e in entries]
-        bars = ax.bar(names, values, color=["#777777"] + ["#3b7dd8"] + ["#e08a2c"] * (len(entries) - 2))
-        ax.set_yscale("log")
-        ax.set_ylabel(label)
-        ax.tick_params(axis="x", labelsize=8)
-        for bar, value, e in zip(bars, values, entries):
-            recall = e.get("recall_at_10_vs_exact_sparse")
-            note = f"{value:.3g}" + (f"\nR@10={recall:.3f}" if recall is not None and key == "latency_ms_mean" else "")
-            ax.annotate(note, (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
-    fig.suptitle(f"{result['docs']:,} synthetic documents, k={result['k']}, {result['queries']} SciFact queries, one query at a time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, 1, 2, figsize=(12, 4.5)) as (fig, axes):
+        for ax, key, label in ((axes[0], "latency_ms_mean", "mean query latency (ms)"), (axes[1], "index_bytes", "index memory (MiB)")):
+            values = [e[key] / (2**20 if key == "index_bytes" else 1) for e in entries]
+            bars = ax.bar(names, values, color=["#777777"] + ["#3b7dd8"] + ["#e08a2c"] * (len(entries) - 2))
+            ax.set_yscale("log")
+            ax.set_ylabel(label)
+            ax.tick_params(axis="x", labelsize=8)
+            for bar, value, e in zip(bars, values, entries):
+                recall = e.get("recall_at_10_vs_exact_sparse")
+                note = f"{value:.3g}" + (f"\nR@10={recall:.3f}" if recall is not None and key == "latency_ms_mean" else "")
+                ax.annotate(note, (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
+        fig.suptitle(f"{result['docs']:,} synthetic documents, k={result['k']}, {result['queries']} SciFact queries, one query at a time")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Timed: wrap in `flock /tmp/seqtopk-bench.lock`. Writes evals/results/ssr_scale.{
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +23,10 @@ import numpy as np
 
 from seqtopk.sparse.ssr.baselines import KMeansIndex
 from seqtopk.sparse.ssr.evaluate import latency_summary
+from seqtopk.sparse.ssr.index import DEFAULT_PROBE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import figure, save_results  # noqa: E402  (evals/ is scripts, not a package)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -55,7 +59,7 @@ def main() -> None:
     parser.add_argument("--niter", type=int, default=10)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--pool", type=int, default=100)
-    parser.add_argument("--probe", type=int, default=8)
+    parser.add_argument("--probe", type=int, default=DEFAULT_PROBE)
     parser.add_argument("--nprobe", default="1,2,4")
     parser.add_argument("--encode-sample", type=int, default=None,
                         help="time the SAE encoding on the first N rows and scale it (default: encode all)")
@@ -138,36 +142,27 @@ def main() -> None:
                [set(sample_check.row(i)[0]) == set(real_codes.row(rows[i])[0]) for i in range(1000)])),
            "latents_firing_on_real": int((stats.firing_rate > 0).sum()), "docs": len(lengths), "latents": encoder.sae.hidden_dim, "k": encoder.sae.k,
            "queries": len(q_codes), "centroids": args.centroids, "niter": args.niter, "rows": results}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(out, indent=2) + "\n")
-    plot(out, RESULTS / f"{args.tag}.png")
+    save_results(out, RESULTS / f"{args.tag}.json", plot)
     for r in results:
         print(f"{r['system']:50s} build {r['index_build_s']:7.1f} s  {r['index_bytes'] / 2**20:8.1f} MiB  "
               f"p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms")
 
 
 def plot(out: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = [r["system"] for r in out["rows"]]
-    ax1.barh(names, [r["p50_ms"] for r in out["rows"]], label="p50")
-    ax1.barh(names, [r["p95_ms"] - r["p50_ms"] for r in out["rows"]], left=[r["p50_ms"] for r in out["rows"]],
-             alpha=0.4, label="p95")
-    ax1.set_xlabel("query latency (ms)")
-    ax1.legend()
-    ax1.tick_params(axis="y", labelsize=7)
-    first = {}
-    for r in out["rows"]:
-        first.setdefault(r["system"].split(" (")[0].replace(" exhaustive exact MaxSim", "").replace(" two-stage", ""), r["index_build_s"])
-    ax2.bar(list(first), list(first.values()))
-    ax2.set_ylabel("index build time (s)")
-    fig.suptitle(f"{out['tokens']:,} synthetic tokens, {out['docs']:,} docs, SSR h={out['latents']} k={out['k']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, 1, 2, figsize=(12, 4.5)) as (fig, (ax1, ax2)):
+        names = [r["system"] for r in out["rows"]]
+        ax1.barh(names, [r["p50_ms"] for r in out["rows"]], label="p50")
+        ax1.barh(names, [r["p95_ms"] - r["p50_ms"] for r in out["rows"]], left=[r["p50_ms"] for r in out["rows"]],
+                 alpha=0.4, label="p95")
+        ax1.set_xlabel("query latency (ms)")
+        ax1.legend()
+        ax1.tick_params(axis="y", labelsize=7)
+        first = {}
+        for r in out["rows"]:
+            first.setdefault(r["system"].split(" (")[0].replace(" exhaustive exact MaxSim", "").replace(" two-stage", ""), r["index_build_s"])
+        ax2.bar(list(first), list(first.values()))
+        ax2.set_ylabel("index build time (s)")
+        fig.suptitle(f"{out['tokens']:,} synthetic tokens, {out['docs']:,} docs, SSR h={out['latents']} k={out['k']}")
 
 
 if __name__ == "__main__":

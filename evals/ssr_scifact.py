@@ -34,6 +34,10 @@ import numpy as np
 
 from seqtopk.sparse.ssr.baselines import KMeansIndex, dense_maxsim_scores
 from seqtopk.sparse.ssr.evaluate import latency_summary, retrieval_scores, run_queries, scifact_test
+from seqtopk.sparse.ssr.index import DEFAULT_PROBE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import figure, save_results  # noqa: E402  (evals/ is scripts, not a package)
 
 RESULTS = Path(__file__).parent / "results"
 ANCHORS = Path(__file__).parent / "anchors"
@@ -150,7 +154,7 @@ def main() -> None:
     parser.add_argument("--niter", type=int, default=10, help="k-means iterations")
     parser.add_argument("--nprobe", default="1,4", help="centroids probed per query token")
     parser.add_argument("--pools", default="30,100,300", help="SSR two-stage pool sizes")
-    parser.add_argument("--probe", type=int, default=8, help="SSR first stage: strongest latents per query token")
+    parser.add_argument("--probe", type=int, default=DEFAULT_PROBE, help="SSR first stage: strongest latents per query token")
     parser.add_argument("--no-plaid", action="store_true", help="skip the PLAID anchor (its venv is made on demand)")
     parser.add_argument("--queries", type=int, default=None, help="first N queries only (quick runs)")
     parser.add_argument("--extra-docs", type=int, default=None, help="judged docs + first N others (quick runs)")
@@ -228,9 +232,7 @@ def main() -> None:
            "kmeans": {"centroids": args.centroids, "niter": args.niter},
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
            "targets": targets(rows), "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(out, indent=2) + "\n")
-    plot(out, RESULTS / f"{args.tag}.png")
+    save_results(out, RESULTS / f"{args.tag}.json", plot)
     for r in rows:
         print(f"{r['system']:55s} nDCG@10 {r['ndcg_at_10']:5.1f}  build {r['index_build_s']:7.1f} s  "
               f"{r['index_bytes'] / 2**20:8.1f} MiB  p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms")
@@ -252,32 +254,25 @@ def targets(rows: list[dict]) -> dict:
 
 
 def plot(out: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 2]})
-    for r in out["rows"]:
-        ax1.scatter(r["p50_ms"], r["ndcg_at_10"], s=40, label=r["system"].replace(" exact MaxSim", ""))
-    ax1.set_xscale("log")
-    ax1.set_xlabel("p50 query latency (ms, log)")
-    ax1.set_ylabel("SciFact nDCG@10")
-    ax1.set_title(f"SciFact test: {out['queries']} queries, {out['docs']:,} docs, {out['doc_tokens']:,} doc tokens",
-                  fontsize=10)
-    ax1.legend(fontsize=6.5, loc="lower right")
-    builds = {}
-    for r in out["rows"]:  # one bar per index (two-stage search shares SSR's index)
-        if r["index_build_s"] > 0:
-            builds.setdefault(r["system"].split(" (")[0].replace(" two-stage", " exhaustive exact MaxSim"), r["index_build_s"])
-    names = list(builds)
-    bars = ax2.barh(names, [builds[n] for n in names])
-    ax2.bar_label(bars, fmt="%.0f s", fontsize=8)
-    ax2.set_xlabel("index build time (s; backbone excluded)")
-    load = out["load_average_start_end"]
-    ax2.set_title(f"{out['threads']} threads; load average {load[0][0]:.1f} before, {load[1][0]:.1f} after", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, 1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 2]}) as (fig, (ax1, ax2)):
+        for r in out["rows"]:
+            ax1.scatter(r["p50_ms"], r["ndcg_at_10"], s=40, label=r["system"].replace(" exact MaxSim", ""))
+        ax1.set_xscale("log")
+        ax1.set_xlabel("p50 query latency (ms, log)")
+        ax1.set_ylabel("SciFact nDCG@10")
+        ax1.set_title(f"SciFact test: {out['queries']} queries, {out['docs']:,} docs, {out['doc_tokens']:,} doc tokens",
+                      fontsize=10)
+        ax1.legend(fontsize=6.5, loc="lower right")
+        builds = {}
+        for r in out["rows"]:  # one bar per index (two-stage search shares SSR's index)
+            if r["index_build_s"] > 0:
+                builds.setdefault(r["system"].split(" (")[0].replace(" two-stage", " exhaustive exact MaxSim"), r["index_build_s"])
+        names = list(builds)
+        bars = ax2.barh(names, [builds[n] for n in names])
+        ax2.bar_label(bars, fmt="%.0f s", fontsize=8)
+        ax2.set_xlabel("index build time (s; backbone excluded)")
+        load = out["load_average_start_end"]
+        ax2.set_title(f"{out['threads']} threads; load average {load[0][0]:.1f} before, {load[1][0]:.1f} after", fontsize=9)
 
 
 if __name__ == "__main__":

@@ -151,21 +151,23 @@ def write_codes(args, codes, doc_ids: list[str], info, source: Path, offsets=Non
 
 
 def run_export(args) -> int:
-    from seqtopk.sparse.export.texts import HeadEncoder, read_jsonl_texts
+    from seqtopk.sparse.data.readers import read_beir_jsonl
+    from seqtopk.sparse.export.texts import HeadEncoder
 
     check_batch_size(args)
-    doc_ids, texts = read_jsonl_texts(args.corpus)
+    doc_ids, texts = read_beir_jsonl(args.corpus)
     encoder = HeadEncoder(args.head)
     return write_codes(args, encoder.encode(texts, progress=not args.quiet), doc_ids, encoder.info, args.head)
 
 
 def run_engine_search(args) -> int:
-    from seqtopk.sparse.export.texts import HeadEncoder, read_jsonl_texts
+    from seqtopk.sparse.data.readers import read_beir_jsonl
+    from seqtopk.sparse.export.texts import HeadEncoder
 
     if args.engine != "milvus" and args.drop_ratio_search:
         raise ValueError("--drop-ratio-search applies to Milvus only (Qdrant's sparse search is exact)")
     if args.queries:
-        query_ids, texts = read_jsonl_texts(args.queries)
+        query_ids, texts = read_beir_jsonl(args.queries)
     else:
         if any(not t.strip() for t in args.query):
             raise ValueError("a --query text is empty; give it some words")

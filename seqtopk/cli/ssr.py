@@ -11,6 +11,8 @@ from seqtopk.cli.csr import _HelpWithDefaults, add_export_options
 
 
 def add_parser(sub) -> None:
+    from seqtopk.sparse.ssr.index import DEFAULT_PROBE
+
     ssr = sub.add_parser("ssr", help="SSR multi-vector sparse retrieval: train, index, search, eval, export",
                          description=__doc__)
     commands = ssr.add_subparsers(dest="ssr_command", metavar="ACTION", required=True)
@@ -47,6 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument("--query", required=True, help="query text")
     p.add_argument("-k", type=int, default=10, help="results")
     p.add_argument("--pool", type=int, default=None, help="two-stage: rescore this many candidates (default: exhaustive)")
+    p.add_argument("--probe", type=int, default=DEFAULT_PROBE,
+                   help="two-stage first stage: strongest latents per query token (used only with --pool)")
     p.add_argument("--head", type=Path, default=None, help="SSR folder (default: the one that built the index)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_search)
@@ -55,7 +59,7 @@ def add_parser(sub) -> None:
                             formatter_class=_HelpWithDefaults)
     p.add_argument("folder", type=Path, metavar="DIR")
     p.add_argument("--pools", default="100", help="comma-separated two-stage pool sizes (exhaustive always runs)")
-    p.add_argument("--probe", type=int, default=8, help="strongest latents per query token in the first stage")
+    p.add_argument("--probe", type=int, default=DEFAULT_PROBE, help="strongest latents per query token in the first stage")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON summary here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_eval)
@@ -89,11 +93,11 @@ def run_train(args) -> int:
 
 
 def run_index(args) -> int:
-    from seqtopk.sparse.ssr.corpus import read_corpus
+    from seqtopk.sparse.data.readers import read_beir_jsonl
     from seqtopk.sparse.ssr.folder import check_ssr_folder
 
     check_ssr_folder(args.folder)
-    doc_ids, texts = read_corpus(args.corpus)  # the whole file is checked before anything is encoded
+    doc_ids, texts = read_beir_jsonl(args.corpus)  # the whole file is checked before anything is encoded
     from seqtopk.sparse.ssr.index import SSRIndex
 
     start = time.perf_counter()
@@ -110,7 +114,7 @@ def run_search(args) -> int:
 
     if not args.query.strip():
         raise ValueError("the query is empty; give some text to search for")
-    hits = SSRIndex.load(args.index, args.head).search(args.query, args.k, pool=args.pool)
+    hits = SSRIndex.load(args.index, args.head).search(args.query, args.k, pool=args.pool, probe=args.probe)
     if args.json:
         print(json.dumps([{"doc_id": h.doc_id, "score": h.score} for h in hits], indent=2))
     else:
@@ -137,12 +141,12 @@ def run_eval(args) -> int:
 def run_export(args) -> int:
     from seqtopk.cli.csr import check_batch_size, write_codes
     from seqtopk.sparse.export import CodesInfo
-    from seqtopk.sparse.ssr.corpus import read_corpus
+    from seqtopk.sparse.data.readers import read_beir_jsonl
     from seqtopk.sparse.ssr.folder import check_ssr_folder
 
     check_batch_size(args)
     check_ssr_folder(args.folder)
-    doc_ids, texts = read_corpus(args.corpus)  # the whole file is checked before anything is encoded
+    doc_ids, texts = read_beir_jsonl(args.corpus)  # the whole file is checked before anything is encoded
     from seqtopk.sparse.ssr.encoder import SSREncoder
 
     encoder = SSREncoder(args.folder)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqtopk.sparse.csr.head import CSRSparseAutoEncoder
+from seqtopk.sparse.sae import TopKSAE
 from seqtopk.sparse.csr.losses import auxk_loss, info_nce, normalized_mse, supervised_contrastive
 from seqtopk.sparse.csr.sparse_coding import dead_latent_fraction, topk_relu
 from seqtopk.sparse.csr.train import TrainConfig, k_at_step
@@ -23,14 +23,14 @@ def test_topk_relu_keeps_k_largest_then_relu_without_touching_input():
     assert torch.equal(pre, before)
 
 
-def _head_with_dead_latents(seed: int = 0) -> tuple[CSRSparseAutoEncoder, torch.Tensor]:
+def _head_with_dead_latents(seed: int = 0) -> tuple[TopKSAE, torch.Tensor]:
     torch.manual_seed(seed)
-    head = CSRSparseAutoEncoder(input_dim=8, hidden_dim=32, k=2, k_aux=8, dead_threshold=3).train()
+    head = TopKSAE(input_dim=8, hidden_dim=32, k=2, k_aux=8, dead_threshold=3).train()
     head.stats_last_nonzero[:16] = 100  # half the latents are dead
     return head, torch.randn(6, 8)
 
 
-class InPlaceMaskHead(CSRSparseAutoEncoder):
+class InPlaceMaskHead(TopKSAE):
     """Reproduces the sentence-transformers < 6 order of passes: top-k, then the AuxK mask written into the
     shared pre-activations in place (`x.data *= dead_mask`), then top-4k from what is left."""
 
@@ -46,13 +46,13 @@ class InPlaceMaskHead(CSRSparseAutoEncoder):
 
 @pytest.mark.parametrize(
     "head_class",
-    [CSRSparseAutoEncoder, pytest.param(InPlaceMaskHead, marks=pytest.mark.xfail(strict=True, reason="the trap this test catches"))],
+    [TopKSAE, pytest.param(InPlaceMaskHead, marks=pytest.mark.xfail(strict=True, reason="the trap this test catches"))],
 )
 def test_4k_codes_are_top_4k_of_unmasked_preactivations(head_class):
     head, x = _head_with_dead_latents()
     head.__class__ = head_class
     features = head({"sentence_embedding": x})
-    pre = CSRSparseAutoEncoder.pre_activations(head, x)
+    pre = TopKSAE.pre_activations(head, x)
     assert torch.allclose(features["csr_codes_4k"], topk_relu(pre, 8))
     assert torch.allclose(features["sentence_embedding"], topk_relu(pre, 2))
     # every latent of the top-k code is also in the top-4k code
@@ -94,7 +94,7 @@ def test_eval_forward_matches_upstream_module_and_roundtrips():
         theirs = upstream({"sentence_embedding": x.clone()})["sentence_embedding"]
     assert torch.equal(ours, theirs)
     assert type(upstream).__module__.startswith("sentence_transformers.")
-    back = CSRSparseAutoEncoder.from_upstream(upstream)
+    back = TopKSAE.from_upstream(upstream)
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), head.state_dict().values()))
 
 
@@ -157,7 +157,7 @@ def test_k_above_hidden_is_refused():
     with pytest.raises(ValueError, match="exceeds the hidden size"):
         TrainConfig(k=2000).hidden_dim(384)
     with pytest.raises(ValueError, match="k must be between"):
-        CSRSparseAutoEncoder(8, 16, k=17)
+        TopKSAE(8, 16, k=17)
 
 
 def test_tiny_head_learns_to_reconstruct():
@@ -167,7 +167,7 @@ def test_tiny_head_learns_to_reconstruct():
     torch.manual_seed(0)
     basis = F.normalize(torch.randn(16, 8), dim=-1)
     x = F.normalize(torch.rand(256, 16).pow(4) @ basis, dim=-1)
-    head = CSRSparseAutoEncoder(8, 32, k=4, k_aux=8).train()
+    head = TopKSAE(8, 32, k=4, k_aux=8).train()
     config = TrainConfig(k=4)
     optimiser = torch.optim.Adam(head.parameters(), lr=1e-2)
     first = None
@@ -204,7 +204,7 @@ def test_only_the_contrastive_term_reaches_a_finetuned_backbone():
     from seqtopk.sparse.csr.train import batch_loss
 
     torch.manual_seed(0)
-    head = CSRSparseAutoEncoder(8, 32, k=4, k_aux=8).train()
+    head = TopKSAE(8, 32, k=4, k_aux=8).train()
     config = TrainConfig(k=4)
     for weight, reaches in ((0.0, False), (1.0, True)):
         x = F.normalize(torch.randn(16, 8), dim=-1).requires_grad_()  # stands for a backbone's output
@@ -212,3 +212,16 @@ def test_only_the_contrastive_term_reaches_a_finetuned_backbone():
         loss.backward()
         assert (x.grad is not None and x.grad.abs().sum() > 0) == reaches
         head.zero_grad()
+
+
+def test_firing_recorded_from_ids_equals_from_a_mask():
+    """SSR's sparse training step records firing by latent ids, CSR's forward by a mask: one bookkeeping."""
+    by_mask, _ = _head_with_dead_latents()
+    by_ids, _ = _head_with_dead_latents()
+    ids = torch.tensor([[3, 20], [20, 31]])  # a latent may fire in several rows
+    mask = torch.zeros(32, dtype=torch.bool)
+    mask[[3, 20, 31]] = True
+    by_mask.record_firing(mask)
+    by_ids.record_firing(ids)
+    assert torch.equal(by_mask.stats_last_nonzero, by_ids.stats_last_nonzero)
+    assert by_ids.stats_last_nonzero[[3, 20, 31]].tolist() == [0, 0, 0] and by_ids.stats_last_nonzero[0] == 101

@@ -37,8 +37,20 @@ def test_saved_head_is_a_sparse_encoder_folder_with_k_active_latents():
     config = json.loads((head_dir / "config.json").read_text())
     assert config["architectures"] == ["SeqtopkCSRBertModel"] and config["io_processor_plugin"] == "seqtopk_csr_sparse"
     summary = json.loads((head_dir / "csr_training.json").read_text())
-    assert summary["heldout_texts"] > 0 and 0.0 <= summary["dead_latent_fraction_heldout"] < 1.0
     assert summary["final"]["step"] == 60
+    # Recount the dead latents from the saved folder: the same held-out split (same seed), the backbone's
+    # embeddings, the saved upstream module; a latent is dead when no held-out text gives it a non-zero value.
+    from seqtopk.sparse.backbone import CachedBackbone, default_backbone
+    from seqtopk.sparse.data.batches import split_heldout
+    from seqtopk.sparse.data.readers import load_training_sets
+
+    heldout = split_heldout(load_training_sets([str(tiny_training_file())]), 0.05, np.random.default_rng(0)).heldout_texts
+    assert summary["heldout_texts"] == len(heldout) > 0
+    with torch.inference_mode():
+        heldout_codes = model[-1]({"sentence_embedding": torch.from_numpy(CachedBackbone(default_backbone()).encode(heldout))})
+    fired = (heldout_codes["sentence_embedding"] > 0).any(dim=0)
+    # float32 mean in training: within 1e-6, far below one latent in 1,536 (6.5e-4)
+    assert summary["dead_latent_fraction_heldout"] == pytest.approx(1.0 - fired.sum().item() / fired.numel(), abs=1e-6)
 
 
 def test_cli_train_runs_and_reports_dead_latents(capsys):

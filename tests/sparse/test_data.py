@@ -73,3 +73,31 @@ def test_missing_data_folder_says_how_to_fix(monkeypatch, tmp_path):
             readers.scifact_corpus()
     finally:
         readers.scifact_corpus.cache_clear()
+
+
+def test_the_beir_jsonl_reader_joins_title_and_text_and_refuses_bad_lines_by_number(tmp_path):
+    """One reader for every user-given corpus or query file (csr export / engine-search, ssr index / export)."""
+    import json
+
+    path = tmp_path / "corpus.jsonl"
+    rows = [{"_id": 7, "title": "Bone", "text": "density"}, {"id": "q2", "text": "only text"},
+            {"_id": "t", "title": "only title", "text": None}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # a blank line is skipped
+    assert readers.read_beir_jsonl(path) == (["7", "q2", "t"], ["Bone density", "only text", "only title"])
+    assert readers.read_beir_jsonl(path)[1][0] == readers.scifact_document_text(rows[0])  # the MTEB joining rule
+
+    good = json.dumps({"_id": "a", "text": "fine"}) + "\n"
+    for bad, message in [("not json", ":2 is not a JSON object"), ("[1, 2]", ":2 is a JSON list"),
+                         (json.dumps({"text": "no id"}), ':2 has no "_id"'),
+                         (json.dumps({"_id": "  ", "text": "blank id"}), ':2 has no "_id"'),
+                         (json.dumps({"_id": "b", "title": "", "text": " "}), 'has no "text" or "title"'),
+                         (json.dumps({"_id": "b", "text": 12}), 'has a int as "text"'),
+                         (json.dumps({"_id": "a", "text": "again"}), "repeats the id 'a'")]:
+        path.write_text(good + bad + "\n")
+        with pytest.raises(ValueError, match=message):
+            readers.read_beir_jsonl(path)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="holds no rows"):
+        readers.read_beir_jsonl(path)
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        readers.read_beir_jsonl(tmp_path / "missing.jsonl")

@@ -165,3 +165,44 @@ def test_cli_export_and_engine_search_agree_with_the_exact_index(tmp_path, capsy
         assert main(args + [a for q in queries for a in ("--query", q)]) == 0
         found = json.loads(capsys.readouterr().out)
         assert [[h["doc_id"] for h in row["hits"]] for row in found] == expected
+
+
+@needs_shared_data
+def test_cli_export_of_a_corpus_whose_last_code_is_all_zero(tmp_path, capsys):
+    """A document whose top-k pre-activations are all <= 0 gets an empty code; as the last row it used to make
+    the export's L2 normalisation raise IndexError. Here a real head is shifted so exactly that happens."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from seqtopk.cli import main
+    from seqtopk.sparse.backbone import load_backbone
+    from seqtopk.sparse.data import readers
+    from seqtopk.sparse.export.texts import HeadEncoder
+
+    head = tmp_path / "head"
+    shutil.copytree(tiny_head(), head)
+    corpus = list(readers.scifact_corpus().values())[:8]
+    texts = [readers.scifact_document_text(d) for d in corpus]
+    weights = head / "3_SparseAutoEncoder" / "model.safetensors"
+    state = load_file(str(weights))
+    weight = state["encoder.weight"] if "encoder.weight" in state else state["decoder.linear.weight"]
+    last = torch.from_numpy(load_backbone(head).encode(texts[-1:]))[0]
+    # latent bias = minus the last text's pre-activations, less a margin: every latent of that text is negative,
+    # while any other text keeps W (x - x_last) - margin, positive on some latents.
+    state["latent_bias"] = -(weight @ (last - state["pre_bias"])) - 0.05
+    save_file(state, str(weights))
+    codes = HeadEncoder(head).encode(texts)
+    lengths = np.diff(codes.indptr)
+    assert lengths[-1] == 0 and np.all(lengths[:-1] > 0)  # the case under test, from the real encoder
+
+    corpus_file = tmp_path / "corpus.jsonl"
+    corpus_file.write_text("".join(json.dumps({"_id": d["_id"], "title": d["title"], "text": d["text"]}) + "\n"
+                                   for d in corpus))
+    where = ["--engine", "qdrant", "--uri", str(tmp_path / "qdrant"), "--collection", "scifact"]
+    assert main(["csr", "export", str(head), "--corpus", str(corpus_file), *where, "--quiet"]) == 0
+    assert "exported 8 codes" in capsys.readouterr().out
+    with open_engine("qdrant", str(tmp_path / "qdrant"), "scifact") as engine:
+        assert engine.count() == 8
+        _assert_same_as_exact(engine, codes, [d["_id"] for d in corpus], codes)

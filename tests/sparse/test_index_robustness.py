@@ -202,10 +202,10 @@ def backbone_modules():
 def random_head(hidden_dim: int = 1536, k: int = 8, seed: int = 0):
     import torch
 
-    from seqtopk.sparse.csr.head import CSRSparseAutoEncoder
+    from seqtopk.sparse.sae import TopKSAE
 
     torch.manual_seed(seed)
-    return CSRSparseAutoEncoder(384, hidden_dim, k=k)
+    return TopKSAE(384, hidden_dim, k=k)
 
 
 @pytest.fixture(scope="module")

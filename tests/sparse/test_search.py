@@ -27,6 +27,20 @@ def test_sparse_rows_round_trip_and_normalise():
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("empty_rows", [[5], [0, 5], [2], [0, 1, 2, 3, 4, 5]], ids=["last", "first-and-last", "middle", "all"])
+def test_l2_normalise_keeps_empty_rows_empty_wherever_they_are(empty_rows):
+    """An all-zero code (every top-k pre-activation <= 0) is an empty row; the last one used to raise IndexError."""
+    dense = _real_like_codes(n=6, dim=16, k=3, seed=3)
+    dense[empty_rows] = 0.0
+    unit = SparseRows.from_dense(dense).l2_normalized()
+    norms = np.linalg.norm(dense, axis=1, keepdims=True)
+    expected = np.divide(dense, norms, out=np.zeros_like(dense), where=norms > 0)  # independent dense normalisation
+    np.testing.assert_allclose(unit.to_dense(), expected, rtol=1e-6)
+    assert np.array_equal(np.diff(unit.indptr), (dense != 0).sum(axis=1))
+    none = SparseRows(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), 16).l2_normalized()
+    assert none.n_rows == 0 and len(none.values) == 0
+
+
 def test_synthetic_corpus_follows_the_head_statistics():
     stats = CodeStatistics.from_codes(SparseRows.from_dense(_real_like_codes()))
     docs = synthetic_corpus(stats, 20_000, seed=1)

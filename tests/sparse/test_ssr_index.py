@@ -149,6 +149,21 @@ def test_bad_queries_raise():
         index.search(SparseRows.from_dense(random_codes(rng, 2, 8)), k=10, pool=5)
 
 
+@pytest.mark.parametrize("empty_docs", [[7], [0, 3, 7]], ids=["last", "first-middle-last"])
+def test_dense_maxsim_gives_a_document_without_tokens_zero(empty_docs):
+    """A document whose tokens were all dropped has no rows; the last one used to make reduceat raise."""
+    from seqtopk.sparse.ssr.baselines import dense_maxsim_scores
+
+    rng = np.random.default_rng(8)
+    lengths = rng.integers(1, 6, size=8)
+    lengths[empty_docs] = 0
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    vectors = rng.normal(size=(int(offsets[-1]), 16)).astype(np.float32)
+    query = rng.normal(size=(3, 16)).astype(np.float32)
+    expected = [(query @ vectors[a:b].T).max(axis=1).sum() if b > a else 0.0 for a, b in zip(offsets[:-1], offsets[1:])]
+    np.testing.assert_allclose(dense_maxsim_scores(query, vectors, offsets[:-1]), expected, rtol=1e-5)
+
+
 def test_kmeans_baseline_probing_every_centroid_is_exact_dense_maxsim():
     pytest.importorskip("faiss", reason="faiss-cpu is not installed (seqtopk[embeddings])")
     from seqtopk.sparse.ssr.baselines import KMeansIndex, dense_maxsim_scores

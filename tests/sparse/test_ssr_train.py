@@ -38,13 +38,20 @@ def built(encoder):
     return data, ssr
 
 
-def test_training_wrote_a_complete_folder_with_dead_latents_counted_on_held_out_text():
+def test_training_wrote_a_complete_folder_with_dead_latents_counted_on_held_out_text(encoder):
     from seqtopk.sparse.ssr.folder import check_ssr_folder
+    from seqtopk.sparse.ssr.train import training_pairs
 
     summary = json.loads((tiny_ssr() / "ssr_training.json").read_text())
     assert check_ssr_folder(tiny_ssr())["k"] == TINY_SSR_K
     assert summary["heldout_texts"] == 16 and summary["heldout_tokens"] > 16
-    assert 0.0 <= summary["dead_latent_fraction_heldout"] < 1.0
+    # Recount from the saved folder, by another path (the sparse codes an index is built from): a latent is
+    # dead when no held-out document token has it among its non-zero entries.
+    heldout = training_pairs(96)[3][:16]
+    tokens = encoder.tokens.encode(heldout, "document")
+    fired = np.unique(encoder.sae.sparse_codes(tokens.vectors).indices)
+    assert len(tokens.vectors) == summary["heldout_tokens"]
+    assert summary["dead_latent_fraction_heldout"] == pytest.approx(1.0 - len(fired) / TINY_SSR_LATENTS, abs=1e-12)
     assert summary["final"]["step"] == 30 and np.isfinite(summary["final"]["loss"])
     assert summary["history"][-1]["recon"] < summary["history"][0]["recon"]  # reconstruction was learned
 
@@ -80,13 +87,39 @@ def test_index_scores_equal_brute_force_maxsim_on_real_scifact_text(encoder, bui
     assert np.mean(gaps) > 0.05  # the authors' path loses real score on real text
 
 
+def _ndcg_at_10(ranked: list[str], judged: dict[str, int]) -> float:
+    """nDCG@10 as pytrec_eval computes it: gain = relevance, discount log2(rank + 1), ideal from every judged doc."""
+    dcg = sum(judged.get(d, 0) / np.log2(r + 2) for r, d in enumerate(ranked[:10]))
+    ideal = sum(g / np.log2(r + 2) for r, g in enumerate(sorted(judged.values(), reverse=True)[:10]))
+    return dcg / ideal
+
+
 def test_two_stage_search_reports_pool_recall_against_exhaustive(encoder, built):
     from seqtopk.sparse.ssr.evaluate import evaluate_ssr
 
-    result = evaluate_ssr(tiny_ssr(), scifact_slice(), pools=(None, 20), probe=4, top=10)
+    data = scifact_slice()
+    result = evaluate_ssr(tiny_ssr(), data, pools=(None, 20), probe=4, top=10)
     exhaustive, two_stage = result["runs"]
-    assert 0 <= two_stage["pool_recall_at_10"] <= 1 and 0 < exhaustive["ndcg_at_10"] <= 100
-    assert result["docs"] == len(scifact_slice().doc_ids) and result["index_bytes"] > 0
+    assert result["docs"] == len(data.doc_ids) and result["index_bytes"] > 0
+
+    # The same figures from brute-force MaxSim over the encoder's codes (no index), and from a random ranking.
+    docs = encoder.encode(data.doc_texts, "document")
+    dense_docs = docs.codes.to_dense().astype(np.float64)
+    rng = np.random.default_rng(0)
+    ndcg, random_ndcg, recall = [], [], []
+    for qid, text in zip(data.query_ids, data.query_texts):
+        query = encoder.encode_query(text)
+        q = query.to_dense().astype(np.float64)
+        scores = np.array([(q @ dense_docs[docs.offsets[d]:docs.offsets[d + 1]].T).max(axis=1).sum()
+                           for d in range(len(docs))])
+        top10 = [data.doc_ids[d] for d in np.argsort(-scores, kind="stable")[:10]]
+        ndcg.append(_ndcg_at_10(top10, data.qrels[qid]))
+        random_ndcg.append(_ndcg_at_10([data.doc_ids[d] for d in rng.permutation(len(docs))], data.qrels[qid]))
+        pooled, _ = built[1].index.search(query, 10, pool=20, probe=4)
+        recall.append(len({data.doc_ids[d] for d in pooled} & set(top10)) / 10)
+    assert exhaustive["ndcg_at_10"] == pytest.approx(100 * np.mean(ndcg), abs=1e-6)
+    assert exhaustive["ndcg_at_10"] > 100 * np.mean(random_ndcg) + 10  # the trained codes rank, not chance
+    assert two_stage["pool_recall_at_10"] == pytest.approx(np.mean(recall), abs=1e-9)
 
 
 def test_cli_index_search_and_its_refusals(tmp_path, capsys):
@@ -134,3 +167,16 @@ def test_export_yields_every_indexed_token_code(built):
     assert {c.doc_id for c in codes} == set(data.doc_ids[:2])
     assert [c.position for c in codes if c.doc_id == data.doc_ids[0]] == list(range(ssr.index.doc_lengths[0]))
     assert all(0 < len(c.latent_ids) <= TINY_SSR_K and c.latent_ids.max() < TINY_SSR_LATENTS for c in codes)
+
+
+def test_text_search_two_stage_walks_the_default_probe_like_ssr_eval(built, monkeypatch):
+    """`ssr search --pool` and `ssr eval` share one first stage: DEFAULT_PROBE strongest latents per query token
+    (the tiny head's k equals 8, so the walk itself cannot tell; the probe the index receives can)."""
+    from seqtopk.sparse.ssr.index import DEFAULT_PROBE
+
+    data, ssr = built
+    asked = []
+    search = ssr.index.search
+    monkeypatch.setattr(ssr.index, "search", lambda *a, **kw: asked.append(kw) or search(*a, **kw))
+    hits = ssr.search(data.query_texts[0], 5, pool=10)
+    assert asked == [{"pool": 10, "probe": DEFAULT_PROBE}] and DEFAULT_PROBE == 8 and len(hits) == 5

@@ -84,11 +84,16 @@ def _backbone_dim(folder: Path, where: Path) -> int | None:
     return config.get("hidden_size")
 
 
+def tied_weight_name(names) -> str:
+    """Where a saved SparseAutoEncoder keeps its tied weight: safetensors stores the encoder/decoder pair once,
+    under either module's name."""
+    return "encoder.weight" if "encoder.weight" in names else "decoder.linear.weight"
+
+
 def _check_head_weights(folder: Path, path: Path, input_dim: int, hidden_dim: int) -> None:
     shapes = _tensor_shapes(folder, path)
-    weight = shapes.get("encoder.weight", shapes.get("decoder.linear.weight"))  # tied: either name holds it
     expected = {"weight": [hidden_dim, input_dim], "pre_bias": [input_dim], "latent_bias": [hidden_dim]}
-    found = {"weight": weight, "pre_bias": shapes.get("pre_bias"), "latent_bias": shapes.get("latent_bias")}
+    found = {"weight": shapes.get(tied_weight_name(shapes)), "pre_bias": shapes.get("pre_bias"), "latent_bias": shapes.get("latent_bias")}
     wrong = {name: found[name] for name in expected if found[name] != expected[name]}
     if wrong:
         raise _bad(folder, path, f"holds {wrong}, but config.json describes a head with {expected}: the weights "

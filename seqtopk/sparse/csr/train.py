@@ -140,8 +140,8 @@ def train_head(backbone: Path, out: Path, config: TrainConfig, overwrite: bool =
     from tqdm.auto import tqdm
 
     from seqtopk.sparse.backbone import CachedBackbone, load_backbone
-    from seqtopk.sparse.csr.head import CSRSparseAutoEncoder
     from seqtopk.sparse.csr.sparse_coding import dead_latent_fraction
+    from seqtopk.sparse.sae import TopKSAE
 
     backbone, out = Path(backbone), Path(out)
     _check_out(out, overwrite)  # validate everything before any work or any write
@@ -161,8 +161,8 @@ def train_head(backbone: Path, out: Path, config: TrainConfig, overwrite: bool =
     hidden = config.hidden_dim(input_dim)
     k_start = config.k_start(hidden)
 
-    head = CSRSparseAutoEncoder(input_dim, hidden, config.k, config.k_aux, False, config.dead_threshold)
-    _initialise(head, train_x)
+    head = TopKSAE(input_dim, hidden, config.k, config.k_aux, False, config.dead_threshold)
+    head.initialise(train_x.mean(dim=0))
     head.train()
     optimiser = torch.optim.Adam(head.parameters(), lr=config.lr)
     history = []
@@ -205,17 +205,6 @@ def train_head(backbone: Path, out: Path, config: TrainConfig, overwrite: bool =
     }
     save_head(model, head, out, summary, overwrite)
     return summary
-
-
-def _initialise(head, train_x) -> None:
-    """Unit-norm latent directions and the pre-bias at the data mean (the top-k SAE recipe)."""
-    import torch
-
-    with torch.no_grad():
-        weight = torch.randn_like(head.encoder.weight)
-        head.encoder.weight.copy_(weight / weight.norm(dim=1, keepdim=True))
-        head.pre_bias.copy_(train_x.mean(dim=0))
-        head.latent_bias.zero_()
 
 
 def _assemble(backbone, head):

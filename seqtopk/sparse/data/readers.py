@@ -1,4 +1,5 @@
-"""Readers for the shared data (SciFact, STS-B, SICK, Banking77) and the training sets built from them.
+"""Readers for the shared data (SciFact, STS-B, SICK, Banking77), the training sets built from them, and
+`read_beir_jsonl`, the one reader of user-given BEIR-style corpus and query files.
 
 Training sets come from train splits only; the test-split readers exist for evaluation and are never
 called by training code (tests/test_csr_data.py checks that no training text comes from a test split).
@@ -28,8 +29,55 @@ TRAIN_SETS = ("scifact", "stsb", "sick", "banking77")
 
 
 def scifact_document_text(doc: dict) -> str:
-    """A corpus entry as MTEB encodes it: title and text joined by a space."""
+    """A BEIR corpus entry (SciFact's or any other) as MTEB encodes it: title and text joined by a space."""
     return f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
+
+
+def read_beir_jsonl(path: Path) -> tuple[list[str], list[str]]:
+    """(ids, texts) of a BEIR-style JSONL file (corpus.jsonl or queries.jsonl), checked whole before anything is
+    encoded or written. The one reader of user-given corpora and query files (`csr export`, `csr engine-search`,
+    `ssr index`, `ssr export`).
+
+    Each non-blank line is a JSON object with an id ("_id", as BEIR writes it, or "id") and a string "text"
+    and/or "title", not both empty; the text is scifact_document_text's (title and text joined by a space).
+    Ids are kept as strings, must be non-blank and unique (an id names one row of an index or a collection;
+    a repeat would be refused by the engine only after the whole corpus was encoded). A bad line is a
+    ValueError naming the file, the line and what it lacks.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'no file at {path}; give a BEIR-style JSONL file (one {{"_id", "text"}} object a line, '
+                                'optional "title")')
+    ids, texts, seen = [], [], set()
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"{where} is not a JSON object ({err}); fix the line or remove it") from None
+            if not isinstance(row, dict):
+                raise ValueError(f'{where} is a JSON {type(row).__name__}, not an object with "_id" and "text"')
+            row_id = row.get("_id", row.get("id"))
+            if row_id is None or str(row_id).strip() == "":
+                raise ValueError(f'{where} has no "_id"; every row needs an id')
+            row_id = str(row_id)
+            for key in ("title", "text"):
+                if row.get(key) is not None and not isinstance(row[key], str):
+                    raise ValueError(f'{where} (id {row_id}) has a {type(row[key]).__name__} as "{key}"; it must be a string')
+            text = scifact_document_text(row)
+            if not text:
+                raise ValueError(f'{where} (id {row_id}) has no "text" or "title"; every row needs some text')
+            if row_id in seen:
+                raise ValueError(f"{where} repeats the id {row_id!r}; ids must be unique")
+            seen.add(row_id)
+            ids.append(row_id)
+            texts.append(text)
+    if not ids:
+        raise ValueError(f"{path} holds no rows")
+    return ids, texts
 
 
 @lru_cache(maxsize=1)

@@ -1,41 +1,15 @@
-"""Texts in, codes out: the JSONL files `seqtopk csr export` and `engine-search` read, and the head that
-encodes them (L2-normalised, so an engine's inner product is the head's cosine similarity)."""
+"""Texts in, codes out: the head that encodes the texts `seqtopk csr export` and `engine-search` read
+(seqtopk.sparse.data.readers.read_beir_jsonl), L2-normalised so an engine's inner product is the head's
+cosine similarity."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from seqtopk.sparse.export.common import CodesInfo, EngineError
+from seqtopk.sparse.export.common import CodesInfo
 from seqtopk.sparse.index.rows import SparseRows
-
-
-def read_jsonl_texts(path: Path) -> tuple[list[str], list[str]]:
-    """(ids, texts) of a JSONL file of {"_id" or "id", "text", optional "title"} rows (BEIR's corpus and
-    queries files); title and text are joined by a space, as MTEB encodes a corpus entry."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no file at {path}; give a JSONL file with one {{\"_id\", \"text\"}} object a line")
-    ids, texts = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise EngineError(f"{path} line {number} is not JSON ({err})") from None
-            doc_id = row.get("_id", row.get("id")) if isinstance(row, dict) else None
-            text = f"{row.get('title') or ''} {row.get('text') or ''}".strip() if isinstance(row, dict) else ""
-            if doc_id is None or not text:
-                raise EngineError(f"{path} line {number} needs an \"_id\" (or \"id\") and a non-empty \"text\"")
-            ids.append(str(doc_id))
-            texts.append(text)
-    if not ids:
-        raise EngineError(f"{path} holds no rows")
-    return ids, texts
 
 
 class HeadEncoder:

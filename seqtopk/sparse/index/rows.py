@@ -33,9 +33,11 @@ class SparseRows:
 
     def l2_normalized(self) -> "SparseRows":
         lengths = np.diff(self.indptr)
-        norms = np.sqrt(np.add.reduceat(self.values.astype(np.float64) ** 2, self.indptr[:-1])) if len(self.values) else np.zeros(0)
-        norms = np.where(lengths > 0, norms, 1.0)
-        scale = np.repeat(1.0 / np.maximum(norms, 1e-12), lengths).astype(np.float32)
+        # Sum of squares per row by row number, not np.add.reduceat over indptr: reduceat fails on an empty
+        # last row (its start equals len(values)) and gives an empty middle row its neighbour's first value.
+        squares = np.bincount(np.repeat(np.arange(self.n_rows), lengths), weights=self.values.astype(np.float64) ** 2,
+                              minlength=self.n_rows)
+        scale = np.repeat(1.0 / np.maximum(np.sqrt(squares), 1e-12), lengths).astype(np.float32)
         return SparseRows(self.indptr, self.indices, self.values * scale, self.dim)
 
     def to_dense(self) -> np.ndarray:

@@ -14,9 +14,18 @@ import numpy as np
 
 
 def dense_maxsim_scores(q: np.ndarray, doc_vectors: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Exact MaxSim of one query's token vectors against documents laid out by `starts` (no empty doc)."""
+    """Exact MaxSim of one query's token vectors against documents laid out by `starts` (each document's first
+    row). A document with no tokens (all punctuation, say) scores 0, as it does in the sparse index."""
     sims = doc_vectors @ q.T  # (tokens, query tokens)
-    return np.maximum.reduceat(sims, starts, axis=0).sum(axis=1)
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.diff(np.append(starts, len(sims)))
+    scores = np.zeros(len(starts), dtype=sims.dtype)
+    # reduceat only over documents that have rows: an empty document's start would be out of range (last
+    # document) or would take its neighbour's first row (any other).
+    has_rows = lengths > 0
+    if has_rows.any():
+        scores[has_rows] = np.maximum.reduceat(sims, starts[has_rows], axis=0).sum(axis=1)
+    return scores
 
 
 class KMeansIndex:

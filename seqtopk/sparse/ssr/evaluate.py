@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from seqtopk.sparse.ssr.index import DEFAULT_PROBE
+
 
 @dataclass
 class RetrievalSet:
@@ -67,9 +69,10 @@ def latency_summary(latencies_ms: np.ndarray) -> dict:
     return {"p50_ms": float(np.percentile(latencies_ms, 50)), "p95_ms": float(np.percentile(latencies_ms, 95))}
 
 
-def evaluate_ssr(folder: Path, data: RetrievalSet | None = None, pools: tuple = (None,), probe: int | None = None,
-                 top: int = 100, progress: bool = False) -> dict:
-    """Build an SSR index over the corpus and score the queries exhaustively (pool None) and two-stage."""
+def evaluate_ssr(folder: Path, data: RetrievalSet | None = None, pools: tuple = (None,),
+                 probe: int | None = DEFAULT_PROBE, top: int = 100, progress: bool = False) -> dict:
+    """Build an SSR index over the corpus and score the queries exhaustively (pool None) and two-stage, whose
+    first stage walks the `probe` strongest latents of each query token (None: all of them)."""
     from seqtopk.sparse.ssr.encoder import SSREncoder
     from seqtopk.sparse.ssr.index import SSRIndex
     from seqtopk.sparse.ssr.train import read_summary

@@ -24,7 +24,7 @@ import json
 import shutil
 from pathlib import Path
 
-from seqtopk.sparse.csr.folder import HeadFolderError
+from seqtopk.sparse.csr.folder import HeadFolderError, tied_weight_name
 from seqtopk.sparse.index.atomic import replace_folder, staging_folder
 from seqtopk.sparse.ssr.tokens import DOC_MAX_TOKENS, QUERY_MAX_TOKENS
 
@@ -79,18 +79,13 @@ def check_ssr_folder(folder: Path) -> dict:
     except (SafetensorError, OSError) as err:
         raise HeadFolderError(f"{weights} is not a readable safetensors file, truncated or corrupted ({err}); {retrain}") from None
     expected = {"weight": [h, d], "pre_bias": [d], "latent_bias": [h]}
-    found = {"weight": shapes.get(_weight_name(shapes)), "pre_bias": shapes.get("pre_bias"),
+    found = {"weight": shapes.get(tied_weight_name(shapes)), "pre_bias": shapes.get("pre_bias"),
              "latent_bias": shapes.get("latent_bias")}
     if found != expected:
         raise HeadFolderError(f"{weights} holds {shapes}, but {path} describes {expected}; {retrain}")
     return {"input_dim": d, "hidden_dim": h, "k": k, "k_aux": int(head.get("k_aux", 256)),
             "dead_threshold": int(head.get("dead_threshold", 50)),
             "query_max_tokens": ssr.get("query_max_tokens"), "doc_max_tokens": ssr.get("doc_max_tokens")}
-
-
-def _weight_name(names) -> str:
-    """The tied encoder/decoder weight is saved once, under either module's name."""
-    return "encoder.weight" if "encoder.weight" in names else "decoder.linear.weight"
 
 
 def _is_first_layout(folder: Path) -> bool:
@@ -111,21 +106,15 @@ def _json(path: Path, retrain: str, kind: type = dict):
 
 
 def stock_modules(transformer, sae, tokenizer) -> list:
-    """The MultiVectorEncoder modules of an SSR encoder, all from sentence-transformers itself."""
-    import torch
+    """The MultiVectorEncoder modules of an SSR encoder (`sae` a seqtopk.sparse.sae.TopKSAE, saved as the plain
+    upstream module), all from sentence-transformers itself."""
     from sentence_transformers.base.modules import Normalize
     from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
-    from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder
 
     from seqtopk.sparse.ssr.tokens import punctuation_ids
 
     transformer.query_length, transformer.document_length = QUERY_MAX_TOKENS, DOC_MAX_TOKENS
-    head = SparseAutoEncoder(sae.input_dim, sae.hidden_dim, sae.k, k_aux=sae.k_aux, normalize=False,
-                             dead_threshold=sae.dead_threshold)
-    with torch.no_grad():
-        head.encoder.weight.copy_(sae.weight)
-        head.pre_bias.copy_(sae.pre_bias)
-        head.latent_bias.copy_(sae.latent_bias)
+    head = sae.to_upstream()
     special = list(dict.fromkeys(tokenizer.all_special_tokens))
     punctuation = tokenizer.convert_ids_to_tokens(punctuation_ids(tokenizer).tolist())
     # The SAE module reads and writes "sentence_embedding"; the two Normalize modules move token vectors in
@@ -171,22 +160,15 @@ def save_ssr_folder(out: Path, backbone_st_model, sae, summary: dict, overwrite:
         raise
 
 
-def load_head_state(folder: Path) -> dict:
-    """The head's tensors under SSR's names: weight (h, d), pre_bias (d), latent_bias (h)."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(folder) / HEAD_DIR / "model.safetensors"))
-    return {"weight": state[_weight_name(state)], "pre_bias": state["pre_bias"], "latent_bias": state["latent_bias"]}
-
-
 def load_sae(folder: Path):
-    """The TokenSAE of a checked SSR folder, in eval mode."""
-    from seqtopk.sparse.ssr.sae import TokenSAE
+    """The seqtopk.sparse.sae.TopKSAE of a checked SSR folder, in eval mode (read as sentence-transformers reads
+    the ssr_head/ module, so the tied weight under either name and older folders load alike)."""
+    from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder
 
-    config = check_ssr_folder(folder)
-    sae = TokenSAE(config["input_dim"], config["hidden_dim"], config["k"], config["k_aux"], config["dead_threshold"])
-    sae.load_state_dict(load_head_state(folder), strict=False)
-    return sae.eval()
+    from seqtopk.sparse.sae import TopKSAE
+
+    check_ssr_folder(folder)
+    return TopKSAE.from_upstream(SparseAutoEncoder.load(str(Path(folder) / HEAD_DIR), local_files_only=True)).eval()
 
 
 def head_fingerprint(folder: Path) -> str:

@@ -15,6 +15,10 @@ import numpy as np
 
 from seqtopk.sparse.index.multivector import MultiVectorIndex
 
+# Two-stage search's first stage walks each query token's DEFAULT_PROBE strongest latents; `ssr search --pool`,
+# `ssr eval` and the SSR benchmarks all take their default from here.
+DEFAULT_PROBE = 8
+
 
 @dataclass
 class SearchHit:
@@ -72,7 +76,10 @@ class SSRIndex:
                              f"the index with `seqtopk ssr index {folder} --corpus ... --out {path}`")
         return cls(index, SSREncoder(folder))
 
-    def search(self, query: str, k: int = 10, pool: int | None = None, probe: int | None = None) -> list[SearchHit]:
+    def search(self, query: str, k: int = 10, pool: int | None = None, probe: int | None = DEFAULT_PROBE
+               ) -> list[SearchHit]:
+        """The k best documents by exact MaxSim. With `pool`: two-stage, the pool best by a first walk over each
+        query token's `probe` strongest latents (None: all of them), rescored exactly. Without: exhaustive."""
         if not isinstance(query, str) or not query.strip():
             raise ValueError("the query is empty; give some text to search for")
         docs, scores = self.index.search(self.encoder.encode_query(query), k, pool=pool, probe=probe)

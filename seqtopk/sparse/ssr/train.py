@@ -29,6 +29,7 @@ class SSRTrainConfig:
     batch_pairs: int = 16
     lr: float = 1e-3
     k_aux: int = 256
+    dead_threshold: int = 50  # steps without firing in the top-k code before a latent counts as dead (AuxK)
     recon_weight: float = 1.0
     aux_weight: float = 0.1
     contrastive_weight: float = 0.1
@@ -113,8 +114,8 @@ def train_ssr(backbone: Path, out: Path, config: SSRTrainConfig, overwrite: bool
     from tqdm.auto import tqdm
 
     from seqtopk.sparse.csr.losses import auxk_loss, normalized_mse
+    from seqtopk.sparse.sae import TopKSAE
     from seqtopk.sparse.ssr.folder import save_ssr_folder
-    from seqtopk.sparse.ssr.sae import TokenSAE
     from seqtopk.sparse.ssr.tokens import TokenEncoder
 
     torch.manual_seed(config.seed)
@@ -130,9 +131,8 @@ def train_ssr(backbone: Path, out: Path, config: SSRTrainConfig, overwrite: bool
     d_tokens = encoder.encode([docs[i] for i in used_d], "document", progress=progress, desc="train document tokens")
     q_row, d_row = {q: n for n, q in enumerate(used_q)}, {d: n for n, d in enumerate(used_d)}
 
-    sae = TokenSAE(encoder.dim, config.latents, config.k, config.k_aux)
-    with torch.no_grad():  # start the pre-bias at the data mean (the usual SAE initialisation)
-        sae.pre_bias.copy_(torch.from_numpy(d_tokens.vectors.mean(axis=0)))
+    sae = TopKSAE(encoder.dim, config.latents, config.k, config.k_aux, dead_threshold=config.dead_threshold)
+    sae.initialise(torch.from_numpy(d_tokens.vectors.mean(axis=0)))
     params = [{"params": sae.parameters(), "lr": config.lr}]
     if config.finetune:
         encoder.transformer.train()
@@ -175,7 +175,7 @@ def train_ssr(backbone: Path, out: Path, config: SSRTrainConfig, overwrite: bool
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            sae.count_firing_ids(ids[vals > 0])
+            sae.record_firing(ids[vals > 0])
         row = {"step": step + 1, "loss": loss.item(), "recon": recon.item(), "auxk": aux_loss.item(),
                "contrastive": contrastive.item(), "dead": int(sae.dead_mask().sum())}
         history.append(row)
@@ -191,7 +191,7 @@ def train_ssr(backbone: Path, out: Path, config: SSRTrainConfig, overwrite: bool
         x = torch.from_numpy(held.vectors)
         held_codes = sae.codes(x)
         fired = (held_codes > 0).any(dim=0)
-        held_fvu = normalized_mse(sae.decode(held_codes), x).item()
+        held_fvu = normalized_mse(sae.decode_codes(held_codes), x).item()
     summary = {
         "method": "ssr", "k": config.k, "hidden_dim": config.latents, "config": asdict(config),
         "backbone": str(backbone), "train_pairs": int(len(pairs)),

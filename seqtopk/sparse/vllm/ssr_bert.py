@@ -12,8 +12,6 @@ from collections.abc import Iterable, Set
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from vllm.config import PoolerConfig, VllmConfig
 from vllm.model_executor.layers.pooler import DispatchPooler, Pooler
 from vllm.model_executor.layers.pooler.tokwise import TokenPooler, TokenPoolerHead, get_tok_pooling_method
@@ -21,28 +19,12 @@ from vllm.model_executor.models.bert import BertEmbeddingModel
 from vllm.model_executor.models.interfaces_base import default_pooling_type
 from vllm.tasks import PoolingTask
 
-from seqtopk.sparse.csr.sparse_coding import pre_activations, topk_relu
-from seqtopk.sparse.ssr.folder import check_ssr_folder, load_head_state
-
-
-class SSRHeadLayer(nn.Module):
-    """token states (n, d) -> unit-norm k-sparse codes (n, h), in float32 whatever the backbone dtype."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, k: int) -> None:
-        super().__init__()
-        self.k = k
-        self.weight = nn.Parameter(torch.empty(hidden_dim, input_dim, dtype=torch.float32), requires_grad=False)
-        self.pre_bias = nn.Parameter(torch.empty(input_dim, dtype=torch.float32), requires_grad=False)
-        self.latent_bias = nn.Parameter(torch.empty(hidden_dim, dtype=torch.float32), requires_grad=False)
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(states.float(), dim=-1)
-        codes = topk_relu(pre_activations(x, self.weight, self.pre_bias, self.latent_bias), self.k)
-        return F.normalize(codes, dim=-1)
+from seqtopk.sparse.ssr.folder import HEAD_DIR, check_ssr_folder
+from seqtopk.sparse.vllm.sae_layer import SAEHeadLayer
 
 
 class SSRTokenHead(TokenPoolerHead):
-    def __init__(self, layer: SSRHeadLayer) -> None:
+    def __init__(self, layer: SAEHeadLayer) -> None:
         super().__init__()
         self.layer = layer
 
@@ -62,14 +44,11 @@ class SSRBertTokenModel(BertEmbeddingModel):
 
     def _build_pooler(self, pooler_config: PoolerConfig) -> Pooler:
         c = self._head_config
-        self.ssr_head = SSRHeadLayer(c["input_dim"], c["hidden_dim"], c["k"])
+        # token states (n, d) -> unit-norm k-sparse codes (n, h), as SSREncoder gives them
+        self.ssr_head = SAEHeadLayer(c["input_dim"], c["hidden_dim"], c["k"], normalize_input=True, normalize_codes=True)
         pooling = get_tok_pooling_method(pooler_config.get_tok_pooling_type())
         return DispatchPooler({"token_embed": TokenPooler(pooling=pooling, head=SSRTokenHead(self.ssr_head))})
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = set(super().load_weights(weights))
-        state = load_head_state(self._folder)
-        with torch.no_grad():
-            for name in ("weight", "pre_bias", "latent_bias"):
-                getattr(self.ssr_head, name).copy_(state[name])
-        return loaded | {f"ssr_head.{name}" for name in ("weight", "pre_bias", "latent_bias")}
+        return loaded | self.ssr_head.load_saved(self._folder / HEAD_DIR / "model.safetensors", "ssr_head")
