@@ -71,6 +71,16 @@ def vllm_missing() -> str | None:
     return None
 
 
+def require_module(module: str, install: str, *, allow_module_level: bool = False):
+    """Import `module`, a package seqtopk[all] installs; skips (fails under CI) with `install` if it is absent."""
+    import importlib
+    import importlib.util
+
+    require("extra", None if importlib.util.find_spec(module) else f"{module} is not installed ({install})",
+            allow_module_level=allow_module_level)
+    return importlib.import_module(module)
+
+
 def require_vllm(*, allow_module_level: bool = False) -> None:
     require("vllm", vllm_missing(), allow_module_level=allow_module_level)
 

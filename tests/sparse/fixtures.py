@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 
 from seqtopk.paths import shared_root
+from seqtopk.testing.require import needs, shared_missing
 
 HAS_SHARED_DATA = (shared_root() / "data" / "banking77" / "train.csv").is_file()
-needs_shared_data = pytest.mark.skipif(
-    not HAS_SHARED_DATA, reason=f"shared data not found at {shared_root() / 'data'} (set SEQTOPK_SHARED to its parent folder)"
-)
+needs_shared_data = needs("shared_data", shared_missing("data", "banking77", "train.csv"))  # fails under CI
 TINY_K = 8
 
 

