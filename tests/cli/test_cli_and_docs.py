@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.figures import assert_png
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -139,7 +141,7 @@ def test_demo_on_a_tiny_random_checkpoint(tmp_path):
                             env={**__import__("os").environ, "SEQTOPK_CACHE": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert "SeqTopK: k=2 cap=4" in result.stdout and "pass --held-out TEXTFILE" in result.stdout
-    assert png.stat().st_size > 0
+    assert_png(png)
 
 
 def test_bad_settings_exit_2_with_a_clear_message():

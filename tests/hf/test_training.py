@@ -71,4 +71,7 @@ def test_trainer_fine_tune_lowers_loss(load_tiny, shared_data, tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0] - 0.5, losses
     assert seqtopk.is_patched(model)
-    assert seqtopk.routing_stats(model).tokens[0] > 0
+    stats = seqtopk.routing_stats(model)  # every training token routed once per layer, and by the sequence
+    assert stats.tokens == [40 * 8 * 64] * model.config.num_hidden_layers
+    assert all(min(j for j, n in enumerate(row) if n) < 2 < max(j for j, n in enumerate(row) if n)
+               for row in stats.histogram), stats.histogram

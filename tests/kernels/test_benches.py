@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.figures import assert_png
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -27,11 +29,6 @@ def run_script(name: str, *args: str) -> str:
 
 def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
-def assert_png(path: Path) -> None:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, path  # a drawn figure, not an empty file
 
 
 def test_gpu_routing_bench_runs_small(tmp_path):

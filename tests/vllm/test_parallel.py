@@ -87,6 +87,7 @@ def test_automatic_thread_binding_on_too_few_numa_nodes_names_the_setting(engine
 
     import vllm.utils.cpu_resource_utils as cpu_resources
 
+    from seqtopk.config import SeqTopKConfig
     from seqtopk.engines.vllm.settings import prepare_engine_args
 
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
@@ -95,4 +96,5 @@ def test_automatic_thread_binding_on_too_few_numa_nodes_names_the_setting(engine
     with pytest.raises(ValueError, match=r"VLLM_CPU_OMP_THREADS_BIND='0(-\d+)?\|\d+"):
         prepare_engine_args(engine_args(tensor_parallel_size=2), logging.getLogger("test"))
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    assert prepare_engine_args(engine_args(tensor_parallel_size=2), logging.getLogger("test")) is not None
+    config = prepare_engine_args(engine_args(tensor_parallel_size=2), logging.getLogger("test"))
+    assert config.to_dict() == SeqTopKConfig().to_dict()  # the engine's settings (none given: the defaults)

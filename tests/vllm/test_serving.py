@@ -39,23 +39,48 @@ def test_output_is_the_same_alone_and_among_31_others_with_preemption(serving_en
     assert together == alone
 
 
-def test_routing_statistics_from_the_running_engine(serving_engine):
-    greedy_tokens(serving_engine, prompts(4, seed=1))
-    stats = serving_engine.collective_rpc("seqtopk_stats")[0]
-    assert stats["layers"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
-    assert stats["prompt_tokens"] > 0 and stats["generated_tokens"] > 0
-    for prompt_mean, generated_mean in zip(stats["prompt"], stats["generated"]):
-        # The sequence rule spends T*K = 2 experts per prompt token, plus the forced minimum of 1 for tokens
-        # below the cut; nobody takes more than cap = 4.
-        assert 2.0 <= prompt_mean <= 4.0
-        assert 1.0 <= generated_mean <= 4.0
-    assert stats["prompt"] != [2.0, 2.0] or stats["generated"] != [2.0, 2.0], "looks like plain TopK"
+def test_routing_statistics_from_the_running_engine(serving_engine, vllm_helpers):
+    """The engine's counters add exactly what the trace shows was chosen, and what was chosen is SeqTopK's:
+    each prompt spends its sequence budget (T*K pairs, plus the forced minimum of tokens below the cut),
+    per-token counts vary (plain TopK-2 would give every token exactly 2), and decode takes 1..cap."""
+    batch = prompts(4, seed=1)
+    before = serving_engine.collective_rpc("seqtopk_stats")[0]
+    serving_engine.collective_rpc("seqtopk_trace", args=(True,))
+    outputs = generate(serving_engine, batch)
+    records = serving_engine.collective_rpc("seqtopk_trace", args=(False,))[0]
+    after = serving_engine.collective_rpc("seqtopk_stats")[0]
+    assert after["layers"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    routed = vllm_helpers.traced_choices(records)
+    lengths = {o.request_id: len(p) for o, p in zip(outputs, batch)}
+    counts = {"prompt": [], "generated": []}  # per layer: experts of every traced token
+    for layer in range(2):
+        prompt, generated = [], []
+        for output in outputs:
+            request = next(v for k, v in routed.items() if k.startswith(output.request_id + "-"))
+            for position, ids in request[layer].items():
+                (prompt if position < lengths[output.request_id] else generated).append(len(ids))
+        counts["prompt"].append(prompt)
+        counts["generated"].append(generated)
+        assert len(prompt) == sum(lengths.values()) and len(generated) == 4 * 23
+        # per prompt: T*K pairs above the cut, and each token at least 1 (min_experts), at most cap = 4
+        assert sum(prompt) >= 2 * len(prompt) and max(prompt) > 2 and min(prompt) < 2 and max(prompt) <= 4
+        assert min(generated) >= 1 and max(generated) <= 4 and len(set(generated)) > 1
+
+    def added(phase: str, layer: int) -> float:
+        tokens = f"{phase}_tokens"
+        return (after[phase][layer] * after[tokens] - (before[phase][layer] or 0) * before[tokens])
+
+    assert after["prompt_tokens"] - before["prompt_tokens"] == sum(lengths.values())
+    assert after["generated_tokens"] - before["generated_tokens"] == 4 * 23  # the last token is never routed
+    for layer in range(2):
+        assert added("prompt", layer) == pytest.approx(sum(counts["prompt"][layer]), abs=1e-6)
+        assert added("generated", layer) == pytest.approx(sum(counts["generated"][layer]), abs=1e-6)
     # Rows counted inside the MoE op: every chosen pair ran. On this tiny shape a kernel call costs more than
     # padding small groups, so tokens with fewer experts share a call padded to more (tests/vllm/test_compute.py
     # checks that the rows follow the choices on a shape where calls are cheap).
-    tokens = stats["prompt_tokens"] + stats["generated_tokens"]
-    for rows, prompt_mean, generated_mean in zip(stats["expert_rows"], stats["prompt"], stats["generated"]):
-        chosen = (prompt_mean * stats["prompt_tokens"] + generated_mean * stats["generated_tokens"]) / tokens
+    tokens = after["prompt_tokens"] + after["generated_tokens"]
+    for rows, prompt_mean, generated_mean in zip(after["expert_rows"], after["prompt"], after["generated"]):
+        chosen = (prompt_mean * after["prompt_tokens"] + generated_mean * after["generated_tokens"]) / tokens
         assert chosen * (1 - 1e-9) <= rows <= 4.0
 
 

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.figures import assert_png
 from tests.sparse.fixtures import needs_shared_data, tiny_head
 
 pytest_plugins = ["tests.vllm.fixtures"]
@@ -35,4 +37,4 @@ def test_small_soak_loses_nothing_and_never_answers_5xx(tmp_path, vllm_root):
     assert text["preemptions"] > 0  # the KV cache was small enough to preempt
     assert len(text["plateau"]["rss_per_round_mb"]) == 3  # RSS after the soak, then after each plateau round
     assert result.returncode == 0
-    assert out.with_suffix(".png").stat().st_size > 0
+    assert_png(out.with_suffix(".png"))
