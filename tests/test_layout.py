@@ -239,11 +239,14 @@ def test_each_decision_has_one_place():
         "sparse autoencoder (dead latents, AuxK)": ({"TopKSAE", "aux_codes", "dead_mask", "record_firing"}, _defines,
                                                     {"seqtopk.sparse.sae"}),
         "defaults of the settings": ({"SeqTopKConfig"}, _defines, {"seqtopk.config"}),
+        "experts-per-token statistics schema": ({"RoutingStatsSnapshot"}, _defines, {"seqtopk.routing.stats"}),
     }
     for what, (names, find, allowed) in owners.items():
         found = {name for name, path in modules.items() if find(path) & names}
         assert found <= allowed, f"{what} outside {sorted(allowed)}: {sorted(found - allowed)}"
         assert found, f"{what}: the walk found no owner at all"
+    # both engines report that schema
+    assert "RoutingStatsSnapshot(" in modules["seqtopk.engines.vllm.stats"].read_text()
     # the router hands the Triton steps to the rules: the rules themselves call no kernel
     assert "TRITON_STEPS" in modules["seqtopk.routing.router"].read_text()
     assert "from seqtopk.kernels" not in modules["seqtopk.routing.rules"].read_text()

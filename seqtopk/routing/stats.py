@@ -1,6 +1,9 @@
-"""Routing statistics: how many experts each token received, per layer.
+"""Routing statistics: how many experts each token received, per layer, in one schema for both engines.
 
 Counters stay on the model's device and are updated without host syncs; numbers are read only when asked.
+transformers (RoutingStats below) keeps a histogram per layer; vLLM (seqtopk/engines/vllm/stats.py) keeps
+prompt and generated tokens apart and counts the expert rows its kernels ran. Both report a
+RoutingStatsSnapshot.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ class RoutingStatsSnapshot:
     """Accumulated routing statistics. Lists are indexed like `layers`."""
 
     layers: list[str]
-    k: list[int]
+    k: list[float]
     tokens: list[int]  # real (non-padding) tokens routed
     assignments: list[int]  # (token, expert) pairs chosen
-    histogram: list[list[int]]  # histogram[l][j]: tokens that received j experts in layer l
+    histogram: list[list[int]] | None = None  # histogram[l][j]: tokens that received j experts in layer l
+    # per phase ("prompt", "generated"): (tokens, pairs) per layer, where the engine tells them apart (vLLM)
+    phases: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
+    expert_rows: list[int] | None = None  # (token, expert) rows the experts computed, where counted (vLLM)
 
     @property
     def experts_per_token(self) -> list[float]:
@@ -29,15 +35,29 @@ class RoutingStatsSnapshot:
         tokens = sum(self.tokens)
         return sum(self.assignments) / tokens if tokens else 0.0
 
+    def phase_experts_per_token(self, phase: str) -> list[float | None]:
+        """Experts per token of one phase, per layer (None before any token of it)."""
+        tokens, pairs = self.phases[phase]
+        return [p / t if t else None for p, t in zip(pairs, tokens)]
+
     def as_dict(self) -> dict:
-        return {"layers": self.layers, "k": self.k, "tokens": self.tokens, "assignments": self.assignments,
-                "histogram": self.histogram, "experts_per_token": self.experts_per_token}
+        """Plain values (JSON, RPC). With phases: `<phase>` experts per token and `<phase>_tokens` (the layer
+        furthest along: a snapshot taken in the middle of a step sees later layers behind); with expert rows:
+        `expert_rows` per routed token."""
+        out = {"layers": self.layers, "k": self.k, "tokens": self.tokens, "assignments": self.assignments,
+               "histogram": self.histogram, "experts_per_token": self.experts_per_token}
+        for phase, (tokens, _) in self.phases.items():
+            out[phase] = self.phase_experts_per_token(phase)
+            out[f"{phase}_tokens"] = max(tokens, default=0)
+        if self.expert_rows is not None:
+            out["expert_rows"] = [r / t if t else None for r, t in zip(self.expert_rows, self.tokens)]
+        return out
 
     def __str__(self) -> str:
         lines = [f"{'layer':<28} {'k':>3} {'tokens':>8} {'experts/token':>14}  histogram (0,1,2,... experts)"]
         for i, name in enumerate(self.layers):
             lines.append(f"{name:<28} {self.k[i]:>3} {self.tokens[i]:>8} {self.experts_per_token[i]:>14.3f}  "
-                         f"{self.histogram[i]}")
+                         f"{self.histogram[i] if self.histogram is not None else ''}")
         lines.append(f"{'all layers':<28} {'':>3} {sum(self.tokens):>8} {self.mean_experts_per_token:>14.3f}")
         return "\n".join(lines)
 

@@ -21,6 +21,7 @@ import torch
 
 from seqtopk.engines.vllm.registry import WORKER
 from seqtopk.routing.rules import pack
+from seqtopk.routing.stats import RoutingStatsSnapshot
 
 logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
 
@@ -57,24 +58,29 @@ def after_step(router, step, routed, graph: bool = False) -> None:
         log_line()
 
 
+def routing_snapshot() -> RoutingStatsSnapshot:
+    """This process's counters in the schema both engines report (seqtopk.routing.stats)."""
+    routers = list(WORKER.routers.values())
+    counts = []
+    for router in routers:
+        row = router.counts.tolist() if router.counts is not None else [0] * len(COUNTERS)
+        row[4] += router.host_rows
+        counts.append(row)
+    return RoutingStatsSnapshot(
+        layers=[router.layer_name for router in routers], k=[router.cfg.k for router in routers],
+        tokens=[c[0] + c[2] for c in counts], assignments=[c[1] + c[3] for c in counts],
+        phases={"prompt": ([c[0] for c in counts], [c[1] for c in counts]),
+                "generated": ([c[2] for c in counts], [c[3] for c in counts])},
+        expert_rows=[c[4] for c in counts])  # padding tokens' rows included, next to the chosen experts
+
+
 def snapshot() -> dict:
-    """Experts per token so far, per layer (None before any token), expert rows computed per token, token
-    counts, routing-state memory, and the state rows running requests hold."""
-    out = {"layers": [], "prompt": [], "generated": [], "expert_rows": [], "prompt_tokens": 0,
-           "generated_tokens": 0, **WORKER.memory}
-    for router in WORKER.routers.values():
-        counts = router.counts.tolist() if router.counts is not None else [0] * len(COUNTERS)
-        counts[4] += router.host_rows
-        out["layers"].append(router.layer_name)
-        out["prompt"].append(counts[1] / counts[0] if counts[0] else None)
-        out["generated"].append(counts[3] / counts[2] if counts[2] else None)
-        # expert rows computed per routed token (padding tokens' rows included), next to the chosen experts
-        tokens = counts[0] + counts[2]
-        out["expert_rows"].append(counts[4] / tokens if tokens else None)
-        # Layers count the same tokens once a step is done; the log line is written in the middle of one (from
-        # the first layer), so take the layer furthest along.
-        out["prompt_tokens"] = max(out["prompt_tokens"], counts[0])
-        out["generated_tokens"] = max(out["generated_tokens"], counts[2])
+    """The routing snapshot as plain values (experts per token per layer and phase, None before any token;
+    expert rows computed per token; token counts), with the routing-state memory and the state rows running
+    requests hold."""
+    out = {**routing_snapshot().as_dict(), **WORKER.memory}
+    out.setdefault("prompt_tokens", 0)
+    out.setdefault("generated_tokens", 0)
     out["state_rows_in_use"] = state_rows_in_use()
     return out
 
