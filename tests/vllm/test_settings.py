@@ -144,15 +144,19 @@ def test_unsupported_routing_stops_start_up_with_a_clear_message(vllm_root, vllm
     assert "SeqTopK does not support a custom routing function" in captured.out + captured.err
 
 
-def test_config_in_json_matches_seqtopk_patch_defaults():
-    """The server options are SeqTopKConfig's: the same names and defaults as seqtopk.patch."""
-    import inspect
-
+def test_config_in_json_matches_seqtopk_patch_defaults(load_tiny):
+    """The server options are SeqTopKConfig's, and so are seqtopk.patch's: the same names and the same
+    defaults (one place), through a JSON round trip as --additional-config carries them."""
     import seqtopk
     from seqtopk.config import SeqTopKConfig
+    from seqtopk.engines.hf import require_patch
 
-    defaults = {n: p.default for n, p in inspect.signature(seqtopk.patch).parameters.items() if n != "model"}
-    assert json.loads(json.dumps(SeqTopKConfig().to_dict())) == defaults
+    served = SeqTopKConfig.from_dict(json.loads(json.dumps(SeqTopKConfig().to_dict())))
+    model, _ = load_tiny("qwen3_moe")
+    assert require_patch(seqtopk.patch(model)).config == served == SeqTopKConfig()
+    assert require_patch(seqtopk.patch(model, **served.to_dict())).config == served
+    with pytest.raises(ValueError, match="unknown SeqTopK option"):
+        seqtopk.patch(model, topk=3)
 
 
 @pytest.mark.parametrize("mode,piecewise,expected", [
