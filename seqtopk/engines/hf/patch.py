@@ -313,6 +313,8 @@ def cached_length(cache) -> int:
     if cache is None:
         return 0
     lengths = [int(cache.get_seq_length())]
+    if lengths[0]:  # layer 0 counts tokens: that is the length (no walk over the layers on every forward)
+        return lengths[0]
     for layer in getattr(cache, "layers", ()):
         try:
             lengths.append(int(layer.get_seq_length()))
