@@ -357,6 +357,15 @@ def plateau(server, soak_run, model: str, args) -> dict:
             "flat_from_round": flat_from}
 
 
+def settled_state_rows(server, wait_s: float = 15.0) -> float | None:
+    """The routing-state rows gauge once the refresh after the last request has landed: it reads 0 within
+    wait_s unless state leaked (a leak is a floor that never drops; a loaded machine answers the refresh late)."""
+    deadline = time.monotonic() + wait_s
+    while (rows := server.metrics().get("seqtopk_routing_state_rows")) != 0 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return rows
+
+
 def run_server(prefill: str | None, args, workdir: Path) -> dict:
     """The SeqTopK text server under one prefill rule, or (prefill None) the same server with SeqTopK off."""
     from seqtopk.testing.server import VLLMServer
@@ -375,11 +384,10 @@ def run_server(prefill: str | None, args, workdir: Path) -> dict:
         model = server.get("/v1/models")["data"][0]["id"]
         assert server.json("/v1/completions", {"model": model, "prompt": "warm up", "max_tokens": 8})["choices"]
         result = drive(server, soak, fuzz, args)
-        time.sleep(1.5)  # one gauge refresh after the last request
         result.update(settings=settings, kv_blocks=args.kv_blocks,
                       preemptions=sum(server.metrics("vllm:num_preemptions_total").values()))
         if settings:
-            result["state_rows_after"] = server.metrics().get("seqtopk_routing_state_rows")
+            result["state_rows_after"] = settled_state_rows(server)
     return result
 
 
