@@ -95,7 +95,7 @@ async def poll(engine_client) -> None:
     while True:
         await asyncio.sleep(interval())
         busy = engine_client.get_num_unfinished_requests() > 0
-        finished = finished_requests()
+        finished = None if busy else finished_requests()  # a busy server is read anyway: no registry walk then
         if settled and not busy and finished == done:
             continue
         try:
