@@ -357,15 +357,6 @@ def plateau(server, soak_run, model: str, args) -> dict:
             "flat_from_round": flat_from}
 
 
-def settled_state_rows(server, wait_s: float = 15.0) -> float | None:
-    """The routing-state rows gauge once the refresh after the last request has landed: it reads 0 within
-    wait_s unless state leaked (a leak is a floor that never drops; a loaded machine answers the refresh late)."""
-    deadline = time.monotonic() + wait_s
-    while (rows := server.metrics().get("seqtopk_routing_state_rows")) != 0 and time.monotonic() < deadline:
-        time.sleep(0.25)
-    return rows
-
-
 def run_server(prefill: str | None, args, workdir: Path) -> dict:
     """The SeqTopK text server under one prefill rule, or (prefill None) the same server with SeqTopK off."""
     from seqtopk.testing.server import VLLMServer
@@ -387,7 +378,9 @@ def run_server(prefill: str | None, args, workdir: Path) -> dict:
         result.update(settings=settings, kv_blocks=args.kv_blocks,
                       preemptions=sum(server.metrics("vllm:num_preemptions_total").values()))
         if settings:
-            result["state_rows_after"] = settled_state_rows(server)
+            # once the refresh after the last request has landed: 0 unless state leaked (a floor that never drops)
+            result["state_rows_after"] = server.metrics_when(
+                lambda m: m.get("seqtopk_routing_state_rows") == 0).get("seqtopk_routing_state_rows")
     return result
 
 

@@ -109,6 +109,15 @@ class VLLMServer:
         samples = (line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(prefix))
         return {name: float(value) for name, value in samples}
 
+    def metrics_when(self, condition, timeout_s: float = 15, prefix: str = "seqtopk_") -> dict[str, float]:
+        """metrics(prefix) once `condition(metrics)` holds, polled every 0.2 s; after timeout_s, the last read
+        as it is (the caller asserts on it). The gauges refresh on an interval and a loaded machine answers
+        that refresh late, so a reader waits for the state it expects rather than a fixed time."""
+        deadline = time.monotonic() + timeout_s
+        while not condition(read := self.metrics(prefix)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return read
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.is_file() else ""
 

@@ -150,9 +150,7 @@ def test_routing_gauges_on_metrics_follow_running_requests(api_server):
                 busy.append(api_server.metrics().get("seqtopk_routing_state_rows", 0.0))
                 time.sleep(0.1)
             assert all(len(r.result()["choices"][0]["text"]) > 0 for r in replies)  # a failed request raises here
-    deadline = time.monotonic() + 10
-    while (after := api_server.metrics())["seqtopk_routing_state_rows"] != 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    after = api_server.metrics_when(lambda m: m["seqtopk_routing_state_rows"] == 0, timeout_s=10)
     assert max(busy) > 0, (waves, busy)
     assert after["seqtopk_routing_state_rows"] == 0 and after["seqtopk_routing_state_bytes"] == 0
     # The gauges are the worker's counters (idle now, so they stand still), mean over layers.
