@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from seqtopk.testing.require import require_vllm  # skip without vLLM; fail instead under CI=true
 from seqtopk.testing.server import VLLMServer
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of host memory for the KV cache
@@ -22,13 +23,6 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
 
 SETTINGS = {"k": 2, "cap": 4}  # the tiny checkpoints have top_k 2 of 8 experts
 SERVING_BLOCKS = 12  # KV cache blocks (of 32 tokens) of the shared engine: small enough to preempt
-
-
-def require_vllm():
-    """Skip without vLLM; fail instead under CI=true (the one helper, seqtopk.testing.require)."""
-    from seqtopk.testing.require import require_vllm as require
-
-    require()
 
 
 @contextlib.contextmanager
