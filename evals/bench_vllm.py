@@ -101,8 +101,9 @@ def scaled_loads(names, scale: float = 1.0, max_tokens: int | None = None) -> di
     `max_tokens` when given."""
     loads = {name: {key: (max(1, int(v * scale)) if key in ("requests", "prompt_len") else v)
                     for key, v in LOADS[name].items()} for name in names}
-    for spec in loads.values():
-        spec["max_tokens"] = min(spec["max_tokens"], max_tokens or spec["max_tokens"])
+    if max_tokens:
+        for spec in loads.values():
+            spec["max_tokens"] = min(spec["max_tokens"], max_tokens)
     return loads
 
 
@@ -139,6 +140,13 @@ def measure_engines(path, plan: dict, loads: dict, rounds: int, dtype: str, desc
         for llm in engines.values():
             llm.llm_engine.engine_core.shutdown()
     return results, stats
+
+
+def routing_summary(stats: dict) -> dict:
+    """Per SeqTopK engine, from its seqtopk_stats: experts chosen per token (prompt, generated) and expert rows
+    computed per token, each per layer as counted inside the MoE op."""
+    return {name: {"experts_per_token_prompt": s["prompt"], "experts_per_token_generated": s["generated"],
+                   "expert_rows_per_token": s["expert_rows"]} for name, s in stats.items()}
 
 
 def load_average_range(rounds: dict) -> list[float]:
@@ -221,8 +229,7 @@ def main() -> int:
                          for name, runs in rounds[load].items()}
         ratios[load] = {name: summary[load][name][metric] / summary[load][base][metric]
                         for name, (_, _, base) in plan.items() if base is not None}
-    routing = {name: {"experts_per_token_prompt": s["prompt"], "experts_per_token_generated": s["generated"],
-                      "expert_rows_per_token": s["expert_rows"]} for name, s in stats.items()}
+    routing = routing_summary(stats)
     any_stats = next(iter(stats.values()))
     memory = {"state_bytes_per_token": any_stats["state_bytes_per_token"],
               "kv_bytes_per_token": any_stats["kv_bytes_per_token"],

@@ -337,7 +337,7 @@ def run_vllm(args) -> dict:
     shape = bench_vllm.SHAPES["small"]
     top_k = shape["num_experts_per_tok"]
     budgets = [budget(f, top_k) for f in FRACTIONS]
-    loads = bench_vllm.scaled_loads(bench_vllm.LOADS, 0.25 if args.small else 1.0, 8 if args.small else None)
+    loads = bench_vllm.scaled_loads(list(bench_vllm.LOADS), 0.25 if args.small else 1.0, 8 if args.small else None)
     plan = {f"topk-{k}": ({"num_experts_per_tok": k} if k != top_k else None, None) for k in budgets}
     plan.update({f"seqtopk-{k}": (None, seqtopk_settings(k)) for k in budgets})
     path = cached_checkpoint("qwen3_moe", **shape)
@@ -347,8 +347,7 @@ def run_vllm(args) -> dict:
     return {"vllm": vllm.__version__, "shape": shape, "loads": loads, "rounds": args.rounds,
             "compile_mode": "vLLM-cpu default (dynamo + inductor)", "tokens_per_s": rates,
             "load_average_range": bench_vllm.load_average_range(rounds), "ratios": speed_ratios(rates, budgets, top_k),
-            "routing": {name: {"experts_per_token_prompt": s["prompt"], "experts_per_token_generated": s["generated"],
-                               "expert_rows_per_token": s["expert_rows"]} for name, s in stats.items()}}
+            "routing": bench_vllm.routing_summary(stats)}
 
 
 # ------------------------------------------------------------------------------------------ record
