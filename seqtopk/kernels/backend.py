@@ -91,8 +91,23 @@ def forced(path: str):
 
 
 def describe(device: torch.device) -> str:
-    """What routes tensors on `device`, and why, in words (start-up lines, `seqtopk doctor`)."""
+    """What routes tensors on `device`, and why, in words (start-up lines, `seqtopk doctor`): e.g.
+    "cpu-kernels (compiled CPU kernels: loaded from ...)", "torch (... run `seqtopk kernels --build`)"."""
+    device = torch.device(device)
+    triton = decode_step.triton
+    no_triton = "triton is not installed (it comes with torch's CUDA wheels)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "none (no CUDA device here; on one: " + (f"triton {triton.__version__})" if triton is not None
+                                                          else f"torch, {no_triton})")
     path = backend_for(device)
-    if torch.device(device).type == "cpu":
-        return f"{path} ({compiled.status()})"
-    return path
+    why = ""
+    if _forced:  # (inside a forced() block: the asked path, then what is available here)
+        wanted = _forced[-1]
+        why = f"forced({wanted!r})" + ("" if wanted == path else ", which cannot run here") + "; "
+    if device.type == "cpu":
+        why += compiled.status()
+    elif device.type == "cuda":
+        why += f"triton {triton.__version__} on {torch.cuda.get_device_name(device)}" if triton is not None else no_triton
+    else:
+        why += f"no kernels for {device.type} tensors"
+    return f"{path} ({why})"
