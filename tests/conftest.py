@@ -1,7 +1,8 @@
-"""Shared fixtures: tiny offline checkpoints (built once per test session) and the shared data location.
+"""Shared fixtures: tiny offline checkpoints (built once per test session), the shared data location and the
+compiled kernels.
 
-What a test does when the machine lacks something (vLLM, ../shared, a GPU) is decided in one place,
-seqtopk.testing.require: skip, or fail under CI=true for what CI must have.
+What a test does when the machine lacks something (vLLM, ../shared, the compiled kernels, a GPU) is decided in
+one place, seqtopk.testing.require: skip, or fail under CI=true for what CI must have.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 
 import pytest
 
-from seqtopk.testing.require import MARKER, apply_markers, require_shared
+from seqtopk.testing.require import MARKER, apply_markers, require_kernels, require_shared
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -50,6 +51,14 @@ def load_tiny(tiny_checkpoint):
 def shared_data():
     """Path to ../shared/data; when absent, skips the test with a clear message (fails it under CI=true)."""
     return require_shared("data")
+
+
+@pytest.fixture(scope="session")
+def compiled_kernels():
+    """The compiled CPU kernels that set-up built (`seqtopk kernels --build`), loaded; when they are not there,
+    skips with that command in the message (fails under CI=true). No test builds them: that would move every
+    later test of the run from the torch path onto the kernels."""
+    require_kernels()
 
 
 def pytest_configure(config):

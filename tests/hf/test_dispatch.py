@@ -38,7 +38,7 @@ def test_plan_lists_chosen_slots_token_major_with_spare_rows_last():
     assert dropped.expert.tolist() == [5, 4, 5, 5]
 
 
-def test_compiled_plan_is_the_torch_plan_sorted_by_expert():
+def test_compiled_plan_is_the_torch_plan_sorted_by_expert(compiled_kernels):
     ids, weights, mask = random_choice(200, 6, 16)
     compiled_plan = plan(ids, weights, mask, 16)
     with backend.forced(backend.TORCH):
@@ -53,7 +53,7 @@ def test_compiled_plan_is_the_torch_plan_sorted_by_expert():
 
 
 @pytest.mark.parametrize("call_rows", [0.0, 50.0, 1e6])
-def test_count_groups_compiled_equals_torch(call_rows):
+def test_count_groups_compiled_equals_torch(call_rows, compiled_kernels):
     ids, weights, mask = random_choice(300, 8, 32, seed=4)
     kernel = count_groups(ids, weights, mask, 32, call_rows)
     with backend.forced(backend.TORCH):
@@ -77,7 +77,9 @@ def test_count_groups_compiled_equals_torch(call_rows):
 @pytest.mark.parametrize("path", [backend.CPU_KERNELS, backend.TORCH])
 @pytest.mark.parametrize("implementation", ["grouped_mm", "eager", "batched_mm"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
-def test_row_plan_matches_the_stock_kernel(load_tiny, family, implementation, path):
+def test_row_plan_matches_the_stock_kernel(load_tiny, family, implementation, path, request):
+    if path == backend.CPU_KERNELS:  # (forced() would quietly run the torch reference without them)
+        request.getfixturevalue("compiled_kernels")
     model, _ = load_tiny(family)
     model.set_experts_implementation(implementation)
     experts = next(m for n, m in model.named_modules() if n.endswith("mlp.experts"))

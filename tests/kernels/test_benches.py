@@ -49,7 +49,7 @@ def test_gpu_routing_bench_runs_small(tmp_path):
     assert_png(out.with_suffix(".png"))
 
 
-def test_decode_routing_bench_runs_small(tmp_path):
+def test_decode_routing_bench_runs_small(tmp_path, compiled_kernels):  # it measures the compiled op
     out = tmp_path / "decode_routing.json"
     run_script("bench_decode_routing.py", "--contexts", "16", "48", "--rows", "4", "--steps", "5", "--check-steps", "5",
                "--out", str(out))  # the script first checks every path against the torch rule (it fails if one differs)

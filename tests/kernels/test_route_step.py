@@ -4,7 +4,8 @@ Same decisions, slot for slot, for every rule: the sequence rule with padding an
 causal rule over chunks against paged histories in shuffled blocks; mixed rules in one packed step (fresh
 prompts, chunk continuations, generated tokens, TopK); and decode steps answered from the per-sequence bands,
 over hundreds of steps whose cut drifts out of the band and back, with ties, -inf entries and a history
-rewritten behind the band's back. The kernel is built here if the set-up did not build it (under half a minute).
+rewritten behind the band's back. The kernels are the ones set-up built (`seqtopk kernels --build`): without
+them these tests skip, or fail under CI=true (tests/conftest.py's compiled_kernels); they never build them.
 """
 
 import pytest
@@ -25,9 +26,7 @@ FRACTIONAL = [(2.5, 1, False), (1.75, 1, True), (0.6, 0, False), (0.5, 0, True)]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def kernel():
-    if not compiled.load():
-        compiled.build()
+def kernel(compiled_kernels):
     assert backend.backend_for(torch.device("cpu")) == backend.CPU_KERNELS, compiled.status()
 
 
