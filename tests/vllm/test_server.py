@@ -40,6 +40,10 @@ def test_startup_says_which_layers_route_by_sequence_and_why_features_are_off(ap
     assert log.count("SeqTopK routing on") == 1
 
 
+def test_the_server_routes_on_the_compiled_kernels_set_up_built(api_server, compiled_kernels):
+    assert "; routing: cpu-kernels (compiled CPU kernels: loaded from " in api_server.log_text()
+
+
 def test_completions_streaming_and_not_agree(api_server):
     body = completion(api_server, prompt="The quick brown fox")
     whole = api_server.json("/v1/completions", body)["choices"][0]["text"]
