@@ -55,7 +55,10 @@ class PairPlan:
         expert, order = torch.sort(self.expert, stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        slot_row = torch.where(self.slot_row >= 0, inverse[self.slot_row.clamp(min=0)], -1)
+        if order.numel():
+            slot_row = torch.where(self.slot_row >= 0, inverse[self.slot_row.clamp(min=0)], -1)
+        else:  # no rows (a budget below one expert per token can choose none): nothing to look up
+            slot_row = self.slot_row
         # histc, not bincount: no host sync and a static output size (as transformers does)
         counts_input = expert.float() if expert.device.type in ("cpu", "mps") else expert.int()
         per_expert = torch.histc(counts_input, bins=num_experts, min=0, max=num_experts - 1)
@@ -131,6 +134,8 @@ def combine(rows: torch.Tensor, plan: PairPlan) -> torch.Tensor:
     if (backend_for(rows.device) == CPU_KERNELS and rows.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and not differentiable(rows, plan.slot_weight)):
         return torch.ops.seqtopk_cpu.combine_rows(rows, plan.slot_row, plan.slot_weight)
+    if rows.shape[0] == 0:  # nothing chosen in this forward (a budget below one expert per token)
+        return rows.new_zeros(plan.tokens, rows.shape[-1])
     # One gather (unchosen slots read row 0 with weight 0), then one batched [1 x cap] @ [cap x H] per token.
     gathered = rows.index_select(0, plan.slot_row.clamp(min=0).reshape(-1)).view(plan.tokens, -1, rows.shape[-1])
     weights = plan.slot_weight.to(torch.float32).unsqueeze(1)

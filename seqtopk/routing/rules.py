@@ -252,14 +252,22 @@ def normalized_k(k) -> int | float:
     return int(exact) if exact.denominator == 1 else float(exact)
 
 
-def known_pair_count(rule: str, cfg, tokens: int) -> int | None:
-    """Pairs a forward of `tokens` tokens routed by `rule` spends, when that is known before routing (padding
-    spends fewer: the rest are filler rows); None when only the routing itself tells."""
+def known_pair_count(rule: str, cfg, tokens: int, rows: int | None = 1) -> int | None:
+    """Pairs a forward spends, when that is known before routing; None when only the routing itself tells.
+
+    rows sequences of `tokens` token slots each (padding included: padded rows spend fewer, the rest are
+    filler rows); rows=None: `tokens` packed from sequences of unknown lengths (a serving step). The sequence
+    rule spends each sequence's own budget, sum over rows of B(n_row), which equals B(sum n) only for a whole k
+    (B is linear then): for a fractional k packed rows are not known in advance."""
     if rule == TOPK:
-        return tokens * cfg.k
+        return tokens * cfg.k * (rows or 1)
     if rule == SEQUENCE and cfg.exact_budget:
         split = budget_split(cfg.k, cfg.cap, cfg.min_experts, True)
-        return tokens * split.forced + split.pairs(tokens)
+        if rows is None:
+            if split.scale != 1:
+                return None
+            rows = 1
+        return rows * (tokens * split.forced + split.pairs(tokens))
     return None
 
 

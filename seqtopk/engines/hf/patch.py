@@ -303,7 +303,7 @@ class SeqTopKPatch:
         if cfg.cap > cfg.k:  # with cap == k every real slot is chosen: stock dispatch, bit for bit
             (rule,) = rules.present  # one rule for the whole forward
             layer.plan = plan(routed.ids, routed.weights, routed.mask, layer.num_experts,
-                              exact_total=known_pair_count(rule, cfg, n))
+                              exact_total=known_pair_count(rule, cfg, view.tokens, view.batch))
         return layer.family.outputs(router, logits, routed.weights, routed.ids, dtype)
 
 

@@ -139,7 +139,8 @@ class SeqTopKRouter(BaseRouter):
             out, rows = self._run_groups(experts, hidden_states, routed)
             self.host_rows += rows
         else:
-            known = known_pair_count(rules.present[0], self.cfg, logits.shape[0]) if len(rules.present) == 1 else None
+            single = len(rules.present) == 1
+            known = known_pair_count(rules.present[0], self.cfg, logits.shape[0], rows=None) if single else None
             out, rows = self._run_rows(experts, hidden_states, routed, known)
             self.host_rows += rows
         stats.after_step(self, step, routed, graph)
