@@ -36,7 +36,7 @@ def backend_for(device: torch.device) -> str:
         wanted = _forced[-1]
         if wanted == CPU_KERNELS and device.type == "cpu" and compiled.load():
             return CPU_KERNELS
-        if wanted == TRITON and decode_step.available(device):  # (tests run it on CPU in Triton's interpreter)
+        if wanted == TRITON and decode_step.runs_on(device):  # (on CPU under Triton's interpreter, for checks)
             return TRITON
         return TORCH
     if device.type == "cpu" and compiled.load():
@@ -58,14 +58,14 @@ class TritonSteps:
         """The sequence rule's cut, [B, T, C] -> mask: a radix select, no host sync. Whole budgets only."""
         from seqtopk.kernels import sequence_cut
 
-        if split.scale != 1 or not sequence_cut.available(values.device) or values.dtype not in sequence_cut.DTYPES:
+        if split.scale != 1 or not decode_step.runs_on(values.device) or values.dtype not in sequence_cut.DTYPES:
             return None
         return sequence_cut.select_sequence_dense(values, valid, split)
 
     @staticmethod
     def causal_step(values: torch.Tensor, valid: torch.Tensor, history, seen: torch.Tensor, split) -> torch.Tensor | None:
         """One new token per row under the causal rule, [B, 1, C] -> mask, straight from the paged store."""
-        if split.scale != 1 or values.dtype != torch.float32 or not decode_step.available(values.device):
+        if split.scale != 1 or values.dtype != torch.float32 or not decode_step.runs_on(values.device):
             return None
         batch, _, cap = values.shape
         paged = history.layout

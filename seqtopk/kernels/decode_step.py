@@ -20,6 +20,8 @@ Triton); on CPU, tests run it under Triton's interpreter (TRITON_INTERPRET=1) ag
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -37,6 +39,16 @@ def available(device: torch.device) -> bool:
     With TRITON_INTERPRET=1 set before this module is imported, `paged_decode` also runs on CPU tensors, in
     Triton's interpreter: slow, for checking the math (tests do), never chosen by an engine."""
     return triton is not None and device.type == "cuda"
+
+
+# Triton reads TRITON_INTERPRET when a kernel module is imported, so it is read once here too.
+INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels can run on `device` at all: where `available`, and on CPU under Triton's interpreter,
+    which only a forced path uses (seqtopk.kernels.backend.forced: tests and the differential checker)."""
+    return available(device) or (INTERPRETED and torch.device(device).type == "cpu")
 
 
 if triton is not None:
