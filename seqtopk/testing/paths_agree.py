@@ -1,0 +1,491 @@
+"""Differential checks: every routing path makes the same choice on every setting a user can pass.
+
+Two levels, each a drawn configuration run once per path and compared slot for slot with the torch reference
+(seqtopk.kernels.backend: "torch", "cpu-kernels", and "triton" where Triton runs, on CPU under TRITON_INTERPRET=1):
+
+- `ModelCase`: a tiny checkpoint of a patched family (seqtopk.testing.tiny), patched with drawn settings, fed a
+  padded batch as prompt chunks through its KV cache, then decoded token by token with beam reorders of the
+  cache. Everything a user's `seqtopk.patch` runs: the family's scoring, the routing call, the row plan, the
+  experts and the combine. Compared: chosen ids and slots (exact), capped scores and logits (float tolerance),
+  and the routing statistics (exact).
+- `RoutingCase`: the routing call alone (seqtopk.routing.router.route over a transformers forward's view and
+  routing state) on scores with exact ties and a cut that drifts over long decodes, so the compiled op's decode
+  bands are rebuilt; the chosen rows also go through the row plan and the combine.
+
+A path that raises is a finding too. `check_*` return None when the paths agree, else a description of the first
+difference; tests/routing/test_paths_agree.py draws cases with hypothesis, evals/paths_agree.py runs thousands.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+from seqtopk.kernels import backend
+
+TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # logits: the paths sum the same rows in other orders
+
+
+def available_paths() -> list[str]:
+    """The paths this process can route CPU tensors on, the torch reference first."""
+    cpu = torch.device("cpu")
+    paths = [backend.TORCH]
+    for path in (backend.CPU_KERNELS, backend.TRITON):
+        with backend.forced(path):
+            if backend.backend_for(cpu) == path:
+                paths.append(path)
+    return paths
+
+
+def _settings_text(settings: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in settings.items())
+
+
+# ------------------------------------------------------------------------------------------ model level
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    family: str
+    settings: dict  # seqtopk.patch settings
+    lengths: tuple[int, ...]  # real prompt tokens of each row (the batch is padded to the longest)
+    pad_left: bool
+    chunks: tuple[int, ...]  # widths of the prompt forwards (sum: the padded prompt width)
+    decode_steps: int
+    reorders: tuple[int, ...] = ()  # decode steps before which the cache's rows are permuted (beam reorder)
+    seed: int = 0
+
+    def describe(self) -> str:
+        return (f"ModelCase(family={self.family!r}, settings={{{_settings_text(self.settings)}}}, "
+                f"lengths={self.lengths}, pad_left={self.pad_left}, chunks={self.chunks}, "
+                f"decode_steps={self.decode_steps}, reorders={self.reorders}, seed={self.seed})")
+
+
+@dataclass
+class _Run:
+    refused: str | None = None  # the settings were refused (a ValueError before anything ran): no finding
+    records: list = field(default_factory=list)  # (forward name, TraceRecord)
+    logits: list = field(default_factory=list)
+    histogram: list | None = None
+    error: str | None = None
+    bands: list | None = None  # the compiled kernel's (band builds, band answers, history walks) in this run
+
+
+class ModelPool:
+    """Tiny models loaded once per family (loading is the slow part of a model-level case)."""
+
+    def __init__(self, root=None):
+        self.root = root
+        self.models: dict = {}
+
+    def get(self, family: str):
+        if family not in self.models:
+            from transformers import AutoModelForCausalLM
+
+            from seqtopk.testing.tiny import cached_checkpoint
+
+            path = cached_checkpoint(family, root=self.root) if self.root else cached_checkpoint(family)
+            self.models[family] = AutoModelForCausalLM.from_pretrained(path).eval()
+        return self.models[family]
+
+
+def _inputs(case: ModelCase, vocab: int):
+    gen = torch.Generator().manual_seed(case.seed)
+    batch, width = len(case.lengths), max(case.lengths)
+    ids = torch.randint(3, vocab, (batch, width + case.decode_steps), generator=gen)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for row, n in enumerate(case.lengths):
+        if case.pad_left:
+            mask[row, width - n:] = 1
+        else:
+            mask[row, :n] = 1
+    ids[:, :width] = ids[:, :width].masked_fill(mask == 0, 0)
+    perms = {step: torch.randperm(batch, generator=gen) for step in case.reorders}
+    return ids, mask, perms
+
+
+def run_model_case(model, case: ModelCase) -> _Run:
+    """The case on the current path (under backend.forced by the caller)."""
+    import seqtopk
+    from transformers import DynamicCache
+
+    run = _Run()
+    ids, mask, perms = _inputs(case, model.config.get_text_config().vocab_size)
+    width = mask.shape[1]
+    try:
+        seqtopk.patch(model, **case.settings)
+    except ValueError as err:
+        run.refused = str(err)
+        return run
+    try:
+        with torch.no_grad(), seqtopk.trace_routing(model) as trace:
+            cache = DynamicCache(config=model.config)
+            start = 0
+            for chunk in case.chunks:
+                out = model(input_ids=ids[:, start:start + chunk], attention_mask=mask[:, :start + chunk],
+                            past_key_values=cache, use_cache=True)
+                run.logits.append(out.logits.float())
+                start += chunk
+            full_mask = mask
+            for step in range(case.decode_steps):
+                if step in perms:
+                    cache.reorder_cache(perms[step])
+                    full_mask = full_mask[perms[step]]
+                full_mask = torch.cat([full_mask, torch.ones(len(case.lengths), 1, dtype=torch.long)], dim=1)
+                out = model(input_ids=ids[:, width + step:width + step + 1], attention_mask=full_mask,
+                            past_key_values=cache, use_cache=True)
+                run.logits.append(out.logits.float())
+        run.records = list(trace.forwards)
+        run.histogram = seqtopk.routing_stats(model).histogram
+    except Exception:  # a path that raises is a finding, reported with its traceback
+        run.error = traceback.format_exc(limit=-6)
+    finally:
+        seqtopk.unpatch(model)
+    return run
+
+
+def _chosen_sets_differ(a, b) -> torch.Tensor:
+    """[..., C] records -> [...] tokens whose chosen expert sets differ."""
+    ids_a = a.ids.masked_fill(~a.mask, -1).sort(dim=-1).values
+    ids_b = b.ids.masked_fill(~b.mask, -1).sort(dim=-1).values
+    return (ids_a != ids_b).any(-1)
+
+
+def _tied(values: torch.Tensor) -> torch.Tensor:
+    """[..., C] capped scores -> slots whose score equals another candidate's of the same token, or the last
+    candidate's (which may tie an expert past the cap)."""
+    equal = values.unsqueeze(-1) == values.unsqueeze(-2)
+    return (equal.sum(-1) > 1) | (values == values[..., -1:])
+
+
+def _compare_records(reference, other, names, tie_order_free: bool = False) -> str | None:
+    """First difference between two paths' traces. tie_order_free: a token's exactly tied candidates may come in
+    another order (the Triton decode step's top-C breaks ties by expert id, torch.topk in no set order); the
+    chosen scores must still be equal, and the chosen experts wherever their score is not tied."""
+    for index, (a, b) in enumerate(zip(reference, other)):
+        name = names[index] if index < len(names) else f"forward {index}"
+        if a.mask.shape != b.mask.shape:
+            return f"{name}: shapes differ {tuple(a.mask.shape)} vs {tuple(b.mask.shape)}"
+        if not torch.allclose(a.values, b.values, rtol=1e-5, atol=1e-6, equal_nan=True):
+            return f"{name}: capped scores differ"
+        if not tie_order_free:
+            if not torch.equal(a.mask, b.mask):
+                where = (a.mask != b.mask).any(-1).nonzero()[0].tolist()
+                return f"{name}: chosen slots differ first at [layer, row, token] {where}"
+            if not torch.equal(a.ids.masked_fill(~a.mask, -1), b.ids.masked_fill(~b.mask, -1)):
+                return f"{name}: chosen expert ids differ"
+            continue
+        chosen_a = a.values.masked_fill(~a.mask, float("-inf")).sort(dim=-1).values
+        chosen_b = b.values.masked_fill(~b.mask, float("-inf")).sort(dim=-1).values
+        if not torch.equal(chosen_a, chosen_b):
+            where = (chosen_a != chosen_b).any(-1).nonzero()[0].tolist()
+            return f"{name}: chosen scores differ first at [layer, row, token] {where}"
+        untied_a = a.ids.masked_fill(~a.mask | _tied(a.values), -1).sort(dim=-1).values
+        untied_b = b.ids.masked_fill(~b.mask | _tied(b.values), -1).sort(dim=-1).values
+        if not torch.equal(untied_a, untied_b):
+            return f"{name}: chosen experts with untied scores differ"
+    if len(reference) != len(other):
+        return f"{len(reference)} forwards traced on the reference, {len(other)} here"
+    return None
+
+
+def check_model_case(model, case: ModelCase, paths: list[str]) -> str | None:
+    """None when every path runs the case and agrees with the torch reference, else the first difference."""
+    runs = {}
+    for path in paths:
+        with backend.forced(path):
+            runs[path] = run_model_case(model, case)
+    names = [f"prompt chunk {i}" for i in range(len(case.chunks))] + [
+        f"decode step {i}" for i in range(case.decode_steps)]
+    reference = runs[paths[0]]
+    _raise_refused(runs, case)
+    for path, run in runs.items():
+        if run.error is not None:
+            return f"{path} raised on {case.describe()}:\n{run.error}"
+    for path in paths[1:]:
+        run = runs[path]
+        found = _compare_records(reference.records, run.records, names)
+        if found is None and run.histogram != reference.histogram:
+            found = f"routing statistics differ: {reference.histogram} vs {run.histogram}"
+        if found is None:
+            for name, a, b in zip(names, reference.logits, run.logits):
+                if not torch.allclose(a, b, **TOLERANCE):
+                    found = f"{name}: logits differ by {float((a - b).abs().max()):.3g}"
+                    break
+        if found is not None:
+            return f"{path} differs from {paths[0]} on {case.describe()}: {found}"
+    return None
+
+
+class Refused(Exception):
+    """Every path refused the case's settings with the same ValueError (validation, before anything ran)."""
+
+
+def _raise_refused(runs: dict, case) -> None:
+    refusals = {run.refused for run in runs.values()}
+    if refusals == {None}:
+        return
+    if len(refusals) == 1:
+        raise Refused(refusals.pop())
+    raise AssertionError(f"the paths disagree on refusing {case.describe()}: {refusals}")
+
+
+# ---------------------------------------------------------------------------------------- routing level
+
+
+@dataclass(frozen=True)
+class RoutingCase:
+    scoring: str  # one of SCORINGS
+    experts: int
+    settings: dict  # SeqTopKConfig fields
+    lengths: tuple[int, ...]
+    pad_left: bool
+    chunks: tuple[int, ...]
+    decode_steps: int
+    levels: int | None  # scores drawn from this many values (exact ties), or continuous
+    drift: float  # per decode step, the scores' spread grows by this factor: the cut walks out of the bands
+    reorders: tuple[int, ...] = ()
+    seed: int = 0
+
+    def describe(self) -> str:
+        return (f"RoutingCase(scoring={self.scoring!r}, experts={self.experts}, "
+                f"settings={{{_settings_text(self.settings)}}}, lengths={self.lengths}, pad_left={self.pad_left}, "
+                f"chunks={self.chunks}, decode_steps={self.decode_steps}, levels={self.levels}, "
+                f"drift={self.drift}, reorders={self.reorders}, seed={self.seed})")
+
+
+SCORINGS = ("softmax", "softmax_raw", "sigmoid_bias", "sigmoid_grouped", "chosen_softmax")
+
+
+def _scoring(case: RoutingCase):
+    """The case's scoring object, through the one builder (seqtopk.routing.scoring.build_scoring), and the number
+    of experts a token may choose from under it."""
+    from seqtopk.routing.scoring import build_scoring
+
+    bias = torch.randn(case.experts, generator=torch.Generator().manual_seed(case.seed + 1)) * 0.1
+    if case.scoring == "softmax":
+        return build_scoring("softmax", renormalize=True), case.experts
+    if case.scoring == "softmax_raw":
+        return build_scoring("softmax"), case.experts
+    if case.scoring == "chosen_softmax":
+        return build_scoring("chosen_softmax"), case.experts
+    if case.scoring == "sigmoid_grouped":  # DeepSeek-V3: 4 groups, the best 2 kept
+        return (build_scoring("sigmoid", renormalize=True, bias=bias, n_group=4, topk_group=2, scaling=2.5),
+                case.experts // 2)
+    return build_scoring("sigmoid", renormalize=True, bias=bias, scaling=2.5), case.experts
+
+
+LAYERS = 2  # routing-level cases route two layers with their own histories, as a model does
+
+
+def run_routing_case(case: RoutingCase) -> _Run:
+    """The case on the current path: each forward routes LAYERS layers; the chosen rows go through the plan and the
+    combine (rows = a fixed function of (token, expert)), whose output is compared like a model's logits."""
+    from seqtopk.config import SeqTopKConfig
+    from seqtopk.engines.hf.state import ForwardView, RoutingState
+    from seqtopk.routing.dispatch import combine, plan
+    from seqtopk.routing.router import RouteStats, route
+    from seqtopk.routing.rules import known_pair_count
+
+    run = _Run()
+    gen = torch.Generator().manual_seed(case.seed)
+    batch, width = len(case.lengths), max(case.lengths)
+    valid = torch.zeros(batch, width, dtype=torch.bool)
+    for row, n in enumerate(case.lengths):
+        if case.pad_left:
+            valid[row, width - n:] = True
+        else:
+            valid[row, :n] = True
+    total = width + case.decode_steps
+    if case.levels is None:
+        logits = torch.randn(LAYERS, batch, total, case.experts, generator=gen) * 2
+    else:
+        logits = torch.randint(0, case.levels, (LAYERS, batch, total, case.experts), generator=gen).float()
+    spread = (1.0 + case.drift) ** (torch.arange(total) - width).clamp(min=0).float()
+    logits = logits * spread.view(1, 1, total, 1)
+    hidden = torch.randn(batch, total, 8, generator=gen)
+    table = torch.randn(case.experts, 8, generator=gen)
+    perms = {step: torch.randperm(batch, generator=gen) for step in case.reorders}
+    scoring, choosable = _scoring(case)
+    counting = backend.backend_for(torch.device("cpu")) == backend.CPU_KERNELS
+    if counting:
+        torch.ops.seqtopk_cpu.band_counters()  # (reset on read)
+    try:
+        cfg = SeqTopKConfig.from_dict(case.settings).resolve(min(8, choosable), choosable)
+    except ValueError as err:
+        run.refused = str(err)
+        return run
+    try:
+        state = RoutingState()
+        histogram = torch.zeros(LAYERS, cfg.cap + 2, dtype=torch.long)
+        order = torch.arange(batch)  # row r of the running batch is the drawn row order[r]
+        seen = torch.zeros(batch, dtype=torch.long)
+        forwards = [(start, chunk, valid[:, start:start + chunk]) for start, chunk in _starts(case.chunks)]
+        forwards += [(width + s, 1, torch.ones(batch, 1, dtype=torch.bool)) for s in range(case.decode_steps)]
+        for index, (start, tokens, real) in enumerate(forwards):
+            step = start - width
+            if step in perms:
+                state.select(perms[step])
+                order, seen = order[perms[step]], seen[perms[step]]
+            real = real[order] if step < 0 else real
+            view = ForwardView(batch, tokens, real, seen.clone(), continuing=start > 0, state=state, start=start)
+            state.length = start + tokens
+            masks, ids_all, values_all = [], [], []
+            for layer in range(LAYERS):
+                layer_logits = logits[layer, order][:, start:start + tokens].reshape(batch * tokens, -1)
+                routed = route(layer_logits, scoring, cfg, view.layout, view.rules(cfg),
+                               view.history(layer, cfg.cap, torch.device("cpu")), unchosen="drop",
+                               stats=RouteStats(histogram=histogram[layer]))
+                rules = view.rules(cfg)
+                pairs = plan(routed.ids.clamp(min=0), routed.weights, routed.mask, case.experts,
+                             exact_total=known_pair_count(rules.present[0], cfg, tokens, batch))
+                flat_hidden = hidden[order][:, start:start + tokens].reshape(batch * tokens, -1)
+                rows = flat_hidden[pairs.token] * table[pairs.expert.long()]
+                run.logits.append(combine(rows, pairs))
+                masks.append(routed.mask.view(batch, tokens, -1))
+                ids_all.append(routed.ids.view(batch, tokens, -1))
+                values_all.append(routed.values.view(batch, tokens, -1).float())
+            run.records.append(_Record(torch.stack(masks), torch.stack(ids_all), torch.stack(values_all)))
+            seen = seen + real.long().sum(dim=1)
+        run.histogram = histogram.tolist()
+        if counting:
+            run.bands = list(torch.ops.seqtopk_cpu.band_counters())
+    except Exception:
+        run.error = traceback.format_exc(limit=-6)
+    return run
+
+
+@dataclass
+class _Record:
+    mask: torch.Tensor
+    ids: torch.Tensor
+    values: torch.Tensor
+
+
+def _layer(run: _Run, index: int) -> _Record:
+    """The routing of combine output `index` (forward index // LAYERS, layer index % LAYERS)."""
+    record = run.records[index // LAYERS]
+    layer = index % LAYERS
+    return _Record(record.mask[layer], record.ids[layer], record.values[layer])
+
+
+def _starts(chunks):
+    start = 0
+    for chunk in chunks:
+        yield start, chunk
+        start += chunk
+
+
+def check_routing_case(case: RoutingCase, paths: list[str], bands: list | None = None) -> str | None:
+    """None when the paths agree on the case, else the first difference. bands: a list of three ints to which the
+    compiled kernel's band builds, band answers and history walks in this case are added."""
+    runs = {}
+    for path in paths:
+        with backend.forced(path):
+            runs[path] = run_routing_case(case)
+    _raise_refused(runs, case)
+    for run in runs.values():
+        if bands is not None and run.bands is not None:
+            bands[:] = [a + b for a, b in zip(bands, run.bands)]
+    for path, run in runs.items():
+        if run.error is not None:
+            return f"{path} raised on {case.describe()}:\n{run.error}"
+    reference = runs[paths[0]]
+    names = [f"prompt chunk {i}" for i in range(len(case.chunks))] + [
+        f"decode step {i}" for i in range(case.decode_steps)]
+    for path in paths[1:]:
+        run = runs[path]
+        tie_order_free = path == backend.TRITON
+        found = _compare_records(reference.records, run.records, names, tie_order_free)
+        if found is None and run.histogram != reference.histogram:
+            found = f"routing statistics differ: {reference.histogram} vs {run.histogram}"
+        if found is None:
+            for index, (a, b) in enumerate(zip(reference.logits, run.logits)):
+                if tie_order_free:  # tokens that took other (equally scored) experts combine other rows
+                    same = ~_chosen_sets_differ(*(_layer(r, index) for r in (reference, run))).reshape(-1)
+                    a, b = a[same], b[same]
+                if not torch.allclose(a, b, **TOLERANCE):
+                    found = f"{names[index // LAYERS]}, layer {index % LAYERS}: combined rows differ"
+                    break
+        if found is not None:
+            return f"{path} differs from {paths[0]} on {case.describe()}: {found}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------- strategies
+
+
+def strategies(families: list[str] | None = None):
+    """Hypothesis strategies (model_cases, routing_cases). Imported lazily: hypothesis is a dev extra."""
+    from hypothesis import strategies as st
+
+    from seqtopk.testing.tiny import FAMILY_CONFIGS
+
+    @st.composite
+    def settings(draw, max_k: int, experts: int):
+        whole = draw(st.booleans())
+        fractions = [f for f in (0.5, 0.75, 1.25, 1.5, 2.5, 3.25) if f < max_k]
+        k = draw(st.integers(1, max_k)) if whole or not fractions else draw(st.sampled_from(fractions))
+        ceil_k = -(-k // 1)
+        cap = draw(st.integers(int(ceil_k), int(min(experts, ceil_k + 3))))
+        min_experts = draw(st.integers(0, int(min(k // 1, 2))))
+        return dict(k=k, cap=cap, min_experts=min_experts, exact_budget=draw(st.booleans()),
+                    prefill=draw(st.sampled_from(["sequence", "causal"])),
+                    decode=draw(st.sampled_from(["expert_cache", "topk"])) if isinstance(k, int) else "expert_cache")
+
+    @st.composite
+    def layout(draw, max_rows: int, max_width: int, max_decode: int):
+        rows = draw(st.integers(1, max_rows))
+        lengths = tuple(draw(st.lists(st.integers(1, max_width), min_size=rows, max_size=rows)))
+        width = max(lengths)
+        cuts = sorted(set(draw(st.lists(st.integers(1, max(1, width - 1)), max_size=2)))) if width > 1 else []
+        cuts = [c for c in cuts if 0 < c < width]
+        chunks = tuple(b - a for a, b in zip([0] + cuts, cuts + [width]))
+        decode = draw(st.integers(0, max_decode))
+        reorders = tuple(sorted(set(draw(st.lists(st.integers(0, max(decode - 1, 0)), max_size=2))))) if decode else ()
+        return dict(lengths=lengths, pad_left=draw(st.booleans()), chunks=chunks, decode_steps=decode,
+                    reorders=reorders if rows > 1 else (), seed=draw(st.integers(0, 2**16)))
+
+    names = families or sorted(FAMILY_CONFIGS)
+
+    @st.composite
+    def model_cases(draw):
+        from seqtopk.testing.tiny import family_config
+
+        family = draw(st.sampled_from(names))
+        top_k, experts = _family_shape(family_config(family))
+        return ModelCase(family=family, settings=draw(settings(top_k, experts)),
+                         **draw(layout(max_rows=3, max_width=9, max_decode=6)))
+
+    @st.composite
+    def routing_cases(draw):
+        experts = draw(st.sampled_from([8, 16, 32]))
+        scoring = draw(st.sampled_from(SCORINGS))
+        choosable = experts // 2 if scoring == "sigmoid_grouped" else experts
+        long_decode = draw(st.integers(0, 4)) == 0  # one case in five decodes long enough to rebuild bands
+        return RoutingCase(scoring=scoring, experts=experts, settings=draw(settings(min(8, choosable), choosable)),
+                           levels=draw(st.sampled_from([None, None, 2, 3, 5])),
+                           drift=draw(st.sampled_from([0.0, 0.0, 0.01, 0.05])),
+                           **{**draw(layout(max_rows=3, max_width=24, max_decode=8)),
+                              **({"decode_steps": draw(st.integers(40, 200)), "reorders": ()} if long_decode else {})})
+
+    return model_cases(), routing_cases()
+
+
+def _family_shape(config) -> tuple[int, int]:
+    """(top_k, experts a token may choose from) of a family's config, as the patch validates them."""
+    text = config.get_text_config()
+    top_k = next(getattr(text, name) for name in ("num_experts_per_tok", "moe_topk", "top_k", "moe_k",
+                                                    "num_experts_per_token") if getattr(text, name, None))
+    experts = next(getattr(text, name) for name in ("num_experts", "num_local_experts", "n_routed_experts",
+                                                      "moe_num_experts") if getattr(text, name, None))
+    if isinstance(top_k, (list, tuple)):
+        top_k = top_k[0]
+    if isinstance(experts, (list, tuple)):
+        experts = experts[0]
+    groups, kept = getattr(text, "n_group", None), getattr(text, "topk_group", None)
+    if groups and kept:
+        experts = experts // groups * kept
+    return int(top_k), int(experts)
