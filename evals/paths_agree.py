@@ -40,8 +40,8 @@ def run_level(level: str, count: int, seed: int, families: list[str] | None) -> 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     paths = paths_agree.available_paths()
-    model_cases, routing_cases = paths_agree.strategies(families)
     pool = paths_agree.ModelPool()
+    model_cases, routing_cases = paths_agree.strategies(families, pool)
     tally = dict(level=level, paths=paths, checked=0, refused=0, findings=[], families=Counter(),
                  bands=[0, 0, 0], settings=Counter())
     progress = tqdm(total=count, desc=f"{level} cases", file=sys.stderr)

@@ -417,8 +417,9 @@ def check_routing_case(case: RoutingCase, paths: list[str], bands: list | None =
 # ----------------------------------------------------------------------------------------- strategies
 
 
-def strategies(families: list[str] | None = None):
-    """Hypothesis strategies (model_cases, routing_cases). Imported lazily: hypothesis is a dev extra."""
+def strategies(families: list[str] | None = None, pool: ModelPool | None = None):
+    """Hypothesis strategies (model_cases, routing_cases). Imported lazily: hypothesis is a dev extra. pool: where
+    model-level cases load each family to read its shape (a new one by default)."""
     from hypothesis import strategies as st
 
     from seqtopk.testing.tiny import FAMILY_CONFIGS
@@ -449,13 +450,12 @@ def strategies(families: list[str] | None = None):
                     reorders=reorders if rows > 1 else (), seed=draw(st.integers(0, 2**16)))
 
     names = families or sorted(FAMILY_CONFIGS)
+    models = pool or ModelPool()
 
     @st.composite
     def model_cases(draw):
-        from seqtopk.testing.tiny import family_config
-
         family = draw(st.sampled_from(names))
-        top_k, experts = _family_shape(family_config(family))
+        top_k, experts = model_shape(models.get(family))
         return ModelCase(family=family, settings=draw(settings(top_k, experts)),
                          **draw(layout(max_rows=3, max_width=9, max_decode=6)))
 
@@ -474,18 +474,18 @@ def strategies(families: list[str] | None = None):
     return model_cases(), routing_cases()
 
 
-def _family_shape(config) -> tuple[int, int]:
-    """(top_k, experts a token may choose from) of a family's config, as the patch validates them."""
-    text = config.get_text_config()
-    top_k = next(getattr(text, name) for name in ("num_experts_per_tok", "moe_topk", "top_k", "moe_k",
-                                                    "num_experts_per_token") if getattr(text, name, None))
-    experts = next(getattr(text, name) for name in ("num_experts", "num_local_experts", "n_routed_experts",
-                                                      "moe_num_experts") if getattr(text, name, None))
-    if isinstance(top_k, (list, tuple)):
-        top_k = top_k[0]
-    if isinstance(experts, (list, tuple)):
-        experts = experts[0]
-    groups, kept = getattr(text, "n_group", None), getattr(text, "topk_group", None)
-    if groups and kept:
-        experts = experts // groups * kept
-    return int(top_k), int(experts)
+def model_shape(model) -> tuple[int, int]:
+    """(top_k, experts a token may choose from) of a model's MoE layers, as seqtopk.patch reads them (the smallest
+    over its layers)."""
+    from seqtopk.patches import family_for_block
+
+    shapes = []
+    for module in model.modules():
+        family = family_for_block(module)
+        if family is None or family.unsupported:
+            continue
+        scoring = family.scoring(family.router(module), module)
+        shapes.append((family.top_k(module), scoring.max_candidates(family.num_experts(module))))
+    if not shapes:
+        raise ValueError(f"{type(model).__name__} has no MoE layer seqtopk patches")
+    return min(k for k, _ in shapes), min(c for _, c in shapes)

@@ -28,7 +28,7 @@ CI_EXAMPLES = dict(model=60, routing=80, triton=12)
 
 @pytest.fixture(scope="module")
 def pool():
-    return paths_agree.ModelPool()
+    return POOL
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,8 @@ def test_known_pair_count_is_what_the_sequence_rule_spends():
 # ------------------------------------------------------------------------------- the checker
 
 
-MODEL_CASES, ROUTING_CASES = paths_agree.strategies(CI_FAMILIES)
+POOL = paths_agree.ModelPool()  # (module-wide: the strategies read each family's shape from its model)
+MODEL_CASES, ROUTING_CASES = paths_agree.strategies(CI_FAMILIES, POOL)
 BOUNDED = dict(deadline=None, database=None, derandomize=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
