@@ -449,7 +449,9 @@ def strategies(families: list[str] | None = None, pool: ModelPool | None = None)
         return dict(lengths=lengths, pad_left=draw(st.booleans()), chunks=chunks, decode_steps=decode,
                     reorders=reorders if rows > 1 else (), seed=draw(st.integers(0, 2**16)))
 
-    names = families or sorted(FAMILY_CONFIGS)
+    from seqtopk.patches import families as table
+
+    names = families or sorted(f.name for f in table() if f.unsupported is None and f.name in FAMILY_CONFIGS)
     models = pool or ModelPool()
 
     @st.composite
