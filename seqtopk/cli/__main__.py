@@ -4,4 +4,5 @@ import sys
 
 from seqtopk.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # vLLM (lm-eval --backend vllm) may start worker processes that import this module
+    sys.exit(main())

@@ -1,84 +1,102 @@
-"""lm-evaluation-harness on SeqTopK-patched transformers models.
+"""lm-evaluation-harness on SeqTopK models, on either backend: transformers (HF) or vLLM.
 
-Local tasks are YAML files in seqtopk/lm_eval/tasks/ (shipped with the package) that read ../shared/data;
-prepare_task_dir() copies them with that path resolved, so lm-eval finds the data from any working directory.
+Local tasks are YAML files in seqtopk/lm_eval/tasks/ (shipped with the package) whose documents
+seqtopk.lm_eval.local_data reads from the shared data, so lm-eval finds them under any include_path.
 
-Why the causal rule by default: lm-eval's HF backend right-pads loglikelihood batches and calls the model
-without an attention mask, so padding would compete for the budget under the (non-causal) sequence rule and
-a document's score would depend on its batch neighbours. Under the causal rule a token's experts depend only
-on the tokens before it, so right padding cannot reach them; it is also the honest rule for LM loss (no
-information from later tokens). The sequence rule is allowed with batch_size=1.
+Why the causal rule by default, on both backends: lm-eval's HF backend right-pads loglikelihood batches and
+calls the model without an attention mask, so padding would compete for the budget under the (non-causal)
+sequence rule and a document's score would depend on its batch neighbours. Under the causal rule a token's
+experts depend only on the tokens before it, so right padding cannot reach them; it is also the honest rule
+for LM loss (no information from later tokens), and one default keeps the two backends' scores comparable.
+The sequence rule is allowed on HF with batch_size=1, and on vLLM (which does not pad) at any batch size.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import re
 from pathlib import Path
 
-from seqtopk.paths import shared_root
-
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+BACKENDS = ("hf", "vllm")
 
 
-def prepare_task_dir(dest: str | os.PathLike | None = None, tasks_dir: str | os.PathLike | None = None) -> Path:
-    """Copy the local task YAMLs to `dest` with `../shared` replaced by the real shared directory and
-    `{task_dir}` by `dest`, where the documents of tasks built from a shared text are written."""
-    source = Path(tasks_dir) if tasks_dir else TASKS_DIR
-    if not source.is_dir():
-        raise FileNotFoundError(f"task directory {source} not found; pass --tasks-dir")
-    out = Path(dest) if dest else Path(tempfile.mkdtemp(prefix="seqtopk-tasks-"))
-    out.mkdir(parents=True, exist_ok=True)
-    root = str(shared_root().resolve())
-    for yaml_file in sorted(source.glob("*.yaml")):
-        (out / yaml_file.name).write_text(yaml_file.read_text().replace("../shared", root).replace("{task_dir}", str(out)))
-    text = shared_root() / "data" / "tinyshakespeare" / "input.txt"
-    if text.is_file():
-        write_held_out_speeches(text.read_text(), out / "tinyshakespeare_heldout.jsonl")
-    return out
-
-
-def write_held_out_speeches(text: str, path: Path) -> int:
-    """The last 10% of the text (what the demo model never trained on), one JSON document per speech (blocks
-    between blank lines); returns how many."""
-    import json
-
-    held_out = text[int(len(text) * 0.9):]
-    speeches = [s.strip("\n") for s in held_out.split("\n\n") if s.strip()]
-    path.write_text("".join(json.dumps({"text": s}) + "\n" for s in speeches))
-    return len(speeches)
+def local_tasks(tasks_dir: str | Path | None = None) -> list[str]:
+    """Names of the tasks in tasks_dir (default: the shipped ones), read off their `task:` lines."""
+    names = []
+    for yaml_file in sorted(Path(tasks_dir or TASKS_DIR).glob("*.yaml")):
+        found = re.search(r"^task:\s*(\S+)", yaml_file.read_text(), re.MULTILINE)
+        if found:
+            names.append(found.group(1))
+    return names
 
 
 def run_lm_eval(model_path: str, tasks: list[str], settings: dict | None, limit: int | float | None = None,
                 batch_size: int = 8, num_fewshot: int | None = None, tasks_dir: str | None = None,
-                log_samples: bool = False, device: str = "cpu") -> dict:
+                log_samples: bool = False, device: str = "cpu", backend: str = "hf", stock_k: int | None = None,
+                kv_cache_gib: float | None = None) -> dict:
     """Evaluate `model_path` on lm-eval `tasks` (the local ones in seqtopk/lm_eval/tasks included).
 
-    settings: seqtopk.patch keyword arguments, or None for the model's stock routing.
+    settings: seqtopk.patch keyword arguments, or None for stock TopK: at `stock_k` experts per token when
+    given (transformers: seqtopk.topk_at; vLLM: hf_overrides), else at the model's own top_k.
+    backend: "hf" (transformers on `device`) or "vllm" (an in-process vllm.LLM; `kv_cache_gib` sizes its KV
+    cache, 1 GiB by default on CPU). With SeqTopK on, results["seqtopk"] holds the settings and the routing
+    statistics (seqtopk.routing.stats.RoutingStatsSnapshot.as_dict, the same schema on both backends).
     """
-    import torch
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    import seqtopk
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    if settings is not None:
+        if stock_k is not None:
+            raise ValueError("stock_k is the stock TopK baseline: give it without SeqTopK settings")
+        settings = {"prefill": "causal", **settings}
+        seqtopk.SeqTopKConfig(**settings)  # validate before loading anything
+        if backend == "hf" and settings["prefill"] == "sequence" and batch_size != 1:
+            raise ValueError("prefill='sequence' needs batch_size=1 under lm-eval's HF backend: it right-pads "
+                             "without an attention mask, so padding would compete for the budget; use "
+                             "prefill='causal' (the default here), --batch-size 1, or --backend vllm")
+    if stock_k is not None and (isinstance(stock_k, bool) or not isinstance(stock_k, int) or stock_k < 1):
+        raise ValueError(f"stock TopK takes a whole number of experts per token >= 1, got {stock_k!r}")
+    source = Path(tasks_dir) if tasks_dir else TASKS_DIR
+    if not source.is_dir():
+        raise FileNotFoundError(f"task directory {source} not found; pass --tasks-dir")
+    manager = TaskManager(include_path=str(source))
+
+    def evaluate(lm) -> dict:
+        return simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
+                               log_samples=log_samples, bootstrap_iters=0)
+
+    if backend == "vllm":
+        from seqtopk.lm_eval.vllm_backend import evaluate_on_vllm
+
+        results, routing = evaluate_on_vllm(model_path, settings, stock_k, batch_size, kv_cache_gib, evaluate)
+    else:
+        results, routing = _evaluate_on_hf(model_path, settings, stock_k, batch_size, device, evaluate)
+    if settings is not None:
+        results["seqtopk"] = {"settings": settings, "routing": routing}
+    else:
+        results["stock_topk"] = {"k": stock_k}  # None: the model's own top_k
+    return results
+
+
+def _evaluate_on_hf(model_path, settings, stock_k, batch_size, device, evaluate) -> tuple[dict, dict | None]:
+    """(lm-eval results, routing statistics or None) of the transformers model, patched as asked."""
+    import contextlib
+
+    import torch
+    from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import seqtopk
 
-    if settings is not None:
-        settings = {"prefill": "causal", **settings}
-        seqtopk.SeqTopKConfig(**settings)  # validate before loading anything
-        if settings["prefill"] == "sequence" and batch_size != 1:
-            raise ValueError("prefill='sequence' needs batch_size=1 under lm-eval: its HF backend right-pads "
-                             "without an attention mask, so padding would compete for the budget; use "
-                             "prefill='causal' (the default here) or --batch-size 1")
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if settings is not None:
         seqtopk.patch(model, **settings)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    manager = TaskManager(include_path=str(prepare_task_dir(tasks_dir=tasks_dir)))
-    results = simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
-                              log_samples=log_samples, bootstrap_iters=0)
-    if settings is not None:
-        results["seqtopk"] = {"settings": settings, "routing": seqtopk.routing_stats(model).as_dict()}
-    return results
+    routing = seqtopk.topk_at(model, stock_k) if stock_k is not None else contextlib.nullcontext(model)
+    with routing:
+        results = evaluate(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device))
+    return results, seqtopk.routing_stats(model).as_dict() if settings is not None else None
