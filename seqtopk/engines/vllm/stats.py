@@ -112,6 +112,24 @@ def log_line() -> None:
                 _mean(stats["generated"]), stats["generated_tokens"], per_layer)
 
 
+BAND_COUNTERS = ("band_builds", "band_answers", "history_walks")
+_band_totals = [0] * len(BAND_COUNTERS)  # this process's, since it started (the kernel's counters reset on read)
+
+
+def band_counters() -> dict | None:
+    """How the compiled CPU kernel reached this process's decode decisions so far: band builds from the store
+    (the first one of each decode run, and a rebuild whenever the band went stale or the streaming cut left it),
+    candidates a band answered, and candidates counted by a walk of the history. None without the kernels (the
+    torch path keeps no bands)."""
+    from seqtopk.kernels import compiled
+
+    if not compiled.load():
+        return None
+    for i, value in enumerate(torch.ops.seqtopk_cpu.band_counters()):
+        _band_totals[i] += int(value)
+    return dict(zip(BAND_COUNTERS, _band_totals))
+
+
 def start_trace() -> None:
     WORKER.trace = []
 

@@ -11,7 +11,7 @@ import installs the worker-side hooks:
 - the step's input preparation, where each batch row's prompt length and decode band reach the device;
 - KV-cache set-up, after which every MoE layer is checked (no kernel that ignores the router, no layer
   left on its stock router), gets its paged routing state, and the start-up line is logged once.
-The extension adds `seqtopk_stats` and `seqtopk_trace` for `LLM.collective_rpc`.
+The extension adds `seqtopk_stats`, `seqtopk_trace` and `seqtopk_band_counters` for `LLM.collective_rpc`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ class SeqTopKWorkerExtension:
             stats.start_trace()
             return []
         return stats.stop_trace()
+
+    def seqtopk_band_counters(self) -> dict | None:
+        """This worker's decode band counters since it started (stats.band_counters); None on the torch path."""
+        from seqtopk.engines.vllm import stats
+
+        return stats.band_counters()
 
 
 def _install() -> None:
