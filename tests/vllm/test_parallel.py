@@ -66,8 +66,8 @@ def engine_args(vllm_root, monkeypatch):
 
 
 @pytest.mark.parametrize("option, message", [
-    ({"data_parallel_size": 2}, "data parallelism .* gather the tokens of every data-parallel rank"),
-    ({"enable_expert_parallel": True}, "expert parallelism .* not verified"),
+    ({"data_parallel_size": 2}, "data parallelism .* each rank route its own tokens"),
+    ({"enable_expert_parallel": True}, "expert parallelism .* never run on a multi-GPU cluster"),
     ({"pipeline_parallel_size": 2, "enforce_eager": True}, "pipeline parallelism with --enforce-eager on CPU"),
 ])
 def test_layouts_that_cannot_be_shown_correct_are_refused_by_name(engine_args, option, message, monkeypatch):

