@@ -31,53 +31,14 @@ import random
 
 import pytest
 
+from seqtopk.testing.rule_check import routings, rule_mismatches
+
 pytest_plugins = ["tests.vllm.fixtures"]
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 NATURAL = 3  # requests that sample freely after a random prompt
 DRIFTING = ((5, 167), (32, 167), (39, 198))  # (prompt token repeated, the one token generated)
 DRIFT_PROMPT = 150  # >= 128 repeats: the first band, 127 ranks either side of the cut, holds only their 2nd/3rd best
-
-
-def routings(records: list) -> dict:
-    """Trace records -> {(engine request id, layer): [incarnation, ...]}, in order of arrival. An incarnation is
-    one routing of the sequence from position 0 (the first prefill, or a recompute after preemption): a list of
-    forwards, each {position: (capped scores, chosen slots)} of the request's tokens in that forward."""
-    out: dict = {}
-    for record in records:
-        forwards: dict = {}
-        for row, position, values, mask in zip(record["row"], record["position"], record["values"], record["mask"]):
-            forwards.setdefault(record["req_ids"][row], {})[position] = (values, mask)
-        for req, tokens in forwards.items():
-            runs = out.setdefault((req, record["layer"]), [])
-            if 0 in tokens or not runs:
-                runs.append([])
-            runs[-1].append(tokens)
-    return out
-
-
-def rule_mismatches(incarnation: list, prompt_len: int, cfg) -> tuple[int, list[int]]:
-    """Check one incarnation against seqtopk.routing.rules: the prompt tokens of its first forward (when that
-    forward routes more than one token) by select_sequence over them, every other position by select_causal over
-    the incarnation's scores up to it. Returns (tokens checked, positions whose chosen slots differ)."""
-    import torch
-
-    from seqtopk.routing.rules import select_sequence
-    from seqtopk.testing.rule_check import causal_mismatches
-
-    tokens = {p: token for forward in incarnation for p, token in forward.items()}
-    positions = sorted(tokens)
-    assert positions == list(range(len(positions))), "an incarnation must route each position once, from 0"
-    assert sum(len(forward) for forward in incarnation) == len(positions), "a position routed twice"
-    values = torch.tensor([tokens[p][0] for p in positions], dtype=torch.float32)
-    chosen = torch.tensor([tokens[p][1] for p in positions], dtype=torch.bool)
-    first = incarnation[0]
-    fresh = [p for p in sorted(first) if p < prompt_len] if len(first) > 1 else []
-    wrong = [p for p in causal_mismatches(values, chosen, cfg) if p not in fresh]
-    if fresh:
-        expected = select_sequence(values[None, : len(fresh)], None, cfg.k, cfg.min_experts, cfg.exact_budget)[0]
-        wrong += (expected != chosen[: len(fresh)]).any(-1).nonzero().flatten().tolist()
-    return len(positions), sorted(wrong)
 
 
 def decode_runs(incarnations: list) -> int:
