@@ -104,7 +104,9 @@ def describe(device: torch.device) -> str:
     if _forced:  # (inside a forced() block: the asked path, then what is available here)
         wanted = _forced[-1]
         why = f"forced({wanted!r})" + ("" if wanted == path else ", which cannot run here") + "; "
-    if device.type == "cpu":
+    if device.type == "cpu" and path == TRITON:
+        why += f"triton {triton.__version__} in its interpreter (TRITON_INTERPRET=1): for checks, never chosen"
+    elif device.type == "cpu":
         why += compiled.status()
     elif device.type == "cuda":
         why += f"triton {triton.__version__} on {torch.cuda.get_device_name(device)}" if triton is not None else no_triton

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Families drawn in CI: one of each scoring kind (softmax + renormalised, softmax raw, sigmoid with a selection
 # bias under group-limited routing, shared experts); evals/paths_agree.py draws every family.
 CI_FAMILIES = ["olmoe", "qwen2_moe", "deepseek_v3", "mixtral", "gpt_oss"]
-CI_EXAMPLES = dict(model=60, routing=80, triton=12)
+CI_EXAMPLES = dict(model=60, routing=80, triton=20)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 "expert_cache" decode, the default k and cap), on the shared serving engine whose KV cache is so small that vLLM
 preempts and recomputes requests: every token's chosen slots, in every layer and every routing (recomputes and
 the routings they replaced), are the torch rule's on the scores the engine computed, and the decode bands the
-compiled kernel answers from are rebuilt along the way (the counts are printed: `pytest -s`).
+compiled kernel answers from are rebuilt along the way (the counts are printed in the test output).
 
 What the rule says after a preemption. vLLM frees a preempted request's KV blocks, and with them its routing
 history (the store rows live in those blocks); the recompute re-prefills the prompt and every token generated so
@@ -115,7 +115,7 @@ def tally(outputs, by_request: dict, cfg, wrong_cfg) -> dict:
     return out
 
 
-def test_long_generations_under_preemption_follow_the_rule_through_band_rebuilds(serving_engine, vllm_helpers):
+def test_long_generations_under_preemption_follow_the_rule_through_band_rebuilds(serving_engine, vllm_helpers, capsys):
     import time
 
     from seqtopk.config import SeqTopKConfig
@@ -149,12 +149,13 @@ def test_long_generations_under_preemption_follow_the_rule_through_band_rebuilds
     first = len(outputs) * found["layers"]  # each request's first decode step in each layer builds its band
     runs, recomputes, wrong = found["decode_runs"], found["recomputes"], found["wrong"]
     drift = builds - runs  # builds while a band was current: the streaming cut had left it
-    print(f"\n[preemption] {len(outputs)} requests, {found['layers']} layers: {preempted:.0f} preemptions, "
-          f"{recomputes} recomputes; {found['checked']} token-layer choices checked against the rule (every "
-          f"routing, preempted ones included), {len(wrong)} differ; recomputes routed {found['replayed']} again, "
-          f"{found['replay_changed']} differently; band builds {builds}: {first} first, {builds - first} rebuilds "
-          f"({runs - first} after a recompute, {drift} because the cut left the band); generation and trace "
-          f"{generated:.1f} s")
+    with capsys.disabled():  # the counts are part of the test's output, passed or not
+        print(f"\n[preemption] {len(outputs)} requests, {found['layers']} layers: {preempted:.0f} preemptions, "
+              f"{recomputes} recomputes; {found['checked']} token-layer choices checked against the rule (every "
+              f"routing, preempted ones included), {len(wrong)} differ; recomputes routed {found['replayed']} again, "
+              f"{found['replay_changed']} differently; band builds {builds}: {first} first, {builds - first} rebuilds "
+              f"({runs - first} after a recompute, {drift} because the cut left the band); generation and trace "
+              f"{generated:.1f} s")
     assert preempted > 0 and recomputes > 0, "the KV cache was meant to force preemption and recompute"
     assert wrong == [], f"choices that differ from the rule (request, layer, position): {wrong[:20]}"
     assert found["wrong_rule"] > 0, "the check cannot fail"
