@@ -204,26 +204,36 @@ def check_model_case(model, case: ModelCase, paths: list[str]) -> str | None:
             runs[path] = run_model_case(model, case)
     names = [f"prompt chunk {i}" for i in range(len(case.chunks))] + [
         f"decode step {i}" for i in range(case.decode_steps)]
-    reference = runs[paths[0]]
     _raise_refused(runs, case)
     if any(run.error is not None for run in runs.values()):
         with backend.forced(paths[0]):
             stock = run_model_case(model, case, stock=True)
         if stock.error is not None:  # the model's own code cannot run these inputs (a limit of the model, not ours)
             raise Refused(f"the unpatched model raises too: {stock.error.strip().splitlines()[-1]}")
+
+    def outputs_differ(reference: _Run, run: _Run, path: str) -> str | None:
+        for name, a, b in zip(names, reference.logits, run.logits):
+            if not torch.allclose(a, b, **TOLERANCE):
+                return f"{name}: logits differ by {float((a - b).abs().max()):.3g}"
+        return None
+
+    return _first_difference(case, runs, paths, names, outputs_differ)
+
+
+def _first_difference(case, runs: dict, paths: list[str], names: list[str], outputs_differ) -> str | None:
+    """The first path that raised, or whose trace, statistics or outputs (outputs_differ(reference, run, path))
+    differ from the reference's (paths[0]); None when all agree."""
     for path, run in runs.items():
         if run.error is not None:
             return f"{path} raised on {case.describe()}:\n{run.error}"
+    reference = runs[paths[0]]
     for path in paths[1:]:
         run = runs[path]
-        found = _compare_records(reference.records, run.records, names)
+        found = _compare_records(reference.records, run.records, names, tie_order_free=path == backend.TRITON)
         if found is None and run.histogram != reference.histogram:
             found = f"routing statistics differ: {reference.histogram} vs {run.histogram}"
         if found is None:
-            for name, a, b in zip(names, reference.logits, run.logits):
-                if not torch.allclose(a, b, **TOLERANCE):
-                    found = f"{name}: logits differ by {float((a - b).abs().max()):.3g}"
-                    break
+            found = outputs_differ(reference, run, path)
         if found is not None:
             return f"{path} differs from {paths[0]} on {case.describe()}: {found}"
     return None
@@ -399,29 +409,19 @@ def check_routing_case(case: RoutingCase, paths: list[str], bands: list | None =
     for run in runs.values():
         if bands is not None and run.bands is not None:
             bands[:] = [a + b for a, b in zip(bands, run.bands)]
-    for path, run in runs.items():
-        if run.error is not None:
-            return f"{path} raised on {case.describe()}:\n{run.error}"
-    reference = runs[paths[0]]
     names = [f"prompt chunk {i}" for i in range(len(case.chunks))] + [
         f"decode step {i}" for i in range(case.decode_steps)]
-    for path in paths[1:]:
-        run = runs[path]
-        tie_order_free = path == backend.TRITON
-        found = _compare_records(reference.records, run.records, names, tie_order_free)
-        if found is None and run.histogram != reference.histogram:
-            found = f"routing statistics differ: {reference.histogram} vs {run.histogram}"
-        if found is None:
-            for index, (a, b) in enumerate(zip(reference.logits, run.logits)):
-                if tie_order_free:  # tokens that took other (equally scored) experts combine other rows
-                    same = ~_chosen_sets_differ(*(_layer(r, index) for r in (reference, run))).reshape(-1)
-                    a, b = a[same], b[same]
-                if not torch.allclose(a, b, **TOLERANCE):
-                    found = f"{names[index // LAYERS]}, layer {index % LAYERS}: combined rows differ"
-                    break
-        if found is not None:
-            return f"{path} differs from {paths[0]} on {case.describe()}: {found}"
-    return None
+
+    def outputs_differ(reference: _Run, run: _Run, path: str) -> str | None:
+        for index, (a, b) in enumerate(zip(reference.logits, run.logits)):
+            if path == backend.TRITON:  # tokens that took other (equally scored) experts combine other rows
+                same = ~_chosen_sets_differ(*(_layer(r, index) for r in (reference, run))).reshape(-1)
+                a, b = a[same], b[same]
+            if not torch.allclose(a, b, **TOLERANCE):
+                return f"{names[index // LAYERS]}, layer {index % LAYERS}: combined rows differ"
+        return None
+
+    return _first_difference(case, runs, paths, names, outputs_differ)
 
 
 # ------------------------------------------------------------------------------------------ vLLM level
