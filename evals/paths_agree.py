@@ -141,6 +141,7 @@ def run_served(count: int, seed: int, cases_per_engine: int = 8) -> dict:
         tally["engines"].append(dict(settings=options, **counts))
         tally["tokens"] += counts.get("tokens", 0)
         tally["routings"] += counts.get("routings", 0)
+    tally["engine_count"] = len(tally["engines"])
     return tally
 
 
@@ -168,8 +169,10 @@ def plot(result: dict, path: Path) -> None:
         for i, n in enumerate(names):
             left.text(i, levels[n]["checked"] + levels[n]["refused"], f"{len(levels[n]['findings'])} findings",
                       ha="center", va="bottom")
-        left.set_title(f"configurations per level (paths: {', '.join(result['paths'])})")
-        left.legend()
+        left.set_yscale("log")  # (a few dozen vLLM batches beside thousands of routing cases)
+        left.set_ylim(1, max(levels[n]["checked"] + levels[n]["refused"] for n in names) * 4)
+        left.set_title("configurations per level (vllm: request batches)")
+        left.legend(loc="upper right")
         families = levels.get("model", {}).get("families", {})
         right.barh(list(families), list(families.values()))
         right.set_title("model-level configurations per family")

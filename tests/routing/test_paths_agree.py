@@ -136,3 +136,23 @@ def test_triton_path_agrees_in_its_interpreter(compiled_kernels):
                                f"triton_cases({CI_EXAMPLES['triton']})"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_the_evals_script_records_a_small_run(tmp_path, compiled_kernels):
+    """evals/paths_agree.py end to end at a small size (the vLLM and Triton levels are covered above): counts,
+    versions and the figure are written, and a run without findings exits 0."""
+    import json
+
+    from tests.figures import assert_png
+
+    out = tmp_path / "paths_agree.json"
+    run = subprocess.run([sys.executable, "evals/paths_agree.py", "--model", "4", "--routing", "6", "--triton", "0",
+                          "--vllm", "0", "--families", "olmoe", "mixtral", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["findings"] == 0 and result["configurations"] == 10
+    assert result["levels"]["model"]["paths"] == result["levels"]["routing"]["paths"] == ["torch", "cpu-kernels"]
+    assert set(result["levels"]["model"]["families"]) <= {"olmoe", "mixtral"}
+    assert result["versions"]["compiled_kernels"].startswith("compiled CPU kernels: loaded")
+    assert_png(out.with_suffix(".png"))
