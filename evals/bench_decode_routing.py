@@ -122,7 +122,9 @@ def time_steps(context: int, rows: int, warm: int, steps: int, path: str) -> tup
     first = (time.perf_counter() - start) * 1e6
     for _ in range(warm - 1):
         run.step(path)
-    counters = torch.ops.seqtopk_cpu.band_counters if path.startswith("compiled") else None
+    from seqtopk.kernels import ops
+
+    counters = ops.band_counters if path.startswith("compiled") else None
     if counters:
         counters()
     samples = []

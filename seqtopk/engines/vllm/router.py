@@ -6,7 +6,11 @@ seqtopk's scoring objects, and returns a SeqTopKRouter in its place. Routing tha
 (custom routing functions, hash or zero-expert routing, expert parallel load balancing...) stops the
 engine with a clear message instead of falling back to TopK.
 
-A SeqTopK layer's routed experts run as one opaque custom op, `seqtopk::moe(hidden_states, router_logits,
+On CPU engines with the compiled kernels, a softmax-scored layer (cap > k) runs as one compiled op,
+`seqtopk_cpu::moe_layer` (seqtopk/kernels/cpu/moe.cpp: candidates, routing, vLLM's CPU experts kernel on the
+chosen pairs, combine, counters), which vLLM's traced graph calls itself; its settings are handed over here
+(`configure_whole_layer`) and its state with the KV cache (seqtopk.engines.vllm.worker.attach_state).
+Everywhere else a layer's routed experts run as one opaque custom op, `seqtopk::moe(hidden_states, router_logits,
 layer)`, called by the MoE runner in place of its router + experts call (seqtopk.engines.vllm.worker): vLLM
 traces the model once with dynamo on CPU (and piecewise on GPU), and whatever the traced graph depends on must
 flow through an op's tensors, not Python attributes set by another op. Inside the op, with each step's own
@@ -25,6 +29,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 
 import torch
 from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
@@ -34,11 +39,12 @@ from seqtopk.config import ResolvedConfig, SeqTopKConfig
 from seqtopk.engines.vllm import stats
 from seqtopk.engines.vllm.registry import WORKER
 from seqtopk.engines.vllm.step import capturing, current_step
+from seqtopk.kernels import compiled, ops
 from seqtopk.kernels import decode_step as fused_gpu
 from seqtopk.kernels.backend import CPU_KERNELS, backend_for
-from seqtopk.routing.dispatch import combine, count_groups, gather_rows, plan, scatter_rows
+from seqtopk.routing.dispatch import SLOT_COST, combine, count_groups, gather_rows, plan, scatter_rows
 from seqtopk.routing.router import RouteStats, route
-from seqtopk.routing.rules import TOPK, TokenRules, known_pair_count
+from seqtopk.routing.rules import TOPK, TokenRules, budget_split, known_pair_count
 from seqtopk.routing.scoring import SoftmaxScoring, build_scoring
 
 logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
@@ -71,6 +77,50 @@ def scoring_for(args: dict):
                          renormalize=bool(args["renormalize"]), scaling=float(args["routed_scaling_factor"]))
 
 
+def expert_layout() -> str:
+    """How the compiled layer hands the chosen pairs to the experts kernel (SEQTOPK_MOE_LAYOUT: auto, rows or
+    groups; seqtopk/kernels/cpu/moe.cpp). Every layout computes the same pairs."""
+    layout = os.environ.get("SEQTOPK_MOE_LAYOUT", "auto")
+    if layout not in ops.LAYOUTS:
+        raise ValueError(f"SEQTOPK_MOE_LAYOUT must be one of {ops.LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def whole_layer_refusal(scoring, cfg: ResolvedConfig) -> str | None:
+    """Why a layer cannot run as one compiled op (seqtopk_cpu::moe_layer), or None when it can: vLLM on CPU with
+    the compiled kernels, a plain softmax-scored family whose weights the op computes (cap > k: at cap == k the
+    family's own TopK weights must come out bit for bit) and unquantized experts. SEQTOPK_WHOLE_LAYER=0
+    switches it off (the Python op runs instead) in graphs traced from then on: run with
+    VLLM_DISABLE_COMPILE_CACHE=1, as vLLM's compile cache does not key on it."""
+    from vllm.config import get_current_vllm_config
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return "not a CPU engine"
+    if not compiled.load():
+        return compiled.missing()
+    if type(scoring) is not SoftmaxScoring or cfg.cap <= cfg.k:
+        return "the family's scoring is not plain softmax with cap > k"
+    if get_current_vllm_config().quant_config is not None:
+        return "quantized experts"
+    return None
+
+
+def whole_layer_experts(experts) -> tuple[str, str] | None:
+    """(activation, isa) when the layer's experts are vLLM's unquantized CPU kernel that the compiled op calls
+    (`_C::cpu_fused_moe` on prepacked weights), else None."""
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+        fused = experts.quant_method.moe_kernel.fused_experts
+    except (ImportError, AttributeError):
+        return None
+    if (not isinstance(fused, CPUUnquantizedExperts) or getattr(fused, "_use_zentorch", False)
+            or experts.expert_map is not None or experts.apply_router_weight_on_input):
+        return None
+    return experts.activation.value, fused.isa
+
+
 # vLLM's CPU fused-MoE kernel, per call: a fixed cost, in expert rows (the call's Python, thread fork-joins and
 # buffers measured ~0.2 ms, about 20 MFLOP of expert work at one core's rate), and re-reading the weights of the
 # experts it touches (~4 rows of work per expert at ~20 GB/s and ~80 GFLOP/s). See evals/results/vllm_bench_cpu.json.
@@ -96,6 +146,22 @@ class SeqTopKRouter(BaseRouter):
         self.layer_name = f"moe layer {self.index}"  # replaced by the runner's name once the model is built
         self.runner = None  # the MoE runner this router belongs to (found on first use)
         self._experts_call = None
+        # The whole layer as one compiled op (seqtopk_cpu::moe_layer), decided before vLLM traces the model. The
+        # op is configured wherever it can run, even when switched off: a compiled graph vLLM cached with it in
+        # an earlier start still finds its layer.
+        self.whole_layer_ready = whole_layer_refusal(scoring, cfg) is None
+        self.whole_layer = self.whole_layer_ready and os.environ.get("SEQTOPK_WHOLE_LAYER", "1") != "0"
+        if self.whole_layer_ready:
+            self.configure_whole_layer()
+
+    def configure_whole_layer(self) -> None:
+        """The compiled layer's settings (again once the layer's shape sets its kernel's call cost)."""
+        ops.register_fakes()
+        ops.moe_configure(self.index, num_experts=self.num_experts, cap=self.cfg.cap,
+                          split=budget_split(self.cfg.k, self.cfg.cap, self.cfg.min_experts, self.cfg.exact_budget),
+                          k=int(self.cfg.k),
+                          weight_mode=self.scoring.kernel_weights, layout=expert_layout(),
+                          call_rows=self.call_rows, reload_rows=RELOAD_ROWS, slot_cost=SLOT_COST)
 
     @property
     def routing_method_type(self) -> RoutingMethodType:

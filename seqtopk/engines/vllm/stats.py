@@ -52,10 +52,23 @@ def after_step(router, step, routed, graph: bool = False) -> None:
                                  ids=pack(routed.ids, routed.mask, "drop")[real].tolist(),
                                  values=routed.values[real].float().tolist(), mask=routed.mask[real].tolist(),
                                  unchosen_weight=float(routed.weights[real].masked_fill(routed.mask[real], 0).abs().sum()),
-                                 state_rows=state_rows_in_use()))
+                                 state_rows=state_rows_in_use(), kernel=_kernel_pairs(routed, real)))
     if router is WORKER.first_router() and interval() > 0 and time.monotonic() - _last_log[0] >= interval():
         _last_log[0] = time.monotonic()
         log_line()
+
+
+def _kernel_pairs(routed, real) -> list | None:
+    """Per real token, the (expert, weight) pairs the experts kernel was given, when the compiled layer recorded
+    them (`kernel`: rows as token, expert, weight); None otherwise."""
+    kernel = getattr(routed, "kernel", None)
+    if kernel is None:
+        return None
+    token, expert, weight = kernel
+    pairs = [[] for _ in range(real.shape[0])]
+    for t, e, w in zip(token.tolist(), expert.tolist(), weight.tolist()):
+        pairs[t].append([e, w])
+    return [pairs[t] for t in torch.nonzero(real).squeeze(1).tolist()]
 
 
 def routing_snapshot() -> RoutingStatsSnapshot:
@@ -121,19 +134,29 @@ def band_counters() -> dict | None:
     (the first one of each decode run, and a rebuild whenever the band went stale or the streaming cut left it),
     candidates a band answered, and candidates counted by a walk of the history. None without the kernels (the
     torch path keeps no bands)."""
-    from seqtopk.kernels import compiled
+    from seqtopk.kernels import compiled, ops
 
     if not compiled.load():
         return None
-    for i, value in enumerate(torch.ops.seqtopk_cpu.band_counters()):
+    for i, value in enumerate(ops.band_counters()):
         _band_totals[i] += int(value)
     return dict(zip(BAND_COUNTERS, _band_totals))
 
 
 def start_trace() -> None:
     WORKER.trace = []
+    _whole_layer_trace(True)
 
 
 def stop_trace() -> list:
     records, WORKER.trace = WORKER.trace or [], None
+    _whole_layer_trace(False)
     return records
+
+
+def _whole_layer_trace(on: bool) -> None:
+    """Compiled layers (seqtopk_cpu::moe_layer) keep their last routing and kernel rows while a client traces."""
+    if any(router.whole_layer_ready for router in WORKER.routers.values()):
+        from seqtopk.kernels import ops
+
+        ops.moe_trace(on)

@@ -53,6 +53,20 @@ class Step:
     def history(self, store: torch.Tensor, bands: torch.Tensor | None = None) -> PagedHistory:
         return self.paged.of(store, bands)
 
+    def hand_to_compiled_layers(self, cfg) -> None:
+        """This step's layout, as every compiled layer (seqtopk_cpu::moe_layer) reads it, handed over once."""
+        from seqtopk.kernels import ops
+
+        rows = self.batch.kernel_rows(self.batch.context.device)
+        rules = self.batch.kernel_rules(self.rules(cfg))
+        paged = self.paged.kernel_args()
+        ops.moe_set_step(row_start=rows["row_start"], token_valid=rows["token_valid"],
+                         token_rule=None if rules.codes is None else rules.codes.reshape(-1).to(torch.int8).contiguous(),
+                         rule=rules.code() if rules.codes is None else -1, row_seen=rows["row_seen"],
+                         block_table=paged["block_table"], block_size=paged["block_size"],
+                         row_length=paged["row_length"], write_slots=paged["write_slots"],
+                         row_band=paged["row_band"], token_class=self.token_class())
+
     def rules(self, cfg) -> TokenRules:
         """Which rule routes each token (seqtopk.routing.rules decides); built once per step."""
         key = (cfg.prefill, cfg.decode)

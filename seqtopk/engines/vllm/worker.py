@@ -5,10 +5,13 @@ When SeqTopK is on, the engine configuration names `SeqTopKWorkerExtension` as v
 import installs the worker-side hooks:
 - the MoE router factory, so each MoE layer is built with a SeqTopK router (seqtopk.engines.vllm.router);
 - the MoE runner's router + experts call (vLLM's MoERunner replaced by a subclass through its public
-  out-of-tree layer registry, `PluggableLayer.register_oot`): a SeqTopK layer's routed experts run as one opaque op,
-  `seqtopk::moe` (routing, the chosen pairs through the layer's kernel, the combine), in eager and compiled
-  modes alike; its shared experts, if any, run beside it as vLLM runs them; every other layer is untouched;
-- the step's input preparation, where each batch row's prompt length and decode band reach the device;
+  out-of-tree layer registry, `PluggableLayer.register_oot`): a SeqTopK layer's routed experts run as one op
+  (routing, the chosen pairs through the layer's kernel, the combine), in eager and compiled modes alike: on CPU
+  the compiled `seqtopk_cpu::moe_layer` (seqtopk/kernels/cpu/moe.cpp), which vLLM's traced graph calls itself,
+  elsewhere the Python op `seqtopk::moe` (seqtopk.engines.vllm.router); its shared experts, if any, run beside
+  it as vLLM runs them; every other layer is untouched;
+- the step's input preparation, where each batch row's prompt length and decode band reach the device, and the
+  model forward, around which the step's layout is handed to the compiled layers once (not once per layer);
 - KV-cache set-up, after which every MoE layer is checked (no kernel that ignores the router, no layer
   left on its stock router), gets its paged routing state, and the start-up line is logged once.
 The extension adds `seqtopk_stats`, `seqtopk_trace` and `seqtopk_band_counters` for `LLM.collective_rpc`.
@@ -19,6 +22,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from seqtopk.kernels import ops
 
 logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
 
@@ -75,6 +80,20 @@ def _install() -> None:
 
         _prepare_inputs.seqtopk_wrapped = True
         GPUModelRunner._prepare_inputs = _prepare_inputs
+    forward = GPUModelRunner._model_forward
+    if not getattr(forward, "seqtopk_wrapped", False):
+        def _model_forward(self, *args, **kwargs):
+            if not whole_layers():
+                return forward(self, *args, **kwargs)
+            step = set_whole_layer_step(self, kwargs)
+            try:
+                return forward(self, *args, **kwargs)
+            finally:
+                ops.moe_clear_step()  # a later forward without a step (warm-up) must not reuse this one
+                after_whole_layer_step(step)
+
+        _model_forward.seqtopk_wrapped = True
+        GPUModelRunner._model_forward = _model_forward
     original = GPUModelRunner.initialize_kv_cache
     if getattr(original, "seqtopk_wrapped", False):
         return
@@ -111,6 +130,62 @@ def runner_class():
 
     _RUNNER_CLASS.append(SeqTopKMoERunner)
     return SeqTopKMoERunner
+
+
+def whole_layer_kernel(runner) -> tuple[str, str]:
+    """(activation, isa) of the experts kernel a compiled layer calls (constants to vLLM's traced graph), or a
+    clear error when the layer's experts are not vLLM's unquantized CPU kernel."""
+    from seqtopk.engines.vllm.router import whole_layer_experts
+
+    found = whole_layer_experts(runner.routed_experts)
+    if found is None:
+        raise RuntimeError(f"SeqTopK's compiled MoE layer calls vLLM's unquantized CPU experts kernel, and this "
+                           f"layer runs {type(runner.routed_experts.quant_method).__name__}; start the engine with "
+                           "SEQTOPK_WHOLE_LAYER=0 to route it through the Python op")
+    return found
+
+
+def whole_layers() -> list:
+    """This worker's routers that run as one compiled op."""
+    from seqtopk.engines.vllm.registry import WORKER
+
+    return [router for router in WORKER.routers.values() if router.whole_layer_ready and router.store is not None]
+
+
+def set_whole_layer_step(runner, forward_args: dict):
+    """Hand the forward's layout to the compiled layers, once for all of them (inside vLLM's forward context);
+    None, and nothing handed over, for a forward that routes no request."""
+    from seqtopk.engines.vllm.step import current_step
+
+    positions, input_ids = forward_args.get("positions"), forward_args.get("input_ids")
+    tokens = positions.shape[-1] if positions is not None else input_ids.shape[0]
+    step = current_step(tokens)
+    if step is not None:
+        step.hand_to_compiled_layers(whole_layers()[0].cfg)
+    return step
+
+
+def after_whole_layer_step(step) -> None:
+    """What the Python op does after each layer (stats.after_step: trace records, the periodic log line), once
+    per forward for the compiled layers, from the routing each kept (ops.moe_last) while a client traces."""
+    from seqtopk.engines.vllm import stats
+    from seqtopk.engines.vllm.registry import WORKER
+    from seqtopk.routing.router import Routed
+
+    if step is None:
+        return
+    for router in whole_layers():
+        routed = None
+        if WORKER.trace is not None:
+            last = ops.moe_last(router.index)
+            if not last:
+                continue
+            values, mask, ids, weights, token, expert, weight = last
+            routed = Routed(values=values, mask=mask, ids=ids, weights=weights)
+            routed.kernel = (token, expert, weight)
+        elif router is not WORKER.first_router():
+            continue
+        stats.after_step(router, step, routed)
 
 
 def refresh_step_rows(runner, scheduler_output) -> None:
@@ -153,7 +228,14 @@ def run_layer(runner, hidden_states, router_logits, shared_experts_input, shared
         if shared_experts_overlapping:
             shared.wait()
         shared_out = shared.output
-    return shared_out, torch.ops.seqtopk.moe(hidden_states, router_logits, runner.router.index)
+    router = runner.router
+    if router.whole_layer:  # one compiled op, called by the traced graph itself (seqtopk/kernels/cpu/moe.cpp)
+        experts = runner.routed_experts
+        act, isa = whole_layer_kernel(runner)
+        return shared_out, ops.moe_layer(hidden_states, router_logits, experts.w13_weight, experts.w2_weight,
+                                         getattr(experts, "w13_bias", None), getattr(experts, "w2_bias", None),
+                                         router.index, act, isa)
+    return shared_out, torch.ops.seqtopk.moe(hidden_states, router_logits, router.index)
 
 
 def attach_state(runner, kv_cache_config, log: bool = True) -> None:
@@ -222,6 +304,11 @@ def attach_state(runner, kv_cache_config, log: bool = True) -> None:
         router.counts = torch.zeros(len(stats.COUNTERS), dtype=torch.long, device=runner.device)
         moe = layer.moe_config
         router.call_rows = max(1.0, CALL_FLOPS / (6.0 * moe.hidden_dim * max(moe.intermediate_size_per_partition, 1)))
+        if router.whole_layer_ready:
+            if router.whole_layer:
+                whole_layer_kernel(layer)
+            router.configure_whole_layer()
+            ops.moe_attach(router.index, router.store, router.bands, router.counts)
     routers = [layer.router for layer in layers.values()]
     WORKER.keep_routers(routers)
     WORKER.attach(runner, index, slots + 1, torch.zeros(max_reqs, dtype=torch.long, device=runner.device),
@@ -241,9 +328,11 @@ def attach_state(runner, kv_cache_config, log: bool = True) -> None:
 
     logger.info("SeqTopK routing on %d MoE layer(s) (%s ... %s): %s; routing state %d B/token/layer next to "
                 "%d B/token/layer of KV cache (%.2f%%), plus %d KiB of decode bands; each layer runs as one op "
-                "(seqtopk::moe) whose experts compute the chosen pairs only; routing: %s",
+                "(%s) whose experts compute the chosen pairs only; routing: %s",
                 len(routers), routers[0].layer_name, routers[-1].layer_name, describe(routers[0].cfg), state_bytes,
-                kv_bytes, 100.0 * state_bytes / kv_bytes, band_bytes // 1024, kernels(runner.device))
+                kv_bytes, 100.0 * state_bytes / kv_bytes, band_bytes // 1024,
+                "seqtopk_cpu::moe_layer, compiled" if routers[0].whole_layer else "seqtopk::moe, in Python",
+                kernels(runner.device))
 
 
 def describe(cfg) -> str:

@@ -1,5 +1,5 @@
 // How chosen (token, expert) pairs reach the experts on CPU, and how their outputs come back. Torch
-// references: seqtopk.routing.dispatch (plan_pairs, combine_rows) and seqtopk.routing.groups (count_groups).
+// references: seqtopk.routing.dispatch (plan_pairs, combine_rows) and count_groups in the same module.
 //
 // - plan_rows: the chosen slots as R rows of one expert each, sorted by expert (tokens in order within an
 //   expert) by a counting sort, with each expert's end offset (what grouped GEMMs take) and, per (token, slot),
@@ -16,6 +16,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include "ops.h"
 
 #include <algorithm>
 #include <cstring>
@@ -112,6 +114,8 @@ at::Tensor combine_rows(const at::Tensor& rows, const at::Tensor& slot_row, cons
   });
   return out;
 }
+
+}  // namespace
 
 // Tokens grouped by their number of chosen experts. Returns [tokens_0, ids_0, weights_0, tokens_1, ...]:
 // tokens_g [N_g] int64 (in order), ids_g [N_g, c_g] int32 (a token's chosen experts in slot order, then its first
@@ -229,7 +233,6 @@ void scatter_rows(at::Tensor out, const at::Tensor& index, const at::Tensor& row
   });
 }
 
-}  // namespace
 }  // namespace seqtopk
 
 TORCH_LIBRARY_FRAGMENT(seqtopk_cpu, m) {

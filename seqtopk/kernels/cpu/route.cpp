@@ -24,6 +24,7 @@
 // code routes nothing.
 
 #include "history.h"
+#include "ops.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -289,6 +290,8 @@ void check_vector(const std::optional<at::Tensor>& t, at::ScalarType type, int64
               " must be a contiguous 1-D ", type, " tensor of at least ", size, " entries");
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_step(const at::Tensor& values, const at::Tensor& row_start, const std::optional<at::Tensor>& token_valid,
                       const std::optional<at::Tensor>& token_rule, int64_t rule, const at::Tensor& row_seen,
                       const std::optional<at::Tensor>& store, const std::optional<at::Tensor>& block_table,
@@ -426,7 +429,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_step(const at::Tensor& valu
   return {mask, weights, packed};
 }
 
-}  // namespace
 }  // namespace seqtopk
 
 TORCH_LIBRARY(seqtopk_cpu, m) {

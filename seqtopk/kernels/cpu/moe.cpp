@@ -1,0 +1,296 @@
+// One SeqTopK MoE layer of a vLLM-cpu engine in one call: the family's candidates (softmax, top-cap, by ATen as
+// seqtopk.routing.scoring.SoftmaxScoring takes them), the routing (route_step: every rule, the history write,
+// the decode bands, the counters), the chosen pairs through vLLM's own CPU fused-MoE kernel (`_C::cpu_fused_moe`,
+// found through the dispatcher when first needed: nothing links against vLLM), and the combine. Nothing runs in
+// Python between the router logits and the layer output; vLLM's compiled graph calls this op directly.
+//
+// State is kept here per layer number (seqtopk.engines.vllm.router numbers the layers):
+// - moe_configure: the layer's budget split, weighting and expert layout, when the layer is built (before vLLM
+//   traces the model);
+// - moe_attach: its paged history store, decode bands and counters, once the KV cache exists (until then every
+//   forward is a warm-up on dummy tokens);
+// - moe_set_step / moe_clear_step: the running forward's layout, set once per step for every layer by the worker
+//   (seqtopk.engines.vllm.worker). A forward without one (warm-up, profiling) routes plain TopK and writes no state.
+//
+// How the chosen pairs reach the kernel, which takes a fixed number of slots per token:
+// - every token chose the same number c > 0: one call with c slots, as stock TopK runs;
+// - "rows": every pair a row of one expert, one call: each expert's weights are read once and exactly the chosen
+//   pairs are computed; then each token's weighted rows are summed in float32 (its rows are adjacent);
+// - "groups": tokens grouped by how many experts they chose (count_groups), one call per group.
+// The layer's layout setting picks (1 rows, 2 groups) or, at 0, the cheaper by the cost model in expert rows
+// that count_groups uses (a fixed cost per call, re-reading the weights of the experts a call touches, and a
+// row's relative cost at c slots).
+// The rows given to the kernel are counted in the layer's counters[4] (padding repeats of a group included).
+
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+
+namespace seqtopk {
+namespace {
+
+struct LayerConfig {
+  bool configured = false;
+  int64_t num_experts = 0, cap = 0, forced = 0, first = 0, per_token = 0, scale = 1, k = 0, weight_mode = 0;
+  int64_t layout = 0;  // 0 auto, 1 rows, 2 groups
+  double call_rows = 16.0, reload_rows = 4.0;
+  std::vector<double> slot_cost{1.0};
+  at::Tensor store, bands, counts;  // undefined until moe_attach
+  std::vector<at::Tensor> last;  // values, mask, ids, weights, kernel token, kernel expert, kernel weight (trace)
+};
+
+struct StepLayout {
+  bool active = false;
+  int64_t tokens = 0, rule = -1, block_size = 1;
+  at::Tensor row_start, row_seen, block_table, row_length, write_slots, token_class;
+  std::optional<at::Tensor> token_valid, token_rule, row_band;
+};
+
+std::vector<LayerConfig>& layers() {
+  static std::vector<LayerConfig> v;
+  return v;
+}
+StepLayout& current() {
+  static StepLayout s;
+  return s;
+}
+bool& tracing() {
+  static bool on = false;
+  return on;
+}
+
+LayerConfig& layer_at(int64_t layer) {
+  TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers().size()) && layers()[layer].configured,
+              "seqtopk_cpu::moe_layer: layer ", layer, " was not configured (moe_configure)");
+  return layers()[layer];
+}
+
+void configure(int64_t layer, int64_t num_experts, int64_t cap, int64_t forced, int64_t first, int64_t per_token,
+               int64_t scale, int64_t k, int64_t weight_mode, int64_t layout, double call_rows, double reload_rows,
+               std::vector<double> slot_cost) {
+  TORCH_CHECK(layer >= 0 && 0 <= k && k <= cap && cap <= num_experts && 0 <= first && first <= forced &&
+                  forced <= cap && scale >= 1, "moe_configure: bad layer settings");
+  TORCH_CHECK(weight_mode == 1 || weight_mode == 2, "moe_configure: weight_mode must be 1 or 2");
+  TORCH_CHECK(layout >= 0 && layout <= 2 && !slot_cost.empty(), "moe_configure: bad layout or slot_cost");
+  if (static_cast<int64_t>(layers().size()) <= layer) layers().resize(layer + 1);
+  LayerConfig& c = layers()[layer];
+  c = LayerConfig{};
+  c.configured = true;
+  c.num_experts = num_experts, c.cap = cap, c.forced = forced, c.first = first, c.per_token = per_token;
+  c.scale = scale, c.k = k, c.weight_mode = weight_mode, c.layout = layout;
+  c.call_rows = call_rows, c.reload_rows = reload_rows, c.slot_cost = std::move(slot_cost);
+}
+
+void attach(int64_t layer, const at::Tensor& store, const std::optional<at::Tensor>& bands, const at::Tensor& counts) {
+  LayerConfig& c = layer_at(layer);
+  TORCH_CHECK(store.dim() == 2 && store.size(1) == c.cap && store.scalar_type() == at::kFloat && store.is_contiguous(),
+              "moe_attach: store must be a contiguous [slots, cap] float32 tensor");
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) >= 5 && counts.scalar_type() == at::kLong && counts.is_contiguous(),
+              "moe_attach: counts must be a contiguous int64 tensor of at least 5 entries");
+  c.store = store;
+  c.bands = bands.has_value() ? *bands : at::Tensor();
+  c.counts = counts;
+}
+
+void set_step(const at::Tensor& row_start, const std::optional<at::Tensor>& token_valid,
+              const std::optional<at::Tensor>& token_rule, int64_t rule, const at::Tensor& row_seen,
+              const at::Tensor& block_table, int64_t block_size, const at::Tensor& row_length,
+              const at::Tensor& write_slots, const std::optional<at::Tensor>& row_band, const at::Tensor& token_class) {
+  StepLayout& s = current();
+  s = StepLayout{};
+  s.active = true;
+  s.tokens = write_slots.size(0);
+  s.row_start = row_start, s.token_valid = token_valid, s.token_rule = token_rule, s.rule = rule;
+  s.row_seen = row_seen, s.block_table = block_table, s.block_size = block_size, s.row_length = row_length;
+  s.write_slots = write_slots, s.row_band = row_band, s.token_class = token_class;
+}
+
+// vLLM's CPU fused-MoE kernel: out[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]), a fixed number of slots.
+struct Experts {
+  const at::Tensor& w13;
+  const at::Tensor& w2;
+  const std::optional<at::Tensor>& b13;
+  const std::optional<at::Tensor>& b2;
+  const std::string& act;
+  const std::string& isa;
+
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& ids) const {
+    static const c10::OperatorHandle kernel =
+        c10::Dispatcher::singleton().findSchemaOrThrow("_C::cpu_fused_moe", "");
+    at::Tensor out = at::empty_like(x);
+    torch::jit::Stack stack{out, x, w13, w2, b13, b2, weights, ids, false, act, isa};
+    kernel.callBoxed(&stack);
+    return out;
+  }
+};
+
+double touched(double experts, double rows) { return experts * (1.0 - std::pow(1.0 - 1.0 / experts, rows)); }
+
+double call_cost(const LayerConfig& c, double rows, int64_t slots) {
+  const double slot = c.slot_cost[std::min<size_t>(slots - 1, c.slot_cost.size() - 1)];
+  return c.call_rows + c.reload_rows * touched(c.num_experts, rows) + rows * slot;
+}
+
+// out[n] = sum of rows [offset[n], offset[n+1]) of y, in float32; zeros for a token without rows.
+template <typename T>
+void sum_rows(const T* y, const int64_t* offset, T* out, int64_t tokens, int64_t hidden) {
+  at::parallel_for(0, tokens, std::max<int64_t>(1, 4096 / std::max<int64_t>(hidden, 1)), [&](int64_t lo, int64_t hi) {
+    std::vector<float> acc(hidden);
+    for (int64_t n = lo; n < hi; ++n) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t r = offset[n]; r < offset[n + 1]; ++r) {
+        const T* row = y + r * hidden;
+        for (int64_t h = 0; h < hidden; ++h) acc[h] += static_cast<float>(row[h]);
+      }
+      for (int64_t h = 0; h < hidden; ++h) out[n * hidden + h] = static_cast<T>(acc[h]);
+    }
+  });
+}
+
+at::Tensor moe_layer(const at::Tensor& hidden, const at::Tensor& logits, const at::Tensor& w13, const at::Tensor& w2,
+                     const std::optional<at::Tensor>& w13_bias, const std::optional<at::Tensor>& w2_bias,
+                     int64_t layer, c10::string_view act_name, c10::string_view isa_name) {
+  TORCH_CHECK(hidden.dim() == 2 && logits.dim() == 2 && logits.size(0) == hidden.size(0),
+              "moe_layer: hidden [N, H] and logits [N, E]");
+  const LayerConfig& c = layer_at(layer);
+  TORCH_CHECK(logits.size(1) == c.num_experts, "moe_layer: logits have ", logits.size(1), " experts, the layer ",
+              c.num_experts);
+  const std::string act(act_name), isa(isa_name);
+  const Experts experts{w13, w2, w13_bias, w2_bias, act, isa};
+  const at::Tensor x = hidden.contiguous();
+  const int64_t tokens = x.size(0), cap = c.cap;
+  const at::Tensor probs = at::softmax(logits, -1, at::kFloat);
+  auto [values, ids] = at::topk(probs, cap, -1);
+  values = values.contiguous();
+  const StepLayout& s = current();
+  if (!s.active || !c.store.defined()) {  // a forward that routes no request: plain TopK, no state, no counts
+    const int64_t k = std::max<int64_t>(c.k, 1);  // (a budget below one expert still warms up with one)
+    at::Tensor top = values.narrow(1, 0, k);
+    if (c.weight_mode == 2) top = top / top.sum(-1, true);
+    return experts(x, top.contiguous(), ids.narrow(1, 0, k).to(at::kInt).contiguous());
+  }
+  TORCH_CHECK(s.tokens == tokens, "moe_layer: the step has ", s.tokens, " tokens, the layer got ", tokens);
+  const bool banded = c.bands.defined() && s.row_band.has_value();
+  auto [mask, weights, packed] = route_step(
+      values, s.row_start, s.token_valid, s.token_rule, s.rule, s.row_seen, c.store, s.block_table, s.block_size,
+      s.row_length, s.write_slots, banded ? std::optional<at::Tensor>(c.bands) : std::nullopt,
+      banded ? s.row_band : std::nullopt, c.forced, c.first, c.per_token, c.scale, c.k, std::nullopt, s.token_class,
+      c.counts, ids, /*unchosen=drop*/ 0, c.weight_mode);
+
+  // Each token's chosen pairs in slot order.
+  const bool* m = mask.data_ptr<bool>();
+  const int64_t* e = packed.data_ptr<int64_t>();
+  const float* w = weights.data_ptr<float>();
+  std::vector<int64_t> offset(tokens + 1, 0);
+  for (int64_t n = 0; n < tokens; ++n) {
+    int64_t chosen = 0;
+    for (int64_t j = 0; j < cap; ++j) chosen += m[n * cap + j];
+    offset[n + 1] = offset[n] + chosen;
+  }
+  const int64_t pairs = offset[tokens];
+  const int64_t width = tokens > 0 ? offset[1] : 0;
+  bool uniform = width > 0;
+  for (int64_t n = 1; n < tokens && uniform; ++n) uniform = offset[n + 1] - offset[n] == width;
+  auto pair_ids = at::empty({pairs}, hidden.options().dtype(at::kInt));
+  auto pair_weights = at::empty({pairs}, hidden.options().dtype(at::kFloat));
+  auto pair_token = at::empty({pairs}, hidden.options().dtype(at::kLong));
+  {
+    int32_t* pi = pair_ids.data_ptr<int32_t>();
+    float* pw = pair_weights.data_ptr<float>();
+    int64_t* pt = pair_token.data_ptr<int64_t>();
+    int64_t r = 0;
+    for (int64_t n = 0; n < tokens; ++n)
+      for (int64_t j = 0; j < cap; ++j) {
+        if (!m[n * cap + j]) continue;
+        TORCH_CHECK(e[n * cap + j] >= 0 && e[n * cap + j] < c.num_experts, "a chosen slot names no expert");
+        pi[r] = static_cast<int32_t>(e[n * cap + j]), pw[r] = w[n * cap + j], pt[r] = n;
+        ++r;
+      }
+  }
+
+  at::Tensor out;
+  int64_t rows = 0;
+  std::vector<at::Tensor> groups;
+  bool by_rows = false;
+  if (uniform) {  // one call with `width` slots, as stock TopK runs
+    out = experts(x, pair_weights.view({tokens, width}), pair_ids.view({tokens, width}));
+    rows = pairs;
+  } else if (pairs == 0) {
+    out = at::zeros_like(x);
+  } else {
+    if (c.layout != 1) {
+      groups = count_groups(packed, weights, mask, c.num_experts, c.call_rows, c.reload_rows, c.slot_cost);
+      if (c.layout == 0) {
+        double grouped = 0.0;
+        for (size_t g = 0; g < groups.size(); g += 3)
+          grouped += call_cost(c, static_cast<double>(groups[g + 1].numel()), groups[g + 1].size(1));
+        by_rows = call_cost(c, static_cast<double>(pairs), 1) < grouped;
+      }
+    } else {
+      by_rows = true;
+    }
+    if (by_rows) {
+      const at::Tensor y = experts(gather_rows(x, pair_token), pair_weights.view({pairs, 1}), pair_ids.view({pairs, 1}));
+      out = at::empty_like(x);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "seqtopk_sum_rows", [&] {
+        sum_rows<scalar_t>(y.data_ptr<scalar_t>(), offset.data(), out.data_ptr<scalar_t>(), tokens, x.size(1));
+      });
+      rows = pairs;
+    } else {
+      bool everyone = true;  // (a token in no group keeps zeros)
+      for (int64_t n = 0; n < tokens && everyone; ++n) everyone = offset[n + 1] > offset[n];
+      out = everyone ? at::empty_like(x) : at::zeros_like(x);
+      for (size_t g = 0; g < groups.size(); g += 3) {
+        scatter_rows(out, groups[g], experts(gather_rows(x, groups[g]), groups[g + 2], groups[g + 1]));
+        rows += groups[g + 1].numel();
+      }
+    }
+  }
+  c.counts.data_ptr<int64_t>()[4] += rows;
+  if (tracing()) {  // what the kernel was given, for checks (seqtopk.engines.vllm.stats)
+    at::Tensor kt = pair_token, ke = pair_ids, kw = pair_weights;
+    if (!uniform && !by_rows && !groups.empty()) {
+      std::vector<at::Tensor> t, i, v;
+      for (size_t g = 0; g < groups.size(); g += 3) {
+        t.push_back(groups[g].unsqueeze(1).expand(groups[g + 1].sizes()).reshape(-1));
+        i.push_back(groups[g + 1].reshape(-1));
+        v.push_back(groups[g + 2].reshape(-1));
+      }
+      kt = at::cat(t), ke = at::cat(i), kw = at::cat(v);
+    }
+    layers()[layer].last = {values, mask, packed, weights, kt, ke, kw};
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace seqtopk
+
+TORCH_LIBRARY_FRAGMENT(seqtopk_cpu, m) {
+  m.def("moe_layer(Tensor hidden, Tensor logits, Tensor w13, Tensor w2, Tensor? w13_bias, Tensor? w2_bias, int layer, "
+        "str act, str isa) -> Tensor");
+  m.def("moe_configure(int layer, int num_experts, int cap, int forced, int first, int per_token, int scale, int k, "
+        "int weight_mode, int layout, float call_rows, float reload_rows, float[] slot_cost) -> ()",
+        &seqtopk::configure);
+  m.def("moe_attach(int layer, Tensor store, Tensor? bands, Tensor counts) -> ()", &seqtopk::attach);
+  m.def("moe_set_step(Tensor row_start, Tensor? token_valid, Tensor? token_rule, int rule, Tensor row_seen, "
+        "Tensor block_table, int block_size, Tensor row_length, Tensor write_slots, Tensor? row_band, "
+        "Tensor token_class) -> ()", &seqtopk::set_step);
+  m.def("moe_clear_step() -> ()", []() { seqtopk::current() = seqtopk::StepLayout{}; });
+  m.def("moe_trace(bool on) -> ()", [](bool on) {
+    seqtopk::tracing() = on;
+    for (auto& layer : seqtopk::layers()) layer.last.clear();
+  });
+  // values, mask, ids (-1 unchosen), weights, then what the kernel got: token, expert, weight per row
+  m.def("moe_last(int layer) -> Tensor[]", [](int64_t layer) { return seqtopk::layer_at(layer).last; });
+}
+
+TORCH_LIBRARY_IMPL(seqtopk_cpu, CPU, m) { m.impl("moe_layer", &seqtopk::moe_layer); }
