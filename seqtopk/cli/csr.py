@@ -32,14 +32,18 @@ def _add_train(commands) -> None:
         "train",
         help="fit a CSR head on a dense backbone; the output folder loads with SparseEncoder(path)",
         description="Fit a CSR (or CSRv2) head on a dense sentence-transformers backbone. The head is trained on "
-        "cached backbone embeddings; --finetune-steps adds CSRv2 end-to-end backbone fine-tuning. Data comes from "
-        "the train splits under ../shared/data (override the location with $SEQTOPK_SHARED).",
+        "cached backbone embeddings; --finetune-steps then trains backbone and head end to end (the folder carries "
+        "the fine-tuned backbone). A checkpoint beside --out is written every --checkpoint-every steps; --resume "
+        "goes on from it, and --time-limit stops a run there to be resumed later. Data comes from the train "
+        "splits under ../shared/data (override the location with $SEQTOPK_SHARED).",
         formatter_class=_HelpWithDefaults,
     )
     p.add_argument("--backbone", type=Path, default=None, help="sentence-transformers model folder (default: offline all-MiniLM-L6-v2)")
     p.add_argument("--k", type=int, required=True, help="active latents per embedding")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--method", choices=("csr", "csrv2"), default="csr", help="csrv2 adds k annealing and supervised contrastive")
+    p.add_argument("--method", choices=("csr", "csrv2", "mrl"), default="csr",
+                   help="csrv2 adds k annealing and supervised contrastive; mrl: the dense reference, a linear "
+                   "--k-dim head with CSRv2's data and loss (a SentenceTransformer folder)")
     p.add_argument(
         "--data", action="append", default=None, metavar="NAME|FILE",
         help="training data, repeatable: scifact, stsb, sick, banking77 (train splits) or a JSONL file of "
@@ -52,7 +56,17 @@ def _add_train(commands) -> None:
     p.add_argument("--k-init", type=int, default=None, help="csrv2: first k of the anneal (default 32 x k, capped at hidden/4)")
     p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=None,
                    help="supervised contrastive with labels (default: on for csrv2, off for csr)")
-    p.add_argument("--finetune-steps", type=int, default=0, help="csrv2: end-to-end backbone fine-tuning steps after the head")
+    p.add_argument("--finetune-steps", type=int, default=0, help="end-to-end backbone fine-tuning steps after the head")
+    p.add_argument("--finetune-batch-size", type=int, default=32, help="pairs per fine-tuning step")
+    p.add_argument("--backbone-lr", type=float, default=2e-5, help="peak AdamW learning rate of the backbone")
+    p.add_argument("--backbone-warmup", type=float, default=0.1, help="fraction of the fine-tuning steps warming the backbone's rate up")
+    p.add_argument("--backbone-schedule", choices=("linear", "cosine", "constant"), default="linear",
+                   help="the backbone's rate after warmup")
+    p.add_argument("--finetune-head-lr", type=float, default=1e-4, help="the head's (constant) rate while the backbone trains")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (<OUT>.checkpoint/)")
+    p.add_argument("--resume", action="store_true", help="go on from the checkpoint of an unfinished run with the same settings")
+    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="stop after this long with a checkpoint written (run again with --resume)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split, batches and initialisation")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -190,9 +204,19 @@ def run_train(args) -> int:
     config = TrainConfig(
         k=args.k, method=args.method, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
         hidden_multiple=args.hidden_multiple, k_init=args.k_init, supervised=args.supervised,
-        finetune_steps=args.finetune_steps, seed=args.seed, data=args.data or [],
+        finetune_steps=args.finetune_steps, finetune_batch_size=args.finetune_batch_size, backbone_lr=args.backbone_lr,
+        backbone_warmup=args.backbone_warmup, backbone_schedule=args.backbone_schedule,
+        finetune_head_lr=args.finetune_head_lr, checkpoint_every=args.checkpoint_every, seed=args.seed, data=args.data or [],
     )
-    summary = train_head(args.backbone or default_backbone(), args.out, config, overwrite=args.overwrite, progress=not args.quiet)
+    summary = train_head(args.backbone or default_backbone(), args.out, config, overwrite=args.overwrite, progress=not args.quiet,
+                         resume=args.resume, time_limit_s=None if args.time_limit is None else 60 * args.time_limit)
+    if summary.get("paused"):
+        print(f"stopped at the time limit: {summary['stage']} step {summary['step']} of {summary['total_steps']}, "
+              f"checkpoint in {summary['checkpoint']}; run the same command with --resume to go on")
+        return 0
+    if summary["dead_latent_fraction_heldout"] is None:
+        print(f"saved {args.out}: {summary['method']} dense head of {summary['hidden_dim']} dims")
+        return 0
     print(
         f"saved {args.out}: {summary['method']} k={summary['k']} hidden={summary['hidden_dim']}, dead latents on "
         f"{summary['heldout_texts']} held-out texts: {summary['dead_latent_fraction_heldout']:.1%}"

@@ -33,6 +33,21 @@ def is_csr_head_dir(path: Path) -> bool:
     return bool(entries) and entries[-1]["type"].endswith("SparseAutoEncoder")
 
 
+def is_dense_head_dir(path: Path) -> bool:
+    """A folder `seqtopk csr train --method mrl` wrote: a backbone plus a trained linear Dense head."""
+    path = Path(path)
+    modules, summary = path / "modules.json", path / "csr_training.json"
+    if not (modules.is_file() and summary.is_file()):
+        return False
+    entries = json.loads(modules.read_text())
+    return bool(entries) and entries[-1]["type"].endswith("Dense") and json.loads(summary.read_text()).get("method") == "mrl"
+
+
+def has_trained_head(path: Path) -> bool:
+    """A folder whose last module is a head trained on the backbone's embedding (CSR or the MRL reference)."""
+    return is_csr_head_dir(path) or is_dense_head_dir(path)
+
+
 def _pooling_mode(config: dict) -> str:
     if isinstance(config.get("pooling_mode"), str):  # sentence-transformers >= 5 writes the mode by name
         return config["pooling_mode"]
@@ -51,10 +66,10 @@ def max_seq_length(path: Path) -> int | None:
 
 
 def backbone_layout(path: Path) -> dict:
-    """What turns token states into the dense embedding: module kinds (minus a CSR head), pooling, length."""
+    """What turns token states into the dense embedding: module kinds (minus a trained head), pooling, length."""
     path = Path(path)
     modules = json.loads((path / "modules.json").read_text())
-    if is_csr_head_dir(path):
+    if has_trained_head(path):
         modules = modules[:-1]
     layout: dict = {"modules": [m["type"].rsplit(".", 1)[-1] for m in modules], "max_seq_length": max_seq_length(path)}
     for m in modules:
@@ -109,8 +124,8 @@ def is_multi_vector_dir(path: Path) -> bool:
 
 
 def load_backbone(path: Path, device: str = "cpu"):
-    """The dense part of a model folder as a SentenceTransformer (a CSR head folder minus its head; an SSR
-    folder's transformer alone)."""
+    """The dense part of a model folder as a SentenceTransformer (a CSR or MRL head folder minus its head; an
+    SSR folder's transformer alone)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder; never reach for a hub
     from sentence_transformers import MultiVectorEncoder, SentenceTransformer, SparseEncoder
 
@@ -120,6 +135,8 @@ def load_backbone(path: Path, device: str = "cpu"):
     if is_csr_head_dir(path):
         modules = list(SparseEncoder(str(path), device=device, local_files_only=True))[:-1]
         return SentenceTransformer(modules=modules, device=device)
+    if is_dense_head_dir(path):
+        return SentenceTransformer(modules=list(SentenceTransformer(str(path), device=device, local_files_only=True))[:-1], device=device)
     if is_multi_vector_dir(path):
         return SentenceTransformer(modules=[MultiVectorEncoder(str(path), device=device, local_files_only=True)[0]],
                                    device=device)
@@ -129,11 +146,12 @@ def load_backbone(path: Path, device: str = "cpu"):
 class CachedBackbone:
     """encode(texts) -> (n, d) float32 dense embeddings, reading and filling the on-disk cache."""
 
-    def __init__(self, path: Path, batch_size: int = 64, use_cache: bool = True) -> None:
+    def __init__(self, path: Path, batch_size: int = 64, use_cache: bool = True, model=None) -> None:
+        """`model`: the folder's dense modules already in memory (else loaded from `path` when first needed)."""
         self.path = Path(path)
         self.batch_size = batch_size
         self.use_cache = use_cache
-        self._model = None
+        self._model = model
         self._store: dict[bytes, np.ndarray] = {}
         self._loaded = False
 

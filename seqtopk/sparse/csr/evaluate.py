@@ -37,6 +37,20 @@ def evaluate_heads(heads: list[Path], tasks: list[str], use_cache: bool = True) 
     return rows
 
 
+def evaluate_mrl(folder: Path, tasks: list[str]) -> dict:
+    """MTEB row of an MRL reference folder (`seqtopk csr train --method mrl`): its backbone's embeddings from the
+    cache (shared with the frozen backbone when it was not fine-tuned), then its linear head."""
+    from seqtopk.sparse.mteb.models import LinearHeadModel, run_tasks
+    from seqtopk.sparse.mteb.tasks import local_tasks
+
+    summary = training_summary(folder)
+    if summary.get("method") != "mrl":
+        raise ValueError(f"{folder} is not an MRL reference folder (csr_training.json names method {summary.get('method')!r})")
+    model = LinearHeadModel(CachedBackbone(folder), folder, name=f"seqtopk/{Path(folder).name}")
+    return {"model": str(folder), "method": "mrl", "k": summary["k"], "dead_latent_fraction_heldout": None,
+            "scores": run_tasks(model, local_tasks(tasks))}
+
+
 def evaluate_dense(backbone: Path, tasks: list[str], dims: int | None = None) -> dict:
     from seqtopk.sparse.mteb.models import DenseBaselineModel, run_tasks
     from seqtopk.sparse.mteb.tasks import local_tasks

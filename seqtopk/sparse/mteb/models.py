@@ -84,6 +84,22 @@ class DenseBaselineModel(AbsEncoder):
         return embeddings[:, : self.dims] if self.dims else embeddings
 
 
+class LinearHeadModel(DenseBaselineModel):
+    """A folder with a trained linear head (the MRL reference): cached backbone embeddings, then the head."""
+
+    def __init__(self, backbone: CachedBackbone, folder: Path, name: str | None = None) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        super().__init__(backbone, name=name)
+        self.head = SentenceTransformer(str(folder), device="cpu", local_files_only=True)[-1]
+        self.mteb_model_meta = _meta(name or f"seqtopk/{Path(folder).name}", self.head.out_features, ScoringFunction.COSINE)
+
+    def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None, **kwargs: Any) -> np.ndarray:
+        dense = torch.from_numpy(self.model.encode(batch_texts(inputs)))
+        with torch.inference_mode():
+            return self.head({"sentence_embedding": dense})["sentence_embedding"].numpy()
+
+
 def run_tasks(model, tasks) -> dict[str, float]:
     """Main score per task name, from a real MTEB run (no result cache, no CO2 tracking, offline)."""
     import mteb
