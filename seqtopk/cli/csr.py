@@ -39,7 +39,7 @@ def _add_train(commands) -> None:
         formatter_class=_HelpWithDefaults,
     )
     p.add_argument("--backbone", type=Path, default=None, help="sentence-transformers model folder (default: offline all-MiniLM-L6-v2)")
-    p.add_argument("--k", type=int, required=True, help="active latents per embedding")
+    p.add_argument("--k", type=int, required=True, help="active latents per embedding (mrl: the head's dimensions)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--method", choices=("csr", "csrv2", "mrl"), default="csr",
                    help="csrv2 adds k annealing and supervised contrastive; mrl: the dense reference, a linear "
@@ -55,7 +55,7 @@ def _add_train(commands) -> None:
     p.add_argument("--hidden-multiple", type=int, default=4, help="hidden size = this x backbone dimension")
     p.add_argument("--k-init", type=int, default=None, help="csrv2: first k of the anneal (default 32 x k, capped at hidden/4)")
     p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=None,
-                   help="supervised contrastive with labels (default: on for csrv2, off for csr)")
+                   help="supervised contrastive with labels (default: on for csrv2 and mrl, off for csr)")
     p.add_argument("--finetune-steps", type=int, default=0, help="end-to-end backbone fine-tuning steps after the head")
     p.add_argument("--finetune-batch-size", type=int, default=32, help="pairs per fine-tuning step")
     p.add_argument("--backbone-lr", type=float, default=2e-5, help="peak AdamW learning rate of the backbone")

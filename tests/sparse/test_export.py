@@ -13,7 +13,7 @@ from seqtopk.testing.require import require_module
 from seqtopk.sparse.export import CodesInfo, EngineError, open_engine
 from seqtopk.sparse.index import InvertedIndex, SparseRows
 from seqtopk.sparse.synthetic import CodeStatistics, synthetic_corpus
-from tests.sparse.fixtures import needs_shared_data, tiny_head
+from tests.sparse.fixtures import needs_shared_data, tiny_finetuned_head, tiny_head
 
 require_module("pymilvus", 'pip install "seqtopk[vector-engines]"', allow_module_level=True)
 require_module("qdrant_client", 'pip install "seqtopk[vector-engines]"', allow_module_level=True)
@@ -141,12 +141,13 @@ def test_a_failed_export_leaves_the_previous_collection_or_nothing(name, tmp_pat
 
 
 @needs_shared_data
-def test_cli_export_and_engine_search_agree_with_the_exact_index(tmp_path, capsys):
+@pytest.mark.parametrize("make_head", [tiny_head, tiny_finetuned_head], ids=["frozen-backbone", "finetuned-backbone"])
+def test_cli_export_and_engine_search_agree_with_the_exact_index(tmp_path, capsys, make_head):
     from seqtopk.cli import main
     from seqtopk.sparse.data import readers
     from seqtopk.sparse.export.texts import HeadEncoder
 
-    head = tiny_head()
+    head = make_head()
     corpus = list(readers.scifact_corpus().values())[:60]
     corpus_file = tmp_path / "corpus.jsonl"
     corpus_file.write_text("".join(json.dumps({"_id": d["_id"], "title": d["title"], "text": d["text"]}) + "\n"
