@@ -3,7 +3,8 @@ adaptive rules at the same spend (issue 33).
 
 1. A 64-expert, top-8 OLMoE-shaped model (transformers' OlmoeForCausalLM, byte-level tokens, tiny hidden sizes)
    pretrained on CPU with stock TopK-8 on the first 90% of tinyshakespeare and of the wikitext-2 test variant
-   (CRLF made LF), per seed (init and batch order), with OLMoE's load-balancing loss.
+   (CRLF made LF), per seed (init and batch order), with OLMoE's load-balancing loss, in stages (each a fresh
+   AdamW with its warm-up, so no unit of work runs long).
 2. At every budget k' in {8, 4, 2, 1} (sparsity k'/64), these routings:
    - topk: stock TopK-k' (`seqtopk.topk_at`; at 8 the model as it is);
    - seqtopk: SeqTopK-k', min_experts=0 (its default cap ceil(k')+2), evaluated under both prefill rules:
@@ -15,11 +16,13 @@ adaptive rules at the same spend (issue 33).
    every routing; SeqTopK trains under the sequence rule, the adaptive rules at their calibrated parameter and
    are calibrated again after it).
 3. Held-out bits per byte (second half of each held-out 10%: one byte is one token), the relative gain over
-   TopK-k' paired seed by seed, and the experts per token each routing really spent there.
+   TopK-k' paired seed by seed, and the experts per token each routing really spent there; lm-eval's packaged
+   tinyshakespeare_local task on the pretrained model, every routing switched on.
 
-Long: work is cut in units (a pretraining, a seed's switched-on evaluations, one fine-tune) saved under
---work-dir as they finish, so a run stops after --max-minutes and the next one resumes; every run rewrites
-the JSON and PNG from the units done so far, recording exactly which ran.
+Long: work is cut in units (a pretraining stage, a seed's switched-on evaluations, one fine-tune, a seed's
+lm-eval) saved under --work-dir as they finish, so a run stops after --max-minutes and the next one resumes;
+every run rewrites the JSON and PNG from the units done so far (--assemble: only that), each row naming the
+seeds it ran on; `seeds` lists the seeds that finished the whole grid.
 
     python evals/sparsity_table.py --seeds 0,1,2 --max-minutes 9   # repeat until it says the grid is done
     python evals/sparsity_table.py --small --work-dir /tmp/x --out /tmp/x/table.json   # under a minute (tests)
