@@ -48,7 +48,8 @@ def test_every_routing_spends_its_budget(table):
     for stage, rows in result["table"].items():
         for k, by_row in rows.items():
             spent = {row: r["experts_per_token"] for row, r in by_row.items()}
-            assert spent["topk"] == spent["seqtopk-sequence"] == pytest.approx(int(k)), (stage, k, spent)
+            for row in ("topk", "seqtopk-sequence"):
+                assert spent[row] == pytest.approx(int(k)), (stage, k, spent)
             assert spent["seqtopk-causal"] == pytest.approx(int(k), rel=0.2), (stage, k, spent)
             for rule in ("top-p", "entropy"):
                 assert spent[rule] == pytest.approx(int(k), rel=0.10), (stage, k, rule, spent)
