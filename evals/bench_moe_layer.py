@@ -219,6 +219,22 @@ def measure(shape_name: str, sharpness: str, load_name: str, k: int, prefill: st
                 rows_per_token=counts[4] / max(tokens, 1))
 
 
+def summarise(runs: list) -> dict:
+    """ratio (stock time / whole-layer time) per shape, load, sharpness and "k=<k'> <prefill rule>", the worst per
+    shape and load, and the normalised entropy of each sharpness level."""
+    out: dict = {}
+    for r in runs:
+        key = f"k={r['k']}" + (f" {r['prefill']}" if r["load"] == "prefill" else "")
+        out.setdefault(r["shape"], {}).setdefault(r["load"], {}).setdefault(r["sharpness"], {})[key] = round(
+            r["ratio_whole_layer"], 3)
+    for shape, loads in out.items():
+        for load, levels in loads.items():
+            levels["worst"] = min(v for level in levels.values() for v in level.values())
+    entropy = {r["sharpness"]: r["entropy"] for r in runs}
+    worst_rows = max(abs(r["rows_per_token"] / r["experts_per_token"] - 1) for r in runs if r["experts_per_token"])
+    return {"ratio": out, "normalised_entropy": entropy, "rows_over_pairs_worst_deviation": round(worst_rows, 4)}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -260,7 +276,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layout", default="auto", choices=["auto", "rows", "groups"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer_cpu.json"))
+    parser.add_argument("--replot", action="store_true", help="summarise and draw --out again, measuring nothing")
     args = parser.parse_args()
+    if args.replot:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        result["summary"] = summarise(result["runs"])
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        plot(result, out.with_suffix(".png"))
+        return 0
     torch.set_num_threads(args.threads)
     from seqtopk.kernels import compiled
 
@@ -287,7 +311,7 @@ def main() -> int:
                     "paths interleaved step by step in one process",
         machine=dict(cpu=platform.processor() or platform.machine(), threads=args.threads,
                      load_average_before=load_before, load_average_after=os.getloadavg()),
-        torch=torch.__version__, layout=args.layout, steps=args.steps, runs=runs,
+        torch=torch.__version__, layout=args.layout, steps=args.steps, summary=summarise(runs), runs=runs,
         recorded=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,15 @@ def _settings_text(settings: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in settings.items())
 
 
+def _describe(case) -> str:
+    """Name(field=value, ...) of a case, its settings spelled out: pasted back, it rebuilds the case."""
+    from dataclasses import fields
+
+    parts = [f"settings={{{_settings_text(case.settings)}}}" if f.name == "settings"
+             else f"{f.name}={getattr(case, f.name)!r}" for f in fields(case)]
+    return f"{type(case).__name__}({', '.join(parts)})"
+
+
 # ------------------------------------------------------------------------------------------ model level
 
 
@@ -270,10 +279,7 @@ class RoutingCase:
     seed: int = 0
 
     def describe(self) -> str:
-        return (f"RoutingCase(scoring={self.scoring!r}, experts={self.experts}, "
-                f"settings={{{_settings_text(self.settings)}}}, lengths={self.lengths}, pad_left={self.pad_left}, "
-                f"chunks={self.chunks}, decode_steps={self.decode_steps}, levels={self.levels}, "
-                f"drift={self.drift}, reorders={self.reorders}, seed={self.seed})")
+        return _describe(self)
 
 
 SCORINGS = ("softmax", "softmax_raw", "sigmoid_bias", "sigmoid_grouped", "chosen_softmax")
@@ -444,10 +450,7 @@ class LayerCase:
     seed: int = 0
 
     def describe(self) -> str:
-        return (f"LayerCase(experts={self.experts}, settings={{{_settings_text(self.settings)}}}, "
-                f"renormalize={self.renormalize}, prompts={self.prompts}, chunk={self.chunk}, "
-                f"decode_steps={self.decode_steps}, scale={self.scale}, levels={self.levels}, "
-                f"layout={self.layout!r}, seed={self.seed})")
+        return _describe(self)
 
 
 LAYER_HIDDEN, LAYER_INTERMEDIATE, LAYER_BLOCK = 64, 32, 16
@@ -624,7 +627,8 @@ class ServedCase:
 def check_served_case(llm, case: ServedCase, cfg, tally: dict | None = None, k: float | None = None) -> str | None:
     """Run the case on `llm` (a vllm.LLM routing with the resolved settings `cfg`, prefix caching off: a cached
     prefix is not routed again, so its scores are not in the trace) and check every routing of every request
-    (recomputes after preemption included) by the rule. tally: counts added ("tokens", "routings").
+    (recomputes after preemption included) by the rule, and the pairs the compiled layer op gave its experts
+    kernel (kernel_pair_mismatch). tally: counts added ("tokens", "routings", "kernel_records").
     k: check by a rule with another budget instead (it must then find differences: the check can fail)."""
     from vllm import SamplingParams, TokensPrompt
 
@@ -637,6 +641,11 @@ def check_served_case(llm, case: ServedCase, cfg, tally: dict | None = None, k: 
         outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in case.prompts], params, use_tqdm=False)
     finally:
         records = llm.collective_rpc("seqtopk_trace", args=(False,))[0]
+    found = kernel_pair_mismatch(records)
+    if found is not None:
+        return f"{found} on {case.describe()}"
+    if tally is not None:  # trace records of the compiled layer op, whose kernel rows were checked
+        tally["kernel_records"] = tally.get("kernel_records", 0) + sum(bool(r.get("kernel")) for r in records)
     by_request = routings(records)
     layers = sorted({layer for _, layer in by_request})
     for output in outputs:
@@ -655,6 +664,19 @@ def check_served_case(llm, case: ServedCase, cfg, tally: dict | None = None, k: 
                 if wrong:
                     return (f"vLLM chose other slots than the rule on {case.describe()}: request "
                             f"{output.request_id}, layer {layer}, positions {wrong[:10]}")
+    return None
+
+
+def kernel_pair_mismatch(records: list) -> str | None:
+    """Where the compiled layer op recorded what it gave the experts kernel (trace records' `kernel`: per token,
+    [expert, weight] rows), the rows of nonzero weight must be exactly the token's chosen experts, and padding rows
+    (weight 0) must name one of them; None when they are, or nothing was recorded (the Python op)."""
+    for record in records:
+        for position, ids, pairs in zip(record["position"], record["ids"], record.get("kernel") or []):
+            chosen = sorted(i for i in ids if i >= 0)
+            if sorted(e for e, w in pairs if w != 0) != chosen or any(e not in chosen for e, w in pairs if w == 0):
+                return (f"layer {record['layer']}, position {position}: the experts kernel got {pairs}, the token "
+                        f"chose {chosen}")
     return None
 
 

@@ -150,3 +150,28 @@ def test_budget_sweep_runs_small(tmp_path, shared_data):
             assert ratios["seqtopk_speedup_over_topk_K"] == pytest.approx(rates[f"seqtopk-{k}"] / rates["topk-8"])
             assert ratios["seqtopk_over_topk_same_k"] == pytest.approx(rates[f"seqtopk-{k}"] / rates[f"topk-{k}"])
     assert_png(out.with_suffix(".png"))
+
+
+def test_moe_layer_bench_runs_small(tmp_path, compiled_kernels):  # the compiled layer op and vLLM's CPU kernel
+    from seqtopk.testing.require import require_vllm
+
+    require_vllm()
+    out = tmp_path / "moe_layer.json"
+    run_script("bench_moe_layer.py", "--shape", "small", "--loads", "decode", "prefill", "--budgets", "8", "2",
+               "--sharpness", "trained-like", "sharp", "--steps", "3", "--warm", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert {(r["load"], r["k"], r["prefill"], r["sharpness"]) for r in runs} == {
+        (load, k, rule, level) for load in ("decode", "prefill") for k in (8, 2) for level in ("trained-like", "sharp")
+        for rule in (("sequence", "causal") if load == "prefill" else ("sequence",))}
+    for r in runs:
+        assert all(positive(us) for us in r["us_median"].values()), r
+        assert r["ratio_whole_layer"] == pytest.approx(r["us_median"]["stock"] / r["us_median"]["whole-layer"])
+        assert abs(r["experts_per_token"] - r["k"]) < 0.15 * r["k"], r  # the budget asked for was spent
+        # rows computed inside the op: exactly the chosen pairs (one pass over the experts, no padding)
+        assert r["rows_per_token"] == pytest.approx(r["experts_per_token"], rel=1e-9), r
+    sharp, trained = (statistics.mean(r["entropy"] for r in runs if r["sharpness"] == s) for s in ("sharp", "trained-like"))
+    assert 0.1 < sharp < 0.2 and 0.35 < trained < 0.45, (sharp, trained)
+    assert result["summary"]["ratio"]["small"]["decode"]["worst"] == pytest.approx(
+        min(r["ratio_whole_layer"] for r in runs if r["load"] == "decode"), abs=1e-3)
+    assert_png(out.with_suffix(".png"))

@@ -29,5 +29,7 @@ def test_served_batches_follow_the_rule(serving_engine, vllm_helpers):
 
     check()
     assert tally["tokens"] > 0 and tally["routings"] >= 6
+    # the compiled layer op served them (CPU kernels loaded), and its experts kernel got exactly the chosen pairs
+    assert tally["kernel_records"] > 0, tally
     case = ServedCase(prompts=((5, 6, 7, 8, 9), (10, 11)), max_tokens=(6, 3))
     assert check_served_case(serving_engine, case, cfg, k=cfg.k + 1) is not None, "the check cannot fail"

