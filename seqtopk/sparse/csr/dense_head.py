@@ -17,7 +17,7 @@ from torch import nn
 
 
 class LinearHead(nn.Module):
-    """The interface train.batch_loss uses on a TopKSAE (codes, decode_codes, weight, a 4k code, AuxK), dense."""
+    """The interface losses.batch_loss uses on a TopKSAE (codes, decode_codes, weight, a 4k code, AuxK), dense."""
 
     is_dense = True
 
@@ -43,9 +43,6 @@ class LinearHead(nn.Module):
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.encoder.weight + self.pre_bias
-
-    def dead_mask(self) -> torch.Tensor:
-        return torch.zeros(self.hidden_dim, dtype=torch.bool)
 
     def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         codes = self.codes(features["sentence_embedding"])

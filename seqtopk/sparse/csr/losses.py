@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy
 import torch
 import torch.nn.functional as F
 
@@ -87,3 +88,34 @@ def reconstruction_terms(
         "mse_4k": normalized_mse(x_hat_4k, x),
         "auxk": auxk_loss(x - x_hat_k, aux_reconstruction),
     }
+
+
+def batch_loss(head, x, n_pairs: int, labels, k: int, config):
+    """Total loss and its parts for a batch whose rows are [anchors; positives] dense embeddings (config: the
+    run's seqtopk.sparse.csr.train.TrainConfig).
+
+    Reconstruction sees the embeddings detached, so when the backbone is fine-tuned only the contrastive
+    term reaches it; otherwise the backbone could make its embeddings easier to reconstruct from k
+    latents at the expense of what they mean.
+    """
+    head.k = k
+    target = x.detach()
+    features = head({"sentence_embedding": target})
+    codes = features["sentence_embedding"]
+    aux = features["csr_codes_aux"]
+    parts = reconstruction_terms(
+        target,
+        head.decode_codes(codes),
+        head.decode_codes(features["csr_codes_4k"]),
+        None if aux is None else aux @ head.weight,
+    )
+    if x.requires_grad:  # backbone fine-tuning: the same codes, computed from the live embeddings
+        codes = head.codes(x, k)
+    w = config.weights
+    if config.supervised:
+        both = torch.as_tensor(numpy.concatenate([labels, labels]), device=codes.device)
+        parts["contrastive"] = supervised_contrastive(codes, both, w.supcon_temperature)
+    else:
+        parts["contrastive"] = info_nce(codes[:n_pairs], codes[n_pairs:], w.temperature)
+    total = parts["mse_k"] + w.four_k * parts["mse_4k"] + w.aux * parts["auxk"] + w.contrastive * parts["contrastive"]
+    return total, {name: float(value.detach()) for name, value in parts.items()}

@@ -22,7 +22,7 @@ import numpy as np
 
 from seqtopk.sparse.data.batches import split_heldout, training_batches
 from seqtopk.sparse.data.readers import load_training_sets
-from seqtopk.sparse.csr.losses import LossWeights
+from seqtopk.sparse.csr.losses import LossWeights, batch_loss  # noqa: F401  (batch_loss: part of a run)
 from seqtopk.sparse.index.atomic import replace_folder, staging_folder
 
 METHODS = ("csr", "csrv2", "mrl")
@@ -113,40 +113,6 @@ def k_at_step(step: int, total_steps: int, k_start: int, k_final: int, anneal_fr
 # Loss on one batch
 
 
-def batch_loss(head, x, n_pairs: int, labels, k: int, config: TrainConfig):
-    """Total loss and its parts for a batch whose rows are [anchors; positives] dense embeddings.
-
-    Reconstruction sees the embeddings detached, so when the backbone is fine-tuned only the contrastive
-    term reaches it; otherwise the backbone could make its embeddings easier to reconstruct from k
-    latents at the expense of what they mean.
-    """
-    import torch
-
-    from seqtopk.sparse.csr.losses import info_nce, reconstruction_terms, supervised_contrastive
-
-    head.k = k
-    target = x.detach()
-    features = head({"sentence_embedding": target})
-    codes = features["sentence_embedding"]
-    aux = features["csr_codes_aux"]
-    parts = reconstruction_terms(
-        target,
-        head.decode_codes(codes),
-        head.decode_codes(features["csr_codes_4k"]),
-        None if aux is None else aux @ head.weight,
-    )
-    if x.requires_grad:  # backbone fine-tuning: the same codes, computed from the live embeddings
-        codes = head.codes(x, k)
-    w = config.weights
-    if config.supervised:
-        both = torch.as_tensor(np.concatenate([labels, labels]), device=codes.device)
-        parts["contrastive"] = supervised_contrastive(codes, both, w.supcon_temperature)
-    else:
-        parts["contrastive"] = info_nce(codes[:n_pairs], codes[n_pairs:], w.temperature)
-    total = parts["mse_k"] + w.four_k * parts["mse_4k"] + w.aux * parts["auxk"] + w.contrastive * parts["contrastive"]
-    return total, {name: float(value.detach()) for name, value in parts.items()}
-
-
 # ----------------------------------------------------------------------------------------------------
 # The run
 
@@ -230,7 +196,8 @@ def train_head(backbone: Path, out: Path, config: TrainConfig, overwrite: bool =
         optimiser.step()
         if step == 1 or step % 50 == 0 or step == config.max_steps:
             history.append({"step": step, "k": k, "loss": float(loss.detach()), **parts})
-        bar.set_postfix(k=k, loss=f"{float(loss.detach()):.3f}", dead=int(head.dead_mask().sum()))
+        dead = 0 if getattr(head, "is_dense", False) else int(head.dead_mask().sum())  # (a dense head has none)
+        bar.set_postfix(k=k, loss=f"{float(loss.detach()):.3f}", dead=dead)
         bar.update(1)
         stopping = deadline is not None and time.monotonic() > deadline and step < config.max_steps
         if step % config.checkpoint_every == 0 or stopping or (step == config.max_steps and config.finetune_steps):
