@@ -186,3 +186,40 @@ def test_doctor_names_the_vllm_build_and_the_tested_verdict(compat):
     verdict = "in the tested range" if compat.tested(version) else "NOT in the tested range"
     assert verdict in line and line.lstrip().startswith("[ok]" if compat.tested(version) else "[--]")
     assert any("vector engines" in line for line in out.splitlines())
+
+
+def test_only_unquantized_triton_experts_without_a_map_get_minus_one_slots(compat):
+    """CUDA-graph steps hand -1 in unchosen slots only to experts whose sources (checked by compat.SYMBOLS) drop
+    and skip it once given an expert map: vLLM's own unquantized TritonExperts on a single rank. A real map
+    (expert parallelism), LoRA or another experts class keeps the weight-0 repeats. Built from vLLM's classes on
+    CPU; the kernels themselves need CUDA and were not run here."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.config import (
+        FUSED_MOE_UNQUANTIZED_CONFIG, FusedMoEConfig, FusedMoEParallelConfig, RoutingMethodType)
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts, TritonWNA16Experts
+
+    from seqtopk.engines.vllm.router import pad_aware_expert_map, skips_minus_one
+
+    config = FusedMoEConfig(num_experts=8, experts_per_token=2, hidden_dim=64, intermediate_size=64,
+                            num_local_experts=8, num_logical_experts=8, activation=MoEActivation.SILU, device="cpu",
+                            routing_method=RoutingMethodType.Renormalize,
+                            moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(), in_dtype=torch.bfloat16)
+
+    def layer(fused, expert_map=None):
+        return SimpleNamespace(expert_map=expert_map, global_num_experts=8,
+                               quant_method=SimpleNamespace(moe_kernel=SimpleNamespace(fused_experts=fused)))
+
+    triton = TritonExperts(config, FUSED_MOE_UNQUANTIZED_CONFIG)
+    assert skips_minus_one(layer(triton))
+    assert not skips_minus_one(layer(triton, expert_map=torch.arange(8, dtype=torch.int32)))
+    assert not skips_minus_one(layer(TritonWNA16Experts.__new__(TritonWNA16Experts)))  # a subclass: not read
+    assert not skips_minus_one(layer(CPUUnquantizedExperts.__new__(CPUUnquantizedExperts)))
+    assert not skips_minus_one(SimpleNamespace(expert_map=None, quant_method=object()))  # no modular kernel
+    with_lora = TritonExperts(config, FUSED_MOE_UNQUANTIZED_CONFIG)
+    with_lora.set_lora_context(object())
+    assert not skips_minus_one(layer(with_lora))
+    assert pad_aware_expert_map(layer(triton), torch.device("cpu")) is None  # CPU layers never take -1

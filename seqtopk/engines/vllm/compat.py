@@ -171,6 +171,18 @@ SYMBOLS: tuple[Symbol, ...] = (
                    "global_num_experts", "expert_map", "a1q_scale", "a2_scale", "workspace13", "workspace2",
                    "expert_tokens_meta", "apply_router_weight_on_input"),
            use="CPU experts called directly (router.experts_call); any mismatch falls back to forward_modular"),
+    # --- a GPU step captured in a CUDA graph: unchosen slots as -1 (router.pad_aware_expert_map; not run here)
+    Symbol(f"{_FUSED_MOE}.experts.triton_moe", "TritonExperts", attrs=("_lora_context", "apply")),
+    Symbol(f"{_FUSED_MOE}.experts.triton_moe", "TritonExperts.apply", params=("topk_ids", "expert_map"),
+           called="_prepare_expert_assignment",
+           use="drops ids < 0 at alignment when given an expert map (ignore_invalid_experts=skip_invalid)"),
+    Symbol(f"{_FUSED_MOE}.experts.triton_moe", "TritonExperts.moe_sum", params=("input", "output", "topk_ids", "expert_map"),
+           ordered=True, called="ops.moe_sum",
+           use="with an expert map, sums only the slots whose expert is valid: -1 slots add nothing"),
+    Symbol(f"{_FUSED_MOE}.modular_kernel", "FusedMoEKernel.apply",
+           params=("hidden_states", "w1", "w2", "topk_ids", "topk_weights", "activation", "global_num_experts",
+                   "expert_map", "apply_router_weight_on_input"),
+           use="router._run_captured calls the layer's modular kernel with the identity map"),
     # --- each step's layout (step.py, stats.py, worker.py)
     Symbol("vllm.forward_context", "get_forward_context"),
     Symbol("vllm.forward_context", "is_forward_context_available"),

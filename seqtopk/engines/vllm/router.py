@@ -197,10 +197,7 @@ class SeqTopKRouter(BaseRouter):
         routed = route(logits, self.scoring, self.cfg, step.batch, rules, step.history(self.store, self.bands),
                        unchosen="repeat_best", stats=RouteStats(token_class=step.token_class(), counters=self.counts))
         if graph:
-            # A captured step must keep its shapes: every cap slot runs (unchosen ones at weight 0).
-            out = experts.forward_modular(x=hidden_states, topk_weights=routed.weights.float(),
-                                          topk_ids=routed.ids.to(torch.int32))
-            self.counts[4] += routed.ids.numel()  # replays run no Python: the captured add counts them
+            out = self._run_captured(experts, hidden_states, routed)
         elif backend_for(logits.device) == CPU_KERNELS:
             out, rows = self._run_groups(experts, hidden_states, routed)
             self.host_rows += rows
@@ -211,6 +208,23 @@ class SeqTopKRouter(BaseRouter):
             self.host_rows += rows
         stats.after_step(self, step, routed, graph)
         return out
+
+    def _run_captured(self, experts, hidden: torch.Tensor, routed) -> torch.Tensor:
+        """A step captured in a CUDA graph keeps its shapes: every token passes cap slots. Where vLLM's Triton
+        experts skip id -1 (pad_aware_expert_map), the unchosen slots carry -1 and cost nothing; elsewhere they
+        repeat a chosen expert at weight 0 and are computed. Replays run no Python: the captured add counts rows."""
+        identity = pad_aware_expert_map(experts, hidden.device)
+        if identity is None:
+            self.counts[4] += routed.ids.numel()
+            return experts.forward_modular(x=hidden, topk_weights=routed.weights.float(),
+                                           topk_ids=routed.ids.to(torch.int32))
+        self.counts[4] += routed.mask.sum()
+        return experts.quant_method.moe_kernel.apply(
+            hidden_states=hidden, w1=experts.w13_weight, w2=experts.w2_weight,
+            topk_ids=routed.ids.masked_fill(~routed.mask, -1).to(torch.int32),
+            topk_weights=routed.weights.float().masked_fill(~routed.mask, 0.0), activation=experts.activation,
+            global_num_experts=experts.global_num_experts, expert_map=identity,
+            apply_router_weight_on_input=experts.apply_router_weight_on_input)
 
     def _run_groups(self, experts, hidden: torch.Tensor, routed) -> tuple[torch.Tensor, int]:
         """Tokens grouped by their number of chosen experts, one kernel call per group (count_groups)."""
@@ -264,6 +278,41 @@ class SeqTopKRouter(BaseRouter):
         rows = experts.forward_modular(x=gather_rows(hidden, pairs.token), topk_weights=ones,
                                        topk_ids=pairs.expert.to(torch.int32).unsqueeze(1))
         return combine(rows, pairs).to(hidden.dtype), pairs.rows
+
+
+_IDENTITY_MAPS: dict = {}
+
+
+def pad_aware_expert_map(experts, device: torch.device) -> torch.Tensor | None:
+    """An identity expert map for a CUDA layer whose experts skip id -1 once given a map (skips_minus_one), else
+    None. The map sends every expert to itself, so no chosen pair changes."""
+    if device.type != "cuda" or not skips_minus_one(experts):
+        return None
+    key = (experts.global_num_experts, device)
+    if key not in _IDENTITY_MAPS:
+        _IDENTITY_MAPS[key] = torch.arange(experts.global_num_experts, dtype=torch.int32, device=device)
+    return _IDENTITY_MAPS[key]
+
+
+def skips_minus_one(experts) -> bool:
+    """Whether the layer's experts, called with an expert map, compute nothing for id -1 and sum it as zero.
+
+    vLLM's unquantized Triton experts (`experts/triton_moe.py`, `TritonExperts.apply`) drop ids < 0 when they
+    align the pairs and sum only the valid slots (`moe_sum` with topk_ids and expert_map), but only when the
+    call carries an expert map, no LoRA and no globally scaled quantized activation (`skip_invalid`); without a
+    map the sum adds workspace rows never written. Other experts (FlashInfer, AITER, quantized kernels, the
+    CPU kernel, which ignores expert_map) and layers with a real map (expert parallelism) do not qualify.
+    Checked against vLLM's sources by compat.SYMBOLS; not run on a GPU here (docs/vllm.md)."""
+    if experts.expert_map is not None:
+        return False
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+
+        fused = experts.quant_method.moe_kernel.fused_experts
+    except (ImportError, AttributeError):
+        return False
+    return (type(fused) is TritonExperts and fused.quant_dtype is None
+            and getattr(fused, "_lora_context", None) is None)
 
 
 # Registered with torch at import: the op must exist before vLLM traces the model, and this module is
