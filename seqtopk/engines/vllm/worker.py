@@ -83,7 +83,7 @@ def _install() -> None:
     forward = GPUModelRunner._model_forward
     if not getattr(forward, "seqtopk_wrapped", False):
         def _model_forward(self, *args, **kwargs):
-            if not whole_layers():
+            if not whole_layers() or not serves_seqtopk(self):  # (another engine in this process runs stock)
                 return forward(self, *args, **kwargs)
             step = set_whole_layer_step(self, kwargs)
             try:
@@ -145,6 +145,14 @@ def whole_layer_kernel(runner) -> tuple[str, str]:
     return found
 
 
+def serves_seqtopk(runner) -> bool:
+    """Whether `runner` is the model runner SeqTopK's routing state is attached to."""
+    from seqtopk.engines.vllm.registry import WORKER
+
+    source = WORKER.source
+    return source.runner is not None and source.runner() is runner
+
+
 def whole_layers() -> list:
     """This worker's routers that run as one compiled op."""
     from seqtopk.engines.vllm.registry import WORKER
@@ -196,7 +204,7 @@ def refresh_step_rows(runner, scheduler_output) -> None:
     from seqtopk.routing.paged import mark_stale
 
     source = WORKER.source
-    if source.prompt_lens is None or source.runner is None or source.runner() is not runner:
+    if source.prompt_lens is None or not serves_seqtopk(runner):
         return
     rows = runner.input_batch.num_reqs
     source.prompt_lens[:rows].copy_(runner.input_batch.num_prompt_tokens_cpu_tensor[:rows], non_blocking=True)
