@@ -14,14 +14,14 @@
 //
 // How the chosen pairs reach the kernel, which takes a fixed number of slots per token:
 // - every token chose the same number c > 0: one call with c slots, as stock TopK runs;
-// - "rows": every pair a row of one expert, one call: each expert's weights are read once and exactly the chosen
-//   pairs are computed; then each token's weighted rows are summed in float32 (its rows are adjacent);
+// - "rows": every pair a row of one expert, one call, the rows grouped by expert: each expert's weights are read
+//   once and exactly the chosen pairs are computed; then each token's weighted rows are summed in float32;
 // - "groups": tokens grouped by how many experts they chose (count_groups), one call per group.
-// The layer's layout setting picks: 0 (auto) and 1 take rows, 2 groups. Measured per layer on 2 cores
-// (evals/results/moe_layer_cpu.json): the kernel costs the same per row at 1 slot as at 8 (8192 rows: 22.9 ms
-// against 23.3 ms as 1024 tokens x 8; a decode step's 384 rows: 1.12 ms against 1.09 ms), so one pass with every
-// expert read once beats groups at every router sharpness measured (groups pad rows and re-read weights per call);
-// the gather and the per-token sum cost ~0.6 ms per 8192 rows.
+// The layer's layout setting picks: 0 (auto) and 1 take rows, 2 groups. Measured on 2 cores: the kernel costs
+// about the same per row at 1 slot as at 8 (random ids, 8192 rows: 22.9 ms against 23.3 ms as 1024 tokens x 8;
+// the same top-8 pairs as rows grouped by expert: 2-5% more; a decode step's 384 rows: 1.12 ms against 1.09 ms),
+// so one pass with every expert read once beats groups at every router sharpness measured (groups pad rows and
+// re-read weights per call); the gather and the per-token sum cost ~0.6 ms per 8192 rows (docs/benchmarks.md).
 // The rows given to the kernel are counted in the layer's counters[4] (padding repeats of a group included).
 
 #include "ops.h"
@@ -134,15 +134,15 @@ struct Experts {
   }
 };
 
-// out[n] = sum of rows [offset[n], offset[n+1]) of y, in float32; zeros for a token without rows.
+// out[n] = sum of the rows y[landed[r]] for r in [offset[n], offset[n+1]), in float32; zeros for a token without rows.
 template <typename T>
-void sum_rows(const T* y, const int64_t* offset, T* out, int64_t tokens, int64_t hidden) {
+void sum_rows(const T* y, const int64_t* offset, const int64_t* landed, T* out, int64_t tokens, int64_t hidden) {
   at::parallel_for(0, tokens, std::max<int64_t>(1, 4096 / std::max<int64_t>(hidden, 1)), [&](int64_t lo, int64_t hi) {
     std::vector<float> acc(hidden);
     for (int64_t n = lo; n < hi; ++n) {
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t r = offset[n]; r < offset[n + 1]; ++r) {
-        const T* row = y + r * hidden;
+        const T* row = y + landed[r] * hidden;
         for (int64_t h = 0; h < hidden; ++h) acc[h] += static_cast<float>(row[h]);
       }
       for (int64_t h = 0; h < hidden; ++h) out[n * hidden + h] = static_cast<T>(acc[h]);
@@ -224,10 +224,32 @@ at::Tensor moe_layer(const at::Tensor& hidden, const at::Tensor& logits, const a
     by_rows = c.layout != 2;
     if (!by_rows) groups = count_groups(packed, weights, mask, c.num_experts, c.call_rows, c.reload_rows, c.slot_cost);
     if (by_rows) {
+      // The rows go to the kernel grouped by expert (a stable counting sort: token order within an expert).
+      // Measured on a 1024-token prefill (64 experts, 2 cores), the kernel took 2-7% less time on the same rows
+      // in expert order than in token order; landed[r] says where token-order pair r went, for the sums.
+      std::vector<int64_t> next(c.num_experts + 1, 0), landed(pairs);
+      const int32_t* pi = pair_ids.data_ptr<int32_t>();
+      for (int64_t r = 0; r < pairs; ++r) ++next[pi[r] + 1];
+      for (int64_t ex = 0; ex < c.num_experts; ++ex) next[ex + 1] += next[ex];
+      auto sorted_ids = at::empty_like(pair_ids), sorted_weights = at::empty_like(pair_weights),
+           sorted_token = at::empty_like(pair_token);
+      {
+        int32_t* si = sorted_ids.data_ptr<int32_t>();
+        float* sw = sorted_weights.data_ptr<float>();
+        int64_t* st = sorted_token.data_ptr<int64_t>();
+        const float* pw = pair_weights.data_ptr<float>();
+        const int64_t* pt = pair_token.data_ptr<int64_t>();
+        for (int64_t r = 0; r < pairs; ++r) {
+          const int64_t p = next[pi[r]]++;
+          landed[r] = p, si[p] = pi[r], sw[p] = pw[r], st[p] = pt[r];
+        }
+      }
+      pair_ids = sorted_ids, pair_weights = sorted_weights, pair_token = sorted_token;  // (what tracing records)
       const at::Tensor y = experts(gather_rows(x, pair_token), pair_weights.view({pairs, 1}), pair_ids.view({pairs, 1}));
       out = at::empty_like(x);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "seqtopk_sum_rows", [&] {
-        sum_rows<scalar_t>(y.data_ptr<scalar_t>(), offset.data(), out.data_ptr<scalar_t>(), tokens, x.size(1));
+        sum_rows<scalar_t>(y.data_ptr<scalar_t>(), offset.data(), landed.data(), out.data_ptr<scalar_t>(), tokens,
+                           x.size(1));
       });
       rows = pairs;
     } else {
