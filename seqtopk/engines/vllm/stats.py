@@ -95,7 +95,23 @@ def snapshot() -> dict:
     out.setdefault("prompt_tokens", 0)
     out.setdefault("generated_tokens", 0)
     out["state_rows_in_use"] = state_rows_in_use()
+    out["layer_paths"] = layer_paths()
     return out
+
+
+def layer_paths() -> list[str]:
+    """What runs this worker's SeqTopK layers: "compiled layer op" (seqtopk_cpu::moe_layer), or "python op" with
+    the routing backend it calls (seqtopk.kernels.backend), so a run can show which path it measured."""
+    from seqtopk.kernels.backend import backend_for
+
+    paths = set()
+    for router in WORKER.routers.values():
+        if router.whole_layer:
+            paths.add("compiled layer op")
+        else:
+            device = router.store.device if router.store is not None else torch.device("cpu")
+            paths.add(f"python op ({backend_for(device)})")
+    return sorted(paths)
 
 
 def state_rows_in_use() -> int:
