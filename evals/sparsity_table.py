@@ -25,6 +25,7 @@ every run rewrites the JSON and PNG from the units done so far (--assemble: only
 seeds it ran on; `seeds` lists the seeds that finished the whole grid.
 
     python evals/sparsity_table.py --seeds 0,1,2 --max-minutes 9   # repeat until it says the grid is done
+    python evals/sparsity_table.py --seeds 0,1 --first-budgets 1,2 --max-minutes 15   # the sparse end first
     python evals/sparsity_table.py --small --work-dir /tmp/x --out /tmp/x/table.json   # under a minute (tests)
 """
 
@@ -392,6 +393,9 @@ def main() -> int:
     parser.add_argument("--assemble", action="store_true",
                         help="run no unit: write the JSON and PNG from the units already done")
     parser.add_argument("--small", action="store_true", help="a tiny model and few steps: under a minute (tests)")
+    parser.add_argument("--first-budgets", default="",
+                        help="comma-separated budgets whose fine-tunes run before the others' (e.g. 1,2: the sparse "
+                             "end first); the grid and the JSON are the same")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="finished units and pretrained weights")
     parser.add_argument("--out", type=Path, default=RESULT)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the lead's benchmarks need quiet)")
@@ -417,6 +421,14 @@ def main() -> int:
         seconds[kind] = max(seconds.get(kind, 0.0), json.loads(path.read_text()).get("seconds", 0.0))
     asked = units(seeds, recipe["pretrain_stages"])
     todo = [] if args.assemble else [u for u in asked if not unit_file(args.work_dir, u).is_file()]
+    try:
+        first = [int(k) for k in args.first_budgets.split(",") if k]
+    except ValueError:
+        parser.error(f"--first-budgets takes comma-separated budgets of {BUDGETS} (got {args.first_budgets!r})")
+    if not set(first) <= set(BUDGETS):
+        parser.error(f"--first-budgets takes budgets of {BUDGETS} (got {args.first_budgets!r})")
+    # (stable: seed order kept; a fine-tune needs only its seed's pretraining, which sorts before any fine-tune)
+    todo.sort(key=lambda u: 0 if u[0] != "fine_tune" else (1 + first.index(u[2]) if u[2] in first else 1 + len(first)))
     for unit in tqdm(todo, desc="units"):
         expected = seconds.get(unit[0], 0.0)
         if args.max_minutes is not None and time.time() - start + expected > 60 * args.max_minutes:
