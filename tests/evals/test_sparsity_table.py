@@ -22,7 +22,7 @@ def table(tmp_path_factory, shared_data):
     work = tmp_path_factory.mktemp("sparsity_table")
     out = work / "sparsity_table.json"
     run = subprocess.run([sys.executable, str(REPO / "evals" / "sparsity_table.py"), "--small", "--seeds", "0",
-                          "--work-dir", str(work / "units"), "--out", str(out)],
+                          "--first-budgets", "1,2", "--work-dir", str(work / "units"), "--out", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(out.read_text()), out
