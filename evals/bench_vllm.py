@@ -163,6 +163,27 @@ def scaled_loads(names, scale: float = 1.0, max_tokens: int | None = None) -> di
     return loads
 
 
+def start_engine(path: str, dtype: str, loads: dict, overrides, settings, **kwargs):
+    """An engine sized for `loads`, in vLLM's default compiled mode, chunked prefill and prefix caching off; stock
+    when `settings` is None, else SeqTopK with them; `overrides`: hf_overrides (e.g. a lower top_k)."""
+    from vllm import LLM
+
+    longest = max(spec["prompt_len"] + spec["max_tokens"] for spec in loads.values())
+    max_seqs = max(spec["requests"] for spec in loads.values())
+    extra = {} if settings is None else {"additional_config": {"seqtopk": settings}}
+    if overrides:
+        extra["hf_overrides"] = overrides
+    return LLM(path, dtype=dtype, max_model_len=longest + 16, max_num_seqs=max_seqs,
+               max_num_batched_tokens=max(8192, max_seqs * longest), enable_chunked_prefill=False,
+               enable_prefix_caching=False, seed=0, **extra, **kwargs)
+
+
+def warm_up(llm, loads: dict, rng: random.Random) -> None:
+    """A round of each load: first-call compilation and allocation at each load's shapes."""
+    for spec in loads.values():
+        one_round(llm, prompts(spec["requests"], spec["prompt_len"], rng), spec["max_tokens"])
+
+
 def measure_engines(path, plan: dict, loads: dict, rounds: int, dtype: str, desc: str = "sessions",
                     sessions: int = 2) -> tuple[dict, dict]:
     """One engine up at a time, per plan entry (name -> (hf_overrides, seqtopk settings)) on `path`, in vLLM's
@@ -170,25 +191,15 @@ def measure_engines(path, plan: dict, loads: dict, rounds: int, dtype: str, desc
     session: a warm-up round per load, then `rounds` rounds of each load with fresh prompts, then the engine's
     routing counters, and shut down. Returns (rounds[load][name] = [one_round..., each with its `session`],
     seqtopk_stats of each SeqTopK engine's last session)."""
-    from vllm import LLM
-
-    longest = max(spec["prompt_len"] + spec["max_tokens"] for spec in loads.values())
-    max_seqs = max(spec["requests"] for spec in loads.values())
     results = {load: {name: [] for name in plan} for load in loads}
     stats = {}
     rng = random.Random(0)
     order = [(session, name) for session in range(sessions) for name in plan]
     for session, name in tqdm(order, desc=desc):
         overrides, settings = plan[name]
-        extra = {} if settings is None else {"additional_config": {"seqtopk": settings}}
-        if overrides:
-            extra["hf_overrides"] = overrides
-        llm = LLM(str(path), dtype=dtype, max_model_len=longest + 16, max_num_seqs=max_seqs,
-                  max_num_batched_tokens=max(8192, max_seqs * longest), enable_chunked_prefill=False,
-                  enable_prefix_caching=False, disable_log_stats=False, seed=0, **extra)
+        llm = start_engine(str(path), dtype, loads, overrides, settings, disable_log_stats=False)
         try:
-            for spec in loads.values():  # warm-up: first-call compilation and allocation, each load's shapes
-                one_round(llm, prompts(spec["requests"], spec["prompt_len"], rng), spec["max_tokens"])
+            warm_up(llm, loads, rng)
             for _ in range(rounds):
                 for load, spec in loads.items():
                     batch = prompts(spec["requests"], spec["prompt_len"], rng)  # fresh prompts every round
@@ -232,10 +243,6 @@ def measure_pairs(path, plan: dict, loads: dict, rounds: int, dtype: str, desc: 
                 results[load][name].append({**ours, "pair": name, "ratio": ours[metric] / stock[metric]})
                 results[load][base].append({**stock, "pair": name})
         stats[name] = pair["stats"]
-        wanted = os.environ.get("SEQTOPK_WHOLE_LAYER", "1") != "0"
-        if wanted and pair["stats"].get("layer_paths") != ["compiled layer op"]:
-            raise RuntimeError(f"{name} ran {pair['stats'].get('layer_paths')}, not the compiled layer op: build the "
-                               "kernels for these sources first (seqtopk kernels --build), and do not edit them during a run")
     return results, stats
 
 
@@ -244,23 +251,12 @@ PAIR_RESULT = "PAIR-RESULT "
 
 def pair_worker(spec: dict) -> None:
     """The child process of measure_pairs: both engines of one pair, rounds alternating; prints one JSON line."""
-    from vllm import LLM
-
     loads = spec["loads"]
-    longest = max(x["prompt_len"] + x["max_tokens"] for x in loads.values())
-    max_seqs = max(x["requests"] for x in loads.values())
-    engines = {}
-    for name, (overrides, settings) in spec["engines"].items():
-        extra = {} if settings is None else {"additional_config": {"seqtopk": settings}}
-        if overrides:
-            extra["hf_overrides"] = overrides
-        engines[name] = LLM(spec["path"], dtype=spec["dtype"], max_model_len=longest + 16, max_num_seqs=max_seqs,
-                            max_num_batched_tokens=max(8192, max_seqs * longest), enable_chunked_prefill=False,
-                            enable_prefix_caching=False, seed=0, **extra)
+    engines = {name: start_engine(spec["path"], spec["dtype"], loads, overrides, settings)
+               for name, (overrides, settings) in spec["engines"].items()}
     rng = random.Random(spec["seed"])
-    for llm in engines.values():  # warm-up: first-call compilation and allocation, each load's shapes
-        for x in loads.values():
-            one_round(llm, prompts(x["requests"], x["prompt_len"], rng), x["max_tokens"])
+    for llm in engines.values():
+        warm_up(llm, loads, rng)
     names = list(engines)
     rounds = {load: {name: [] for name in names} for load in loads}
     for r in range(spec["rounds"]):
@@ -387,6 +383,12 @@ def main() -> int:
             rounds, stats = measure_engines(path, {name: (o, s) for name, (o, s, _) in plan.items()}, loads,
                                             args.rounds, args.dtype, desc=f"{sharpness} sessions",
                                             sessions=args.sessions)
+        if os.environ.get("SEQTOPK_WHOLE_LAYER", "1") != "0":
+            for name, engine_stats in stats.items():
+                if engine_stats.get("layer_paths") != ["compiled layer op"]:
+                    raise RuntimeError(f"{name} ran {engine_stats.get('layer_paths')}, not the compiled layer op: "
+                                       "build the kernels for these sources first (seqtopk kernels --build), and do "
+                                       "not edit them during a run")
         summary, ratios, spread = {}, {}, {}
         for load, spec in loads.items():
             metric = spec["metric"]
