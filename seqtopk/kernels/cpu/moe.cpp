@@ -225,8 +225,8 @@ at::Tensor moe_layer(const at::Tensor& hidden, const at::Tensor& logits, const a
     if (!by_rows) groups = count_groups(packed, weights, mask, c.num_experts, c.call_rows, c.reload_rows, c.slot_cost);
     if (by_rows) {
       // The rows go to the kernel grouped by expert (a stable counting sort: token order within an expert).
-      // Measured on a 1024-token prefill (64 experts, 2 cores), the kernel took 2-7% less time on the same rows
-      // in expert order than in token order; landed[r] says where token-order pair r went, for the sums.
+      // Measured on a 1024-token prefill (64 experts, 2 cores), the kernel took 0-7% less time on the same rows
+      // in expert order than in token order (7% near-uniform, none sharp); landed[r]: where token-order pair r went.
       std::vector<int64_t> next(c.num_experts + 1, 0), landed(pairs);
       const int32_t* pi = pair_ids.data_ptr<int32_t>();
       for (int64_t r = 0; r < pairs; ++r) ++next[pi[r] + 1];
