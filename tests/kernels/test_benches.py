@@ -179,8 +179,9 @@ def test_moe_layer_bench_runs_small(tmp_path, compiled_kernels):  # the compiled
 
 def test_vllm_bench_pairs_run_small(tmp_path, compiled_kernels):
     """evals/bench_vllm.py's paired method at toy size: the SeqTopK engine beside its stock engine in one process,
-    rounds alternating on the same fresh prompts; each ratio is the median of same-round quotients, the router's
-    entropy is recorded, and the rows computed follow the budget (k'=1 with min_experts=0: about one a token)."""
+    engine steps interleaved on the same fresh prompts (the same number of steps on both: step i is the same batch);
+    a round's time is the sum of its steps, each ratio is the median of same-round quotients, the router's entropy
+    is recorded, and the rows computed follow the budget (k'=1 with min_experts=0: about one a token)."""
     from seqtopk.testing.require import require_vllm
 
     require_vllm()
@@ -200,6 +201,9 @@ def test_vllm_bench_pairs_run_small(tmp_path, compiled_kernels):
         assert level["ratio"][load]["seqtopk-k1"] == pytest.approx(statistics.median(same_round), rel=1e-12)
         assert level["session_spread"][load]["seqtopk-k1 ratio"] == pytest.approx([min(same_round), max(same_round)])
         assert all(positive(x[metric]) and x["load_before"] >= 0 for x in ours + stock)
+        for a, b in zip(ours, stock):
+            assert a["steps"] == b["steps"] == len(a["step_s"]) == len(b["step_s"]) >= 2, (a["steps"], b["steps"])
+            assert a["wall_s"] == pytest.approx(sum(a["step_s"]), rel=1e-4)
     assert level["routing"]["seqtopk-k1"]["layer_paths"] == ["compiled layer op"]
     rows = level["routing"]["seqtopk-k1"]["expert_rows_per_token"]
     assert all(0.8 < r < 1.2 for r in rows), rows

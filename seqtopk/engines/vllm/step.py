@@ -14,7 +14,9 @@ context length. So the state of a request
 Each step's layout (rows, contexts, slots, which tokens are prompt, each row's decode band) is read once per
 forward from the model runner's step buffers, with the block table and slot mapping of one full-attention KV
 cache group, and the prompt lengths and band numbers the worker copies to the device before each forward
-(worker.refresh_step_rows).
+(worker.refresh_step_rows). The compiled layers of a CPU engine (seqtopk_cpu::moe_layer) take the same layout built
+in C++ from the same buffers (hand_engine_step; tests/kernels/test_moe_step.py compares the two), and the Python
+layout is then built only while a client traces.
 A forward captured in a CUDA graph (decode batches) builds the same layout from the same buffers with
 device ops only and fixed shapes, so each replay routes with the layout of its own step.
 Which rule routes which token is not decided here: the step says which tokens are fresh prompt tokens and
@@ -30,7 +32,7 @@ import torch
 from seqtopk.engines.vllm.registry import WORKER
 from seqtopk.routing.paged import PagedHistory, PagedLayout
 from seqtopk.routing.ragged import RaggedBatch, ragged_batch
-from seqtopk.routing.rules import TokenRules
+from seqtopk.routing.rules import RULES, TokenRules, rule_for
 
 
 @dataclass
@@ -89,6 +91,33 @@ def current_step(num_tokens: int) -> Step | None:
     step = _graph_step(context, runner, num_tokens) if capturing(runner) else _read_step(context, runner, num_tokens)
     source.last_context, source.last_step = context, step
     return step
+
+
+def hand_engine_step(runner, num_tokens: int, cfg) -> bool:
+    """Hand the running forward's layout to every compiled layer, built in C++ from the runner's step buffers (what
+    step_from_buffers and Step.hand_to_compiled_layers build, without ~25 torch ops in Python); False, and nothing
+    handed over, for a forward that routes no request (profiling, warm-up)."""
+    import vllm.forward_context as forward
+    from seqtopk.kernels import ops
+
+    source = WORKER.source
+    rows = runner.input_batch.num_reqs
+    if source.group is None or rows == 0 or not forward.is_forward_context_available():
+        return False
+    if isinstance(forward.get_forward_context().attn_metadata, list):
+        return False  # (dummy-token forwards of dual-batch overlap)
+    starts, seq_lens, table, block_size, slots, prompt_lens, _, _ = _buffers(runner, rows, num_tokens)
+    ops.moe_set_step_from_engine(
+        query_start_loc=starts, seq_lens=seq_lens, block_table=table, block_size=block_size, slot_mapping=slots,
+        prompt_lens=prompt_lens, row_band=None if source.row_band is None else source.row_band[:rows],
+        tokens=num_tokens, rules=kind_rules(cfg))
+    return True
+
+
+def kind_rules(cfg) -> tuple[int, int, int]:
+    """The rule codes (RULES) of a fresh prompt token, a generated token and a later prompt chunk's token."""
+    return tuple(RULES.index(rule_for(cfg, fresh=fresh, generated=generated))
+                 for fresh, generated in ((True, False), (False, True), (False, False)))
 
 
 def capturing(runner) -> bool:

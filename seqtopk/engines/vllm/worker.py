@@ -23,6 +23,7 @@ import logging
 
 import torch
 
+from seqtopk.engines.vllm.registry import WORKER
 from seqtopk.kernels import ops
 
 logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
@@ -161,38 +162,38 @@ def whole_layers() -> list:
 
 
 def set_whole_layer_step(runner, forward_args: dict):
-    """Hand the forward's layout to the compiled layers, once for all of them (inside vLLM's forward context);
-    None, and nothing handed over, for a forward that routes no request."""
-    from seqtopk.engines.vllm.step import current_step
+    """Hand the forward's layout to the compiled layers, once for all of them (inside vLLM's forward context), built
+    in C++ from the runner's step buffers (step.hand_engine_step). Returns None, and hands nothing over, for a
+    forward that routes no request; else the Python layout while a client traces (its records need it), True
+    otherwise."""
+    from seqtopk.engines.vllm.step import current_step, hand_engine_step
 
     positions, input_ids = forward_args.get("positions"), forward_args.get("input_ids")
     tokens = positions.shape[-1] if positions is not None else input_ids.shape[0]
-    step = current_step(tokens)
-    if step is not None:
-        step.hand_to_compiled_layers(whole_layers()[0].cfg)
-    return step
+    if not hand_engine_step(runner, tokens, whole_layers()[0].cfg):
+        return None
+    return current_step(tokens) if WORKER.trace is not None else True
 
 
 def after_whole_layer_step(step) -> None:
     """What the Python op does after each layer (stats.after_step: trace records, the periodic log line), once
-    per forward for the compiled layers, from the routing each kept (ops.moe_last) while a client traces."""
+    per forward for the compiled layers, from the routing each kept (ops.moe_last) while a client traces.
+    step: what set_whole_layer_step returned."""
     from seqtopk.engines.vllm import stats
-    from seqtopk.engines.vllm.registry import WORKER
     from seqtopk.routing.router import Routed
 
     if step is None:
         return
+    if WORKER.trace is None:  # (the periodic log line only, as the first layer writes it)
+        stats.after_step(WORKER.first_router(), step, None)
+        return
     for router in whole_layers():
-        routed = None
-        if WORKER.trace is not None:
-            last = ops.moe_last(router.index)
-            if not last:
-                continue
-            values, mask, ids, weights, token, expert, weight = last
-            routed = Routed(values=values, mask=mask, ids=ids, weights=weights)
-            routed.kernel = (token, expert, weight)
-        elif router is not WORKER.first_router():
+        last = ops.moe_last(router.index)
+        if not last:
             continue
+        values, mask, ids, weights, token, expert, weight = last
+        routed = Routed(values=values, mask=mask, ids=ids, weights=weights)
+        routed.kernel = (token, expert, weight)
         stats.after_step(router, step, routed)
 
 
