@@ -3,8 +3,11 @@ and experts on the same hidden states and router logits (a few percent that end-
 resolve).
 
 Paths, each step timed back to back in rotating order (A/B/C, B/C/A, ...):
-- "stock": TopK-k' as vLLM's compiled CPU graph runs it: softmax, top-k', renormalise (torch.compile'd, as inductor
-  compiles it in the engine), then vLLM's CPU fused-MoE kernel (`_C::cpu_fused_moe`) with k' slots;
+- "stock": TopK-k': softmax, top-k', renormalise as eager torch ops, then vLLM's CPU fused-MoE kernel
+  (`_C::cpu_fused_moe`) with k' slots. (A torch.compile'd router called on its own pays dynamo's per-call cost,
+  ~75-130 us here, which the engine's whole-model graph does not: it made stock look ~10% slower at decode than it
+  is. Eager ops cost ~100 us per call; inside vLLM's compiled graph stock's router costs ~60 us (aten::topk ~51 us
+  + the fused softmax, profiled in the engine), so decode ratios here still favour SeqTopK by ~3-4% of a layer.);
 - "whole-layer": SeqTopK-k' as one compiled op (seqtopk_cpu::moe_layer: candidates, every rule, the history write,
   the chosen pairs through the same kernel, the combine), with the step's layout handed over once per step
   (outside the layer's time, as the engine does it once for all layers);
@@ -129,12 +132,13 @@ class Layer:
 
 
 def stock_router(k: int):
+    """Stock TopK-k' routing as eager ops (see the module's note on compiled calls)."""
     def route(logits):
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, k, dim=-1)
         return weights / weights.sum(dim=-1, keepdim=True), ids.to(torch.int32)
 
-    return torch.compile(route, dynamic=False)
+    return route
 
 
 def python_op(layer: Layer, experts: Experts):
@@ -306,7 +310,7 @@ def main() -> int:
                    f"({r['ratio_python_op']:.3f})  experts/token {r['experts_per_token']:.2f} rows/token "
                    f"{r['rows_per_token']:.2f}")
     result = dict(
-        description="one MoE layer, stock TopK-k' (compiled router + vLLM's CPU fused-MoE kernel) against "
+        description="one MoE layer, stock TopK-k' (eager router + vLLM's CPU fused-MoE kernel) against "
                     "SeqTopK-k' (the compiled layer op, and the earlier Python op), median us per layer step, "
                     "paths interleaved step by step in one process",
         machine=dict(cpu=platform.processor() or platform.machine(), threads=args.threads,
