@@ -311,6 +311,40 @@ def pair_worker(spec: dict) -> None:
           flush=True)
 
 
+def step_split(result: dict) -> dict:
+    """Per sharpness, load and SeqTopK engine of a paired run: the median over rounds of stock's time over SeqTopK's
+    for the round's first step alone (every prompt's prefill, as the scheduler batches them) and for the steps
+    after it (decoding), from the recorded step times."""
+    out = {}
+    for level, entry in result["sharpness"].items():
+        for load, per_engine in entry["rounds"].items():
+            for name, spec in result["engines"].items():
+                base = spec["compared_with"]
+                if base is None or not all("step_s" in x for x in per_engine[name] + per_engine[base]):
+                    continue
+                pairs = list(zip(per_engine[name], per_engine[base]))
+                first = [b["step_s"][0] / a["step_s"][0] for a, b in pairs]
+                later = [sum(b["step_s"][1:]) / sum(a["step_s"][1:]) for a, b in pairs if len(a["step_s"]) > 1]
+                out.setdefault(level, {}).setdefault(load, {})[name] = {
+                    "first_step": round(statistics.median(first), 4),
+                    "later_steps": round(statistics.median(later), 4) if later else None}
+    return out
+
+
+def summarise(result: dict) -> dict:
+    """Every SeqTopK/stock cell of a run against the target: how many reach it, the range of the cells' ratios and
+    of the same-round ratios behind them, and the split of each round into its first step and the rest."""
+    cells, rounds = [], []
+    for entry in result["sharpness"].values():
+        for load, ratios in entry["ratio"].items():
+            cells += list(ratios.values())
+            rounds += [x["ratio"] for runs in entry["rounds"][load].values() for x in runs if "ratio" in x]
+    return {"cells": len(cells), "at_target": sum(r >= result["target_ratio"] for r in cells),
+            "ratio_range": [round(min(cells), 4), round(max(cells), 4)],
+            "round_ratio_range": [round(min(rounds), 4), round(max(rounds), 4)] if rounds else None,
+            "step_split": step_split(result)}
+
+
 def session_spread(runs: list, metric: str) -> list[float]:
     """[lowest, highest] of the per-session medians of `metric` (per round for paired runs)."""
     key = "session" if all("session" in x for x in runs) else "round"
@@ -389,6 +423,9 @@ def main() -> int:
                              "interleaved (measure_pairs); alone: one engine up at a time, each in its own engine "
                              "process as `vllm serve` runs it, the order repeated per session")
     parser.add_argument("--out", help="result file (default: evals/results/vllm_bench_cpu[_wide].json)")
+    parser.add_argument("--summarise", action="store_true",
+                        help="recompute --out's summary (cells at the target, ranges, first step and later steps) "
+                             "and draw it again, measuring nothing")
     parser.add_argument("--pair-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pair_worker:
@@ -399,6 +436,14 @@ def main() -> int:
     shape = SHAPES[args.shape]
     default_name = "vllm_bench_cpu.json" if args.shape == "small" else f"vllm_bench_cpu_{args.shape}.json"
     args.out = args.out or str(Path(__file__).parent / "results" / default_name)
+    if args.summarise:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        result["summary"] = summarise(result)
+        out.write_text(json.dumps(result, indent=1))
+        plot(result, out.with_suffix(".png"))
+        print(json.dumps(result["summary"], indent=1))
+        return 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["SEQTOPK_LOG_INTERVAL"] = "0"
 
@@ -478,6 +523,7 @@ def main() -> int:
         "kernel_slot_cost": kernel_slot_cost(shape, args.dtype),
         "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    result["summary"] = summarise(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

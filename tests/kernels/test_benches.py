@@ -204,6 +204,14 @@ def test_vllm_bench_pairs_run_small(tmp_path, compiled_kernels):
         for a, b in zip(ours, stock):
             assert a["steps"] == b["steps"] == len(a["step_s"]) == len(b["step_s"]) >= 2, (a["steps"], b["steps"])
             assert a["wall_s"] == pytest.approx(sum(a["step_s"]), rel=1e-4)
+    summary = result["summary"]  # every cell against the target, and each round split into its first step and the rest
+    cells = [v for entry in result["sharpness"].values() for per in entry["ratio"].values() for v in per.values()]
+    assert summary["cells"] == len(cells) == 2
+    assert summary["at_target"] == sum(c >= result["target_ratio"] for c in cells)
+    for load in result["loads"]:
+        ours, stock = level["rounds"][load]["seqtopk-k1"], level["rounds"][load]["topk-k1"]
+        first = statistics.median(b["step_s"][0] / a["step_s"][0] for a, b in zip(ours, stock))
+        assert summary["step_split"]["sharp"][load]["seqtopk-k1"]["first_step"] == pytest.approx(first, abs=1e-4)
     assert level["routing"]["seqtopk-k1"]["layer_paths"] == ["compiled layer op"]
     rows = level["routing"]["seqtopk-k1"]["expert_rows_per_token"]
     assert all(0.8 < r < 1.2 for r in rows), rows
