@@ -117,13 +117,6 @@ def moe_step_layout() -> list[torch.Tensor]:
     return list(_ops().moe_step_layout())
 
 
-def top_candidates(probs: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's top `cap` scores and their columns, best first, in at::topk's order (ties included): the layer
-    op's candidates. probs: contiguous [N, E] float32."""
-    values, ids = _ops().top_candidates(probs, cap)
-    return values, ids
-
-
 def moe_clear_step() -> None:
     _ops().moe_clear_step()
 

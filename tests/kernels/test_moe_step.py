@@ -90,18 +90,3 @@ def test_bad_buffers_are_refused(ops):
         ops.moe_set_step_from_engine(**{**b, "seq_lens": b["seq_lens"] - 2}, rules=(0, 1, 1))
     assert ops.moe_step_layout() == []  # nothing was handed to the layers
 
-
-@pytest.mark.parametrize("experts,cap", [(64, 10), (64, 1), (128, 2), (128, 10), (8, 8), (60, 3)])
-def test_candidates_are_torch_topk_ties_included(ops, experts, cap):
-    """The layer op's candidates (moe.cpp top_candidates) against torch.topk on the same scores: values and columns
-    equal, in order, on scores with many exact ties (a few levels, as bf16 logits give), a NaN, and on plain softmax
-    scores; both of ATen's selections (nth_element when cap * 64 > E, else partial_sort)."""
-    gen = torch.Generator().manual_seed(experts * 100 + cap)
-    tied = torch.randint(0, 5, (2000, experts), generator=gen).float() / 4
-    tied[7, 3] = float("nan")
-    plain = torch.softmax(torch.randn(2000, experts, generator=gen).bfloat16().float(), -1)
-    for scores in (tied, plain):
-        want_values, want_ids = torch.topk(scores, cap, dim=-1)
-        values, ids = ops.top_candidates(scores.contiguous(), cap)
-        assert torch.equal(ids, want_ids)
-        assert torch.equal(values.nan_to_num(-1), want_values.nan_to_num(-1))

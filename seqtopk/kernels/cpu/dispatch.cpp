@@ -211,8 +211,7 @@ at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index) {
   for (int64_t i = 0; i < rows; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < src.size(0), "gather index outside the rows");
   const char* s = static_cast<const char*>(src.data_ptr());
   char* d = static_cast<char*>(out.data_ptr());
-  // (up to 256 KiB copied on one thread: a decode step's rows cost less than a fork)
-  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(bytes, 1)), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) std::memcpy(d + i * bytes, s + ip[i] * bytes, bytes);
   });
   return out;

@@ -1,5 +1,5 @@
-// One SeqTopK MoE layer of a vLLM-cpu engine in one call: the family's candidates (ATen's softmax, then the top cap
-// in at::topk's order, as seqtopk.routing.scoring.SoftmaxScoring takes them), the routing (route_step: every rule, the history write,
+// One SeqTopK MoE layer of a vLLM-cpu engine in one call: the family's candidates (softmax, top-cap, by ATen as
+// seqtopk.routing.scoring.SoftmaxScoring takes them), the routing (route_step: every rule, the history write,
 // the decode bands, the counters), the chosen pairs through vLLM's own CPU fused-MoE kernel (`_C::cpu_fused_moe`,
 // found through the dispatcher when first needed: nothing links against vLLM), and the combine. Nothing runs in
 // Python between the router logits and the layer output; vLLM's compiled graph calls this op directly.
@@ -33,11 +33,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <string>
-#include <utility>
-#include <vector>
 
 namespace seqtopk {
 namespace {
@@ -203,49 +200,10 @@ struct Experts {
   }
 };
 
-// Each token's top `cap` scores, best first, ordered exactly as at::topk orders them on CPU, exact ties included:
-// the same selection over (score, expert) pairs laid out in expert order, with the same comparison (NaN first, then
-// larger), by the same standard algorithms (nth_element then sort of the first cap-1 when cap * 64 > experts, else
-// partial_sort; ATen's TopKImpl.h). What it saves: at::topk's TensorIterator set-up and thread fork, ~25 us of a
-// decode step's layer call (48 tokens x 64 experts) on 2 cores. Rows run in parallel only when there are enough.
-// Agreement with at::topk is tested on exact ties (tests/kernels/test_moe_step.py), and the layer's differential
-// check compares the whole op with the torch reference (seqtopk.testing.paths_agree).
-std::tuple<at::Tensor, at::Tensor> top_candidates(const at::Tensor& probs, int64_t cap) {
-  TORCH_CHECK(probs.dim() == 2 && probs.scalar_type() == at::kFloat && probs.is_contiguous() &&
-                  0 <= cap && cap <= probs.size(1), "top_candidates: contiguous [N, E] float32 scores, cap <= E");
-  const int64_t tokens = probs.size(0), experts = probs.size(1);
-  at::Tensor values = at::empty({tokens, cap}, probs.options());
-  at::Tensor ids = at::empty({tokens, cap}, probs.options().dtype(at::kLong));
-  if (cap == 0 || tokens == 0) return {values, ids};
-  const float* p = probs.data_ptr<float>();
-  float* v = values.data_ptr<float>();
-  int64_t* id = ids.data_ptr<int64_t>();
-  using Entry = std::pair<float, int64_t>;
-  const auto first = [](const Entry& a, const Entry& b) {
-    return (std::isnan(a.first) && !std::isnan(b.first)) || a.first > b.first;
-  };
-  const bool partial = cap * 64 <= experts;
-  at::parallel_for(0, tokens, std::max<int64_t>(1, (1 << 15) / experts), [&](int64_t lo, int64_t hi) {
-    std::vector<Entry> queue(experts);
-    for (int64_t n = lo; n < hi; ++n) {
-      for (int64_t e = 0; e < experts; ++e) queue[e] = {p[n * experts + e], e};
-      if (partial) {
-        std::partial_sort(queue.begin(), queue.begin() + cap, queue.end(), first);
-      } else {
-        std::nth_element(queue.begin(), queue.begin() + cap - 1, queue.end(), first);
-        std::sort(queue.begin(), queue.begin() + cap - 1, first);
-      }
-      for (int64_t j = 0; j < cap; ++j) v[n * cap + j] = queue[j].first, id[n * cap + j] = queue[j].second;
-    }
-  });
-  return {values, ids};
-}
-
 // out[n] = sum of the rows y[landed[r]] for r in [offset[n], offset[n+1]), in float32; zeros for a token without rows.
 template <typename T>
 void sum_rows(const T* y, const int64_t* offset, const int64_t* landed, T* out, int64_t tokens, int64_t hidden) {
-  // (a decode step's few tokens on one thread: a fork costs more than the sum there)
-  at::parallel_for(0, tokens, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(hidden, 1)), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, tokens, std::max<int64_t>(1, 4096 / std::max<int64_t>(hidden, 1)), [&](int64_t lo, int64_t hi) {
     std::vector<float> acc(hidden);
     for (int64_t n = lo; n < hi; ++n) {
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -270,7 +228,9 @@ at::Tensor moe_layer(const at::Tensor& hidden, const at::Tensor& logits, const a
   const Experts experts{w13, w2, w13_bias, w2_bias, act, isa};
   const at::Tensor x = hidden.contiguous();
   const int64_t tokens = x.size(0), cap = c.cap;
-  auto [values, ids] = top_candidates(at::softmax(logits, -1, at::kFloat).contiguous(), cap);
+  const at::Tensor probs = at::softmax(logits, -1, at::kFloat);
+  auto [values, ids] = at::topk(probs, cap, -1);
+  values = values.contiguous();
   const StepLayout& s = current();
   if (!s.active || !c.store.defined()) {  // a forward that routes no request: plain TopK, no state, no counts
     const int64_t k = std::max<int64_t>(c.k, 1);  // (a budget below one expert still warms up with one)
@@ -402,7 +362,6 @@ TORCH_LIBRARY_FRAGMENT(seqtopk_cpu, m) {
         "Tensor slot_mapping, Tensor prompt_lens, Tensor? row_band, int tokens, int fresh_rule, int generated_rule, "
         "int other_rule) -> ()", &seqtopk::set_step_from_engine);
   m.def("moe_step_layout() -> Tensor[]", &seqtopk::step_layout);
-  m.def("top_candidates(Tensor probs, int cap) -> (Tensor, Tensor)", &seqtopk::top_candidates);
   m.def("moe_clear_step() -> ()", []() { seqtopk::current() = seqtopk::StepLayout{}; });
   m.def("moe_trace(bool on) -> ()", [](bool on) {
     seqtopk::tracing() = on;
