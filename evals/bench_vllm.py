@@ -158,8 +158,7 @@ def stepwise_round(engines: dict, batch, max_tokens: int, flip: bool = False) ->
     """The same batch on every engine (in-process engine cores), their engine steps interleaved: step i of one
     engine, then step i of the other, the one going first alternating step by step (`flip` starts with the other
     one). Both serve the same prompts with the same sampling and no prefix caching, so step i has the same batch on
-    both, and drift slower than one step falls on both alike, and within a round every step of one engine has its twin on the other
-    seconds apart at most (stepwise_round). Returns name -> one_round's fields, with wall_s the
+    both, and drift slower than one step falls on both alike. Returns name -> one_round's fields, with wall_s the
     sum of that engine's step times (requests are queued before timing starts, as LLM.generate queues them) and
     `step_s`, the time of each step."""
     from vllm import SamplingParams, TokensPrompt
@@ -261,8 +260,9 @@ def measure_pairs(path, plan: dict, loads: dict, rounds: int, dtype: str, desc: 
     process builds both engines with their engine cores in that process (VLLM_ENABLE_V1_MULTIPROCESSING=0: an
     engine not serving runs nothing, and both share one OpenMP pool), warms both, then per round and load serves
     the same fresh prompts on both, steps interleaved (stepwise_round): twin steps run milliseconds apart, so the
-    machine's drift (the same stock engine measured minutes apart here varied by 25%) falls on both alike. Returns (rounds[load][name] = [one_round... with `round` and `pair`], seqtopk_stats per
-    SeqTopK engine); each SeqTopK round carries `ratio`, its metric over the stock engine's in the same round."""
+    machine's drift (the same stock engine measured minutes apart here varied by 25%) falls on both alike. Returns
+    (rounds[load][name] = [one_round... with `round` and `pair`], seqtopk_stats per SeqTopK engine); each SeqTopK
+    round carries `ratio`, its metric over the stock engine's in the same round."""
     import subprocess
     import sys
 
