@@ -127,7 +127,8 @@ def test_a_finetuned_folder_serves_the_codes_sentence_transformers_computes():
 def test_plugin_registration_is_idempotent_and_leaves_other_architectures_alone():
     from vllm import ModelRegistry
 
-    from seqtopk.sparse.vllm.registry import ARCHITECTURE, SSR_ARCHITECTURE, register_architectures
+    from seqtopk.sparse.coding.folder_format import ARCHITECTURE, SSR_ARCHITECTURE
+    from seqtopk.sparse.vllm.registry import register_architectures
     from seqtopk.engines.vllm.plugin import register
 
     bert_before = ModelRegistry.models["BertModel"]

@@ -68,7 +68,7 @@ def test_sentence_transformers_without_seqtopk_gives_the_same_codes_as_ssr_encod
 
 
 def test_a_folder_whose_head_is_not_in_modules_json_is_refused_by_name(tmp_path):
-    from seqtopk.sparse.csr.folder import HeadFolderError
+    from seqtopk.sparse.coding.folder_format import HeadFolderError
     from seqtopk.sparse.ssr.encoder import SSREncoder
 
     folder = tmp_path / "headless"

@@ -13,11 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from seqtopk.sparse.coding.folder_format import HeadFolderError, tied_weight_name
+
 _RETRAIN = "train it again with `seqtopk csr train --out {folder}`, or restore the folder from a complete copy"
-
-
-class HeadFolderError(ValueError):
-    """A head folder with a file that is unreadable or does not match the others."""
 
 
 @dataclass
@@ -82,12 +80,6 @@ def _backbone_dim(folder: Path, where: Path) -> int | None:
         raise FileNotFoundError(f"{weights} is missing: the head folder {folder} has no backbone weights; "
                                 + _RETRAIN.format(folder=folder))
     return config.get("hidden_size")
-
-
-def tied_weight_name(names) -> str:
-    """Where a saved SparseAutoEncoder keeps its tied weight: safetensors stores the encoder/decoder pair once,
-    under either module's name."""
-    return "encoder.weight" if "encoder.weight" in names else "decoder.linear.weight"
 
 
 def _check_head_weights(folder: Path, path: Path, input_dim: int, hidden_dim: int) -> None:

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from seqtopk.sparse.backbone import is_csr_head_dir, max_seq_length
+from seqtopk.sparse.coding.folder_format import ARCHITECTURE, SPARSE_IO_PLUGIN
 from seqtopk.sparse.csr.folder import check_head_folder
-from seqtopk.sparse.vllm.registry import ARCHITECTURE, SPARSE_IO_PLUGIN
 
 
 def write_serving_fields(folder: Path) -> None:

@@ -24,7 +24,8 @@ import json
 import shutil
 from pathlib import Path
 
-from seqtopk.sparse.csr.folder import HeadFolderError, tied_weight_name
+from seqtopk.sparse.coding.folder_format import (SSR_ARCHITECTURE, SSR_SPARSE_IO_PLUGIN, HeadFolderError,
+                                                  tied_weight_name)
 from seqtopk.sparse.index.atomic import replace_folder, staging_folder
 from seqtopk.sparse.ssr.tokens import DOC_MAX_TOKENS, QUERY_MAX_TOKENS
 
@@ -128,8 +129,6 @@ def stock_modules(transformer, sae, tokenizer) -> list:
 def save_ssr_folder(out: Path, backbone_st_model, sae, summary: dict, overwrite: bool = False) -> None:
     """Write the MultiVectorEncoder folder + SSR config + summary to a staging folder, then move it to `out`."""
     from sentence_transformers import MultiVectorEncoder
-
-    from seqtopk.sparse.vllm.registry import SSR_ARCHITECTURE, SSR_SPARSE_IO_PLUGIN
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

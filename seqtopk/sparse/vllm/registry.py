@@ -7,12 +7,12 @@ architecture name that no other checkpoint uses, so serving anything else is unc
 
 from __future__ import annotations
 
-ARCHITECTURE = "SeqtopkCSRBertModel"  # written into a saved head's config.json
+# The architecture names are part of a saved folder's format (seqtopk.sparse.coding.folder_format, where the
+# folder writers read them too); the model classes they stand for live here, in the serving layer.
+from seqtopk.sparse.coding.folder_format import ARCHITECTURE, SSR_ARCHITECTURE
+
 MODEL_CLASS = "seqtopk.sparse.vllm.csr_bert:CSRBertEmbeddingModel"
-SPARSE_IO_PLUGIN = "seqtopk_csr_sparse"  # entry point in vllm.io_processor_plugins: sparse /pooling output
-SSR_ARCHITECTURE = "SeqtopkSSRBertModel"  # an SSR encoder folder: per-token sparse codes
 SSR_MODEL_CLASS = "seqtopk.sparse.vllm.ssr_bert:SSRBertTokenModel"
-SSR_SPARSE_IO_PLUGIN = "seqtopk_ssr_sparse"  # per-token sparse codes from POST /pooling
 
 
 def register_architectures() -> None:

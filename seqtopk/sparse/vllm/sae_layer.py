@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqtopk.sparse.csr.folder import tied_weight_name
+from seqtopk.sparse.coding.folder_format import tied_weight_name
 from seqtopk.sparse.csr.sparse_coding import pre_activations, topk_relu
 
 PARAMETERS = ("weight", "pre_bias", "latent_bias")

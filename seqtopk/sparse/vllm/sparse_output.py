@@ -21,7 +21,7 @@ from vllm.outputs import PoolingRequestOutput
 from vllm.plugins.io_processors.interface import IOProcessor
 from vllm.pooling_params import PoolingParams
 
-from seqtopk.sparse.vllm.registry import SPARSE_IO_PLUGIN
+from seqtopk.sparse.coding.folder_format import SPARSE_IO_PLUGIN
 
 MAX_INPUTS = 2048
 

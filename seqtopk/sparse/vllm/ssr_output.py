@@ -24,8 +24,8 @@ from vllm.outputs import PoolingRequestOutput
 from vllm.plugins.io_processors.interface import IOProcessor
 from vllm.pooling_params import PoolingParams
 
+from seqtopk.sparse.coding.folder_format import SSR_SPARSE_IO_PLUGIN
 from seqtopk.sparse.ssr.tokens import KINDS, keep_mask, max_tokens, punctuation_ids
-from seqtopk.sparse.vllm.registry import SSR_SPARSE_IO_PLUGIN
 from seqtopk.sparse.vllm.sparse_output import check_fields, request_texts, to_sparse
 
 
