@@ -37,7 +37,7 @@ class Decoding:
 
     def __init__(self, context: int, rows: int, steps: int, seed: int = 0):
         from seqtopk.config import SeqTopKConfig
-        from seqtopk.routing.paged import new_bands
+        from seqtopk.kernels.paths import new_bands
 
         self.cfg = SeqTopKConfig(k=K).resolve(K, EXPERTS)
         self.rows, self.context = rows, context
@@ -74,7 +74,7 @@ class Decoding:
     def step(self, path: str):
         """Route one decode step on `path` and advance."""
         from seqtopk.kernels import backend
-        from seqtopk.routing.router import route
+        from seqtopk.kernels.paths import route
         from seqtopk.routing.rules import TokenRules
         from seqtopk.routing.scoring import SoftmaxScoring
 

@@ -83,7 +83,7 @@ def decode_paths(rows: int, context: int, experts: int, k: int, cap: int, device
     from seqtopk.kernels import decode_step
     from seqtopk.routing.paged import PagedLayout
     from seqtopk.routing.ragged import ragged_batch
-    from seqtopk.routing.router import route
+    from seqtopk.kernels.paths import route
     from seqtopk.routing.rules import TokenRules
     from seqtopk.routing.scoring import SoftmaxScoring
 

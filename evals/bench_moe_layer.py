@@ -96,7 +96,7 @@ class Layer:
     def __init__(self, shape: dict, load: dict, k: int, prefill: str, scale: float, steps: int, seed: int):
         from seqtopk.config import SeqTopKConfig
         from seqtopk.engines.vllm.step import step_from_buffers
-        from seqtopk.routing.paged import new_bands
+        from seqtopk.kernels.paths import new_bands
 
         e, rows, query, context = shape["experts"], load["rows"], load["query"], load["context"]
         settings = dict(k=k, prefill=prefill) if k == shape["top_k"] else dict(k=k, min_experts=0, prefill=prefill)
@@ -144,7 +144,9 @@ def stock_router(k: int):
 def python_op(layer: Layer, experts: Experts):
     """The earlier Python op's CPU path (SeqTopKRouter.forward without vLLM around it)."""
     from seqtopk.engines.vllm.router import SeqTopKRouter
-    from seqtopk.routing.router import RouteStats, route
+    from seqtopk.kernels.backend import CPU_KERNELS
+    from seqtopk.kernels.paths import route
+    from seqtopk.routing.router import RouteStats
     from seqtopk.routing.scoring import SoftmaxScoring
 
     router = SeqTopKRouter.__new__(SeqTopKRouter)  # (its methods only: no vLLM layer around it)
@@ -157,8 +159,8 @@ def python_op(layer: Layer, experts: Experts):
         step = layer.steps[i]
         routed = route(layer.logits[i], scoring, layer.cfg, step.batch, step.rules(layer.cfg),
                        step.history(store, bands), unchosen="repeat_best",
-                       stats=RouteStats(token_class=step.token_class(), counters=counts))
-        out, rows = router._run_groups(None, layer.hidden[i], routed)
+                       stats=RouteStats(token_class=step.token_class(), counters=counts), path=CPU_KERNELS)
+        out, rows = router._run_groups(None, layer.hidden[i], routed, CPU_KERNELS)
         counts[4] += rows
         return out
 
@@ -168,13 +170,12 @@ def python_op(layer: Layer, experts: Experts):
 def whole_layer(layer: Layer, experts: Experts, index: int, layout: str):
     from seqtopk.kernels import ops
     from seqtopk.routing.dispatch import SLOT_COST
-    from seqtopk.routing.rules import budget_split
 
     from seqtopk.engines.vllm.router import RELOAD_ROWS
 
     cfg = layer.cfg
     ops.moe_configure(index, num_experts=layer.logits[0].shape[1], cap=cfg.cap,
-                      split=budget_split(cfg.k, cfg.cap, cfg.min_experts, cfg.exact_budget), k=int(cfg.k),
+                      split=cfg.split, k=int(cfg.k),
                       weight_mode=2, layout=layout, call_rows=16.0, reload_rows=RELOAD_ROWS, slot_cost=SLOT_COST)
     ops.moe_attach(index, layer.stores["whole-layer"], layer.bands["whole-layer"], layer.counts["whole-layer"])
 

@@ -374,7 +374,7 @@ def _median(values):
 
 def kernel_slot_cost(shape: dict, dtype: str) -> dict:
     """vLLM's CPU fused-MoE kernel on the same number of rows with 1, 2, 4 and 8 slots per token, relative to 8;
-    and the cost of one call on a decode-sized batch. What seqtopk.routing.dispatch.count_groups is tuned by."""
+    and the cost of one call on a decode-sized batch. What seqtopk.kernels.paths.count_groups is tuned by."""
     import torch
     from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
 

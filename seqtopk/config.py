@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+
+from seqtopk.budget import BudgetSplit, budget_fraction, budget_split, normalized_k
 
 PREFILL_RULES = ("sequence", "causal")
 DECODE_RULES = ("expert_cache", "topk")
@@ -38,8 +40,6 @@ class SeqTopKConfig:
     decode: str = "expert_cache"
 
     def __post_init__(self):
-        from seqtopk.routing.rules import budget_fraction  # (how a budget is computed is the rules' business)
-
         if self.k is not None:
             budget_fraction(self.k)  # validates
         _check_int("cap", self.cap, minimum=1, optional=True)
@@ -78,8 +78,6 @@ class SeqTopKConfig:
         top_k: the layer's own per-token expert count. max_cap: how many experts one token can choose
         from (all experts, or fewer under group-limited routing).
         """
-        from seqtopk.routing.rules import budget_split, normalized_k
-
         k = normalized_k(self.k) if self.k is not None else top_k
         if k > max_cap:
             raise ValueError(f"k={k} exceeds the {max_cap} experts a token can choose from in {where}")
@@ -90,8 +88,6 @@ class SeqTopKConfig:
             raise ValueError(
                 f"cap={cap} exceeds the {max_cap} experts a token can choose from in {where}; use cap <= {max_cap}"
             )
-        if not isinstance(k, int):
-            budget_split(k, 1, 0, False)  # learns k's ratio here, outside any compiled graph
         min_experts = self.min_experts if self.min_experts is not None else (1 if k >= 1 else 0)
         if min_experts > k:
             raise ValueError(f"min_experts ({min_experts}) must be <= k ({k}) in {where}")
@@ -101,7 +97,8 @@ class SeqTopKConfig:
 
 @dataclass(frozen=True)
 class ResolvedConfig:
-    """Settings with every default filled in, for one layer."""
+    """Settings with every default filled in, for one layer, and the budget split they fix (computed here,
+    once per layer, outside any compiled graph; every rule and kernel reads `split`)."""
 
     k: int | float  # an int when k is whole
     cap: int
@@ -109,6 +106,10 @@ class ResolvedConfig:
     exact_budget: bool
     prefill: str
     decode: str
+    split: BudgetSplit = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "split", budget_split(self.k, self.cap, self.min_experts, self.exact_budget))
 
 
 def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:

@@ -2,20 +2,22 @@
 
 SeqTopK gives each token between min_experts and cap experts. Two ways to run only the chosen pairs:
 
-- rows (`plan`, `combine`): the chosen slots as R rows of one expert each, for experts that take a ragged list
+- rows (`PairPlan`; `plan_pairs`, `combine_torch`): the chosen slots as R rows of one expert each, for experts that take a ragged list
   of rows per expert (grouped GEMMs: transformers' grouped_mm, a GPU fused-MoE kernel with top-1). The rows
-  run unweighted and `combine` sums them back per token with the routing weights, accumulating in float32.
+  run unweighted and the combine sums them back per token with the routing weights, accumulating in float32.
   On the CPU (compiled kernels) the plan is sorted by expert with each expert's end offset, as grouped GEMMs
   take it; the torch reference (`plan_pairs`) lists rows token-major and fixes R up front so nothing waits on
   an accelerator: N*k when it is known, a static bound N*cap for small accelerator steps (spare rows reuse a
   chosen expert and are never combined), else the true count.
-- count groups (`count_groups`): for fused-MoE kernels that take a fixed number of experts per token (vLLM's
+- count groups (`count_groups_torch`): for fused-MoE kernels that take a fixed number of experts per token (vLLM's
   CPU kernel: a call with one expert per row runs ~18% slower per row than one with 8, see
   evals/results/vllm_bench_cpu.json): tokens grouped by how many experts they chose, one kernel call per group
   with that many slots, neighbouring counts merged where a call costs more than padding the smaller counts
   (padding repeats the token's first expert at weight 0 and is counted as a row).
 
-Which implementation runs is decided in seqtopk.kernels.backend.
+This module is the torch reference and imports no kernels: engines call seqtopk.kernels.paths (plan, combine,
+count_groups, gather_rows, scatter_rows), which runs the compiled CPU op where seqtopk.kernels.backend chose it and
+these functions elsewhere.
 """
 
 from __future__ import annotations
@@ -25,9 +27,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-from seqtopk.kernels import ops
-from seqtopk.kernels.backend import CPU_KERNELS, backend_for
 
 # Accelerator steps with at most this many [token, slot] entries use the static bound N*cap.
 SMALL_STEP_SLOTS = 4096
@@ -77,17 +76,6 @@ def row_count(mask: torch.Tensor, exact_total: int | None) -> int:
     return int(mask.sum())
 
 
-def plan(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, num_experts: int,
-         exact_total: int | None = None) -> PairPlan:
-    """The chosen slots of ids/weights/mask [N, cap] as rows of one expert each: sorted by expert by the
-    compiled CPU op, else token-major (`plan_pairs`)."""
-    if backend_for(ids.device) == CPU_KERNELS:
-        token, expert, expert_end, slot_row = ops.plan_rows(ids, mask, num_experts)
-        return PairPlan(token=token, expert=expert, slot_row=slot_row,
-                        slot_weight=weights.float().masked_fill(~mask, 0.0), expert_end=expert_end)
-    return plan_pairs(ids, weights, mask, row_count(mask, exact_total))
-
-
 def plan_pairs(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, rows: int) -> PairPlan:
     """List the chosen slots of ids/weights [N, cap] as `rows` rows (token-major, spare rows last). Torch
     reference of the compiled plan (which sorts rows by expert)."""
@@ -114,27 +102,9 @@ def differentiable(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[index] for [N, H] x and [R] index (row copies on the CPU with the compiled kernels)."""
-    if backend_for(x.device) == CPU_KERNELS and x.dim() == 2 and not differentiable(x):
-        return ops.gather_rows(x, index)
-    return x.index_select(0, index)
-
-
-def scatter_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
-    """out[index] = rows, in place ([N, H] out, [R] index, [R, H] rows)."""
-    if backend_for(out.device) == CPU_KERNELS and out.is_contiguous() and not differentiable(rows):
-        ops.scatter_rows(out, index, rows)
-    else:
-        out.index_copy_(0, index, rows)
-
-
-def combine(rows: torch.Tensor, plan: PairPlan) -> torch.Tensor:
+def combine_torch(rows: torch.Tensor, plan: PairPlan) -> torch.Tensor:
     """Sum per token of unweighted expert output rows [R, H] (in plan order), weighted: [N, H] in rows' dtype,
     accumulated in float32."""
-    if (backend_for(rows.device) == CPU_KERNELS and rows.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and not differentiable(rows, plan.slot_weight)):
-        return ops.combine_rows(rows, plan.slot_row, plan.slot_weight)
     if rows.shape[0] == 0:  # nothing chosen in this forward (a budget below one expert per token)
         return rows.new_zeros(plan.tokens, rows.shape[-1])
     # One gather (unchosen slots read row 0 with weight 0), then one batched [1 x cap] @ [cap x H] per token.
@@ -148,20 +118,14 @@ def combine(rows: torch.Tensor, plan: PairPlan) -> torch.Tensor:
 SLOT_COST = (1.18, 1.03, 1.0)
 
 
-def count_groups(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, num_experts: int,
-                 call_rows: float, reload_rows: float = 4.0, slot_cost=SLOT_COST) -> list[tuple]:
+def count_groups_torch(ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, num_experts: int,
+                       call_rows: float, reload_rows: float = 4.0, slot_cost=SLOT_COST) -> list[tuple]:
     """Tokens grouped by their number of chosen experts: [(tokens [n] int64, ids [n, c] int32, weights [n, c]
     float32)], each group one call of a fixed-width fused-MoE kernel. A group of counts (lo, hi] is padded to hi
     slots (a token's first chosen expert again, weight 0). Groups are merged where the estimated cost, in rows,
     is lower: call_rows per call, reload_rows per expert whose weights the call reads (the E * (1 - (1 - 1/E)^rows)
-    experts its rows are expected to touch; every call reads them again), and rows * slot_cost[c - 1]. Tokens that chose nothing are in no group."""
-    if backend_for(ids.device) == CPU_KERNELS:
-        return ops.count_groups(ids, weights, mask, num_experts, call_rows, reload_rows, slot_cost)
-    return _count_groups_torch(ids, weights, mask, num_experts, call_rows, reload_rows, slot_cost)
-
-
-def _count_groups_torch(ids, weights, mask, num_experts, call_rows, reload_rows, slot_cost) -> list[tuple]:
-    """Torch reference of the compiled count_groups (same groups, same order)."""
+    experts its rows are expected to touch; every call reads them again), and rows * slot_cost[c - 1]. Tokens
+    that chose nothing are in no group. The compiled count_groups makes the same groups, in the same order."""
     cap = ids.shape[1]
     counts = mask.sum(dim=-1)
     per_count = torch.bincount(counts, minlength=cap + 1).tolist()

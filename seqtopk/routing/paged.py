@@ -50,16 +50,6 @@ def write_paged(store: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) 
     store.index_copy_(0, torch.where(slots >= 0, slots.long(), scratch.long()), values.to(store.dtype))
 
 
-def new_bands(rows: int, device=None) -> torch.Tensor:
-    """`rows` decode bands for the compiled CPU kernel, all stale (built from the store on first use)."""
-    from seqtopk.kernels import compiled, ops
-
-    size = ops.band_bytes() if compiled.load() else 8
-    bands = torch.zeros(rows, size, dtype=torch.uint8, device=device)
-    mark_stale(bands)
-    return bands
-
-
 def mark_stale(bands: torch.Tensor, rows: torch.Tensor | None = None) -> None:
     """Mark bands (all, or `rows`) stale: their first field, the history length they reflect, becomes -1."""
     if rows is None:
@@ -115,7 +105,7 @@ class PagedLayout:
 @dataclass
 class PagedHistory:
     """One layer's store ([num_slots, C] capped scores) seen through a step's layout, with its decode bands
-    ([sequences, band bytes] uint8, seqtopk.routing.paged.new_bands) when the engine keeps them."""
+    ([sequences, band bytes] uint8, seqtopk.kernels.paths.new_bands) when the engine keeps them."""
 
     store: torch.Tensor
     layout: PagedLayout

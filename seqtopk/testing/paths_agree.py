@@ -311,8 +311,8 @@ def run_routing_case(case: RoutingCase) -> _Run:
     combine (rows = a fixed function of (token, expert)), whose output is compared like a model's logits."""
     from seqtopk.config import SeqTopKConfig
     from seqtopk.engines.hf.state import ForwardView, RoutingState
-    from seqtopk.routing.dispatch import combine, plan
-    from seqtopk.routing.router import RouteStats, route
+    from seqtopk.kernels.paths import combine, plan, route
+    from seqtopk.routing.router import RouteStats
     from seqtopk.routing.rules import known_pair_count
 
     run = _Run()
@@ -485,9 +485,7 @@ def check_layer_case(case: LayerCase, tally: dict | None = None, reference_k: fl
 
     from seqtopk.config import SeqTopKConfig
     from seqtopk.engines.vllm.step import kind_rules, step_from_buffers
-    from seqtopk.routing.paged import new_bands
-    from seqtopk.routing.router import route
-    from seqtopk.routing.rules import budget_split
+    from seqtopk.kernels.paths import new_bands, route
     from seqtopk.routing.scoring import build_scoring
 
     gen = torch.Generator().manual_seed(case.seed)
@@ -513,7 +511,7 @@ def check_layer_case(case: LayerCase, tally: dict | None = None, reference_k: fl
     bands, counts = new_bands(rows), torch.zeros(5, dtype=torch.long)
     layer = 1000 + case.seed % 1000  # (a layer number of its own: the op keeps state per layer number)
     ops.moe_configure(layer, num_experts=e, cap=cfg.cap,
-                      split=budget_split(cfg.k, cfg.cap, cfg.min_experts, cfg.exact_budget), k=int(cfg.k),
+                      split=cfg.split, k=int(cfg.k),
                       weight_mode=scoring.kernel_weights, layout=case.layout, call_rows=16.0, reload_rows=4.0,
                       slot_cost=(1.18, 1.03, 1.0))
     ops.moe_attach(layer, stores["op"], bands, counts)

@@ -7,7 +7,8 @@ import torch
 import seqtopk
 from seqtopk.engines.hf import experts as hf_dispatch
 from seqtopk.kernels import backend
-from seqtopk.routing.dispatch import combine, count_groups, plan, plan_pairs, row_count
+from seqtopk.kernels.paths import combine, count_groups, plan
+from seqtopk.routing.dispatch import plan_pairs, row_count
 
 
 def random_choice(tokens, cap, experts, seed=0):

@@ -65,7 +65,8 @@ def paged_case(device: str, dtype: torch.dtype, rows: int, tokens: int, seed: in
 def check_paged_step(device: str, exact_budget: bool, min_experts: int, renormalize: bool,
                      dtype: torch.dtype = torch.float32) -> None:
     """One decode step of 24 tokens over 20 rows: fused kernel vs the torch rule (ids, weights, store, stats)."""
-    from seqtopk.routing.rules import budget_split, pack, select_causal
+    from seqtopk.budget import budget_split
+    from seqtopk.routing.rules import pack, select_causal
     from seqtopk.routing.scoring import Candidates, BiasedScoring, SoftmaxScoring
 
     d = paged_case(device, dtype, rows=20, tokens=24)

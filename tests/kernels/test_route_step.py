@@ -13,9 +13,10 @@ import torch
 
 from seqtopk.config import SeqTopKConfig
 from seqtopk.kernels import backend, compiled
-from seqtopk.routing.paged import PagedLayout, mark_stale, new_bands
+from seqtopk.kernels.paths import new_bands, route
+from seqtopk.routing.paged import PagedLayout, mark_stale
 from seqtopk.routing.ragged import ragged_batch
-from seqtopk.routing.router import DenseLayout, RouteStats, route
+from seqtopk.routing.router import DenseLayout, RouteStats
 from seqtopk.routing.rules import TokenRules
 from seqtopk.routing.scoring import BiasedScoring, SoftmaxScoring
 

@@ -31,14 +31,14 @@ needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and fused.triton 
 
 
 def fused_sequence_cut(values, starts, routed, k, min_experts, exact_budget, **kwargs):
-    from seqtopk.routing.rules import budget_split
+    from seqtopk.budget import budget_split
 
     split = budget_split(k, values.shape[-1], min_experts, exact_budget)
     return fused.sequence_cut(values, starts, routed, split, **kwargs)
 
 
 def fused_select_dense(values, valid, k, min_experts=1, exact_budget=False, **kwargs):
-    from seqtopk.routing.rules import budget_split
+    from seqtopk.budget import budget_split
 
     split = budget_split(k, values.shape[-1], min_experts, exact_budget)
     return fused.select_sequence_dense(values, valid, split, **kwargs)
@@ -188,7 +188,7 @@ def ties_cross_chunks(values, routed, split, chunk: int) -> bool:
 
 def check_split(device: str, sync_free: bool = False) -> None:
     """The split path (a row over several programs), forced on small rows with small chunks."""
-    from seqtopk.routing.rules import budget_split
+    from seqtopk.budget import budget_split
 
     values, starts, routed = split_case()
     chunk = 128  # not a multiple of CAP: chunks cut through tokens

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from seqtopk.config import SeqTopKConfig
-from seqtopk.routing.rules import budget_split, capped_candidates, select_causal, select_sequence
+from seqtopk.budget import budget_split
+from seqtopk.routing.rules import capped_candidates, select_causal, select_sequence
 
 INF = float("inf")
 

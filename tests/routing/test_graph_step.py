@@ -17,7 +17,7 @@ from seqtopk.config import SeqTopKConfig
 from seqtopk.engines.vllm.step import step_from_buffers
 from seqtopk.kernels import backend
 from seqtopk.kernels import decode_step as fused_gpu
-from seqtopk.routing.router import route
+from seqtopk.kernels.paths import route
 from seqtopk.routing.scoring import BiasedScoring, SoftmaxScoring
 
 TOKENS, EXPERTS, BLOCK, MAX_BLOCKS, CAP = 8, 32, 4, 6, 6

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seqtopk.routing.paged import NEG_INF, PagedHistory, PagedLayout, mark_stale, new_bands
+from seqtopk.kernels.paths import new_bands
+from seqtopk.routing.paged import NEG_INF, PagedHistory, PagedLayout, mark_stale
 from seqtopk.routing.router import DenseLayout
 from seqtopk.routing.rules import TokenRules
 

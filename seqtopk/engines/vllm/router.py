@@ -14,10 +14,10 @@ Everywhere else a layer's routed experts run as one opaque custom op, `seqtopk::
 layer)`, called by the MoE runner in place of its router + experts call (seqtopk.engines.vllm.worker): vLLM
 traces the model once with dynamo on CPU (and piecewise on GPU), and whatever the traced graph depends on must
 flow through an op's tensors, not Python attributes set by another op. Inside the op, with each step's own
-layout: the routing (seqtopk.routing.router.route: every rule, the history write and the statistics in one
+layout: the routing (seqtopk.kernels.paths.route: every rule, the history write and the statistics in one
 call on CPU), then only the chosen (token, expert) pairs through the layer's own fused-MoE kernel, and the
 combine. On CPU the kernel takes a fixed number of experts per token, so tokens are grouped by how many they
-chose (seqtopk.routing.dispatch.count_groups): one kernel call per group, with the token's own weighted sum
+chose (seqtopk.kernels.paths.count_groups): one kernel call per group, with the token's own weighted sum
 done by the kernel in float32. Elsewhere the pairs run as rows of one expert each and are combined after.
 The rows the experts computed are counted inside the op (a host count, or the device `counts` in a CUDA
 graph, whose replays run no Python), read by `seqtopk_stats` and /metrics.
@@ -42,9 +42,10 @@ from seqtopk.engines.vllm.step import capturing, current_step
 from seqtopk.kernels import compiled, ops
 from seqtopk.kernels import decode_step as fused_gpu
 from seqtopk.kernels.backend import CPU_KERNELS, backend_for
-from seqtopk.routing.dispatch import SLOT_COST, combine, count_groups, gather_rows, plan, scatter_rows
-from seqtopk.routing.router import RouteStats, route
-from seqtopk.routing.rules import TOPK, TokenRules, budget_split, known_pair_count
+from seqtopk.kernels.paths import combine, count_groups, gather_rows, plan, route, scatter_rows
+from seqtopk.routing.dispatch import SLOT_COST
+from seqtopk.routing.router import RouteStats
+from seqtopk.routing.rules import TOPK, TokenRules, known_pair_count
 from seqtopk.routing.scoring import SoftmaxScoring, build_scoring
 
 logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
@@ -158,7 +159,7 @@ class SeqTopKRouter(BaseRouter):
         """The compiled layer's settings (again once the layer's shape sets its kernel's call cost)."""
         ops.register_fakes()
         ops.moe_configure(self.index, num_experts=self.num_experts, cap=self.cfg.cap,
-                          split=budget_split(self.cfg.k, self.cfg.cap, self.cfg.min_experts, self.cfg.exact_budget),
+                          split=self.cfg.split,
                           k=int(self.cfg.k),
                           weight_mode=self.scoring.kernel_weights, layout=expert_layout(),
                           call_rows=self.call_rows, reload_rows=RELOAD_ROWS, slot_cost=SLOT_COST)
@@ -185,26 +186,29 @@ class SeqTopKRouter(BaseRouter):
         """The layer's routed experts: route, run the chosen pairs, combine. Runs inside seqtopk::moe."""
         step = current_step(logits.shape[0])
         experts = self.moe_runner().routed_experts
+        path = backend_for(logits.device)  # asked once per layer call, handed to every step below
         if step is None or self.store is None:
             # No sequences in this forward (profiling or warm-up on dummy tokens): plain TopK, no state, no counts.
-            routed = route(logits, self.scoring, self.cfg, None, WARM_UP, unchosen="repeat_best", record=False)
-            return self._run_groups(experts, hidden_states, routed)[0]
+            routed = route(logits, self.scoring, self.cfg, None, WARM_UP, unchosen="repeat_best", record=False,
+                           path=path)
+            return self._run_groups(experts, hidden_states, routed, path)[0]
         rules = step.rules(self.cfg)
         graph = capturing(WORKER.source.runner())
         if graph and not fused_gpu.available(logits.device):
             raise RuntimeError("SeqTopK needs Triton to route inside CUDA graphs (pip install triton), or "
                                "run with --enforce-eager")
         routed = route(logits, self.scoring, self.cfg, step.batch, rules, step.history(self.store, self.bands),
-                       unchosen="repeat_best", stats=RouteStats(token_class=step.token_class(), counters=self.counts))
+                       unchosen="repeat_best", stats=RouteStats(token_class=step.token_class(), counters=self.counts),
+                       path=path)
         if graph:
             out = self._run_captured(experts, hidden_states, routed)
-        elif backend_for(logits.device) == CPU_KERNELS:
-            out, rows = self._run_groups(experts, hidden_states, routed)
+        elif path == CPU_KERNELS:
+            out, rows = self._run_groups(experts, hidden_states, routed, path)
             self.host_rows += rows
         else:
             single = len(rules.present) == 1
             known = known_pair_count(rules.present[0], self.cfg, logits.shape[0], rows=None) if single else None
-            out, rows = self._run_rows(experts, hidden_states, routed, known)
+            out, rows = self._run_rows(experts, hidden_states, routed, known, path)
             self.host_rows += rows
         stats.after_step(self, step, routed, graph)
         return out
@@ -226,9 +230,10 @@ class SeqTopKRouter(BaseRouter):
             global_num_experts=experts.global_num_experts, expert_map=identity,
             apply_router_weight_on_input=experts.apply_router_weight_on_input)
 
-    def _run_groups(self, experts, hidden: torch.Tensor, routed) -> tuple[torch.Tensor, int]:
+    def _run_groups(self, experts, hidden: torch.Tensor, routed, path: str) -> tuple[torch.Tensor, int]:
         """Tokens grouped by their number of chosen experts, one kernel call per group (count_groups)."""
-        groups = count_groups(routed.ids, routed.weights, routed.mask, self.num_experts, self.call_rows, RELOAD_ROWS)
+        groups = count_groups(routed.ids, routed.weights, routed.mask, self.num_experts, self.call_rows, RELOAD_ROWS,
+                              path=path)
         tokens = hidden.shape[0]
         rows = sum(group[1].numel() for group in groups)
         call = self.experts_call(experts)
@@ -237,7 +242,7 @@ class SeqTopKRouter(BaseRouter):
             return call(hidden, weights, ids), rows
         out = hidden.new_zeros(hidden.shape) if sum(g[0].numel() for g in groups) < tokens else torch.empty_like(hidden)
         for members, ids, weights in groups:
-            scatter_rows(out, members, call(gather_rows(hidden, members), weights, ids))
+            scatter_rows(out, members, call(gather_rows(hidden, members, path), weights, ids), path)
         return out, rows
 
     def experts_call(self, experts):
@@ -270,14 +275,14 @@ class SeqTopKRouter(BaseRouter):
                 self._experts_call = call
         return self._experts_call
 
-    def _run_rows(self, experts, hidden: torch.Tensor, routed, known: int | None) -> tuple[torch.Tensor, int]:
+    def _run_rows(self, experts, hidden: torch.Tensor, routed, known: int | None, path: str) -> tuple[torch.Tensor, int]:
         """Each chosen pair as a row of one expert through the kernel with top-1, then the weighted sum per token
         (a GPU's grouped kernel takes rows of one expert at full speed)."""
-        pairs = plan(routed.ids, routed.weights, routed.mask, self.num_experts, exact_total=known)
+        pairs = plan(routed.ids, routed.weights, routed.mask, self.num_experts, exact_total=known, path=path)
         ones = torch.ones(pairs.rows, 1, dtype=torch.float32, device=hidden.device)
-        rows = experts.forward_modular(x=gather_rows(hidden, pairs.token), topk_weights=ones,
+        rows = experts.forward_modular(x=gather_rows(hidden, pairs.token, path), topk_weights=ones,
                                        topk_ids=pairs.expert.to(torch.int32).unsqueeze(1))
-        return combine(rows, pairs).to(hidden.dtype), pairs.rows
+        return combine(rows, pairs, path).to(hidden.dtype), pairs.rows
 
 
 _IDENTITY_MAPS: dict = {}

@@ -257,7 +257,7 @@ def attach_state(runner, kv_cache_config, log: bool = True) -> None:
     from seqtopk.engines.vllm.registry import WORKER, BandSlots
     from seqtopk.engines.vllm.router import CALL_FLOPS, SeqTopKRouter
     from seqtopk.engines.vllm.settings import active
-    from seqtopk.routing.paged import new_bands
+    from seqtopk.kernels.paths import new_bands
 
     settings = active(runner.vllm_config)
     if settings is None:
