@@ -7,7 +7,7 @@
     seqtopk.unpatch(model)
 
 How a token is routed is decided in `seqtopk.routing.rules` (torch only); engine adapters live in
-`seqtopk.engines` (hf/, vllm/), the table of MoE families in `seqtopk.patches` (patches/table.py), the
+`seqtopk.engines` (hf/, vllm/), the table of MoE families in `seqtopk.patches` (table.py), the
 compiled and Triton routing kernels in `seqtopk.kernels`, sparse embedding heads in `seqtopk.sparse`.
 """
 

@@ -18,14 +18,13 @@ ENGINES = {"vllm", "transformers", "sentence_transformers", "mteb", "lm_eval", "
 
 
 def package_modules() -> dict[str, Path]:
-    """Every module of the installed package, by dotted name (patches/ is seqtopk.patches)."""
+    """Every module of the installed package, by dotted name: each .py file under seqtopk/, by its path."""
     modules = {}
-    for root, prefix in ((REPO / "seqtopk", "seqtopk"), (REPO / "patches", "seqtopk.patches")):
-        for path in root.rglob("*.py"):
-            parts = list(path.relative_to(root).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            modules[".".join([prefix, *parts])] = path
+    for path in (REPO / "seqtopk").rglob("*.py"):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
     return modules
 
 
@@ -134,7 +133,7 @@ def test_one_topk_mask_and_one_rule_decision():
 def wheel(tmp_path_factory) -> Path:
     """A wheel built from a copy of the sources (the checkout is left untouched)."""
     source = tmp_path_factory.mktemp("source")
-    for item in ("seqtopk", "patches", "pyproject.toml", "setup.py", "README.md"):
+    for item in ("seqtopk", "pyproject.toml", "README.md"):
         src = REPO / item
         if src.is_dir():
             shutil.copytree(src, source / item, ignore=shutil.ignore_patterns("__pycache__"))
@@ -152,6 +151,10 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_ships_every_subpackage_and_the_lm_eval_tasks(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
+    # one top-level package: nothing of ours lands in site-packages under a generic name such as `patches`
+    assert {name.split("/")[0] for name in names} == {"seqtopk", wheel.name.split("-py3")[0] + ".dist-info"}, names
+    # the top-level patches/ holds the family table as data (patches/README.md); its code is seqtopk/patches/
+    assert not list((REPO / "patches").rglob("*.py")) and (REPO / "seqtopk" / "patches" / "table.py").is_file()
     for name, path in package_modules().items():
         relative = name.replace(".", "/") + ("/__init__.py" if path.name == "__init__.py" else ".py")
         assert relative in names, f"{relative} is missing from the wheel"
@@ -255,7 +258,7 @@ def test_each_decision_has_one_place():
              and "pre_bias" in path.read_text() and "nn.Module" in path.read_text()}
     assert heads == {"seqtopk.sparse.vllm.sae_layer"}, heads
     for gone in ("seqtopk/sparse/csr/head.py", "seqtopk/sparse/ssr/sae.py", "seqtopk/sparse/ssr/corpus.py",
-                 "patches/support.py", "seqtopk/engines/vllm/cpu_alias.py"):
+                 "seqtopk/patches/support.py", "seqtopk/engines/vllm/cpu_alias.py"):
         assert not (REPO / gone).exists(), f"{gone} should be gone (its job lives in one other place)"
     # the runtime family table carries no verification status (tests/vllm/family_status.py does)
     import dataclasses

@@ -1,5 +1,5 @@
-"""Every patched family (patches/table.py) on its tiny offline checkpoint: one test per family, five checks on one
-loaded model, so that 35+ families stay cheap. Refused families are refused by name, with their reason.
+"""Every patched family (seqtopk/patches/table.py) on its tiny offline checkpoint: one test per family, five
+checks on one loaded model, so that 35+ families stay cheap. Refused families are refused by name, with their reason.
 
 1. cap == k is the family's own TopK, bit for bit; cap > k changes the routing; unpatch restores it exactly.
 2. Batch invariance: prompts padded together route as they do alone (to within what the stock model itself
@@ -190,7 +190,7 @@ def test_support_table_is_generated_from_the_code():
     repo = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "scripts/support_table.py", "--check"], cwd=repo, capture_output=True,
                           text=True)
-    assert done.returncode == 0, f"docs/families.md is stale: python scripts/support_table.py --write\n{done.stderr}"
+    assert done.returncode == 0, f"the support table is stale: python scripts/support_table.py --write\n{done.stderr}"
     assert len([f for f in families() if f.unsupported is None]) >= 44
 
 

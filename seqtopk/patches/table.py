@@ -2,7 +2,7 @@
 
 Most families copy one of a few router shapes (transformers' modular files make them literal copies), so a row
 names a shape and the family's block class; a family with its own twist spells out what differs. The support
-table in docs/families.md is generated from these rows (`python scripts/support_table.py --write`).
+table (docs/families.md, patches/README.md) is generated from these rows (`python scripts/support_table.py --write`).
 Scoring objects live in seqtopk.routing.scoring; nothing here decides how tokens compete.
 """
 
@@ -254,7 +254,7 @@ FAMILIES: list[Family] = [
 ]
 
 
-# Blocks of other models that are literal copies of a row's block and router: patched through patches/recognize.py
+# Blocks of other models that are literal copies of a row's block and router: patched through recognize.py
 # (no fixture of their own). The support table lists what each is recognised as.
 RECOGNISED_COPIES = [
     ("glm4v_moe", "Glm4vMoeTextMoE"), ("glm5_next", "Glm5NextTextMoE"), ("deepseek_ocr2", "DeepseekOcr2TextMoe"),

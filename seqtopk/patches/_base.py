@@ -1,4 +1,4 @@
-"""What a family adapter declares, and the few building blocks the family table (patches/table.py) uses.
+"""What a family adapter declares, and the few building blocks the family table (table.py) uses.
 
 A family is fully described by where its routing call lives, how it computes router logits, which scoring
 object (seqtopk.routing.scoring) carries its selection and weight convention, and what tuple its routing

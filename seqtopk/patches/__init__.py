@@ -1,7 +1,7 @@
 """Per-family adapters for transformers MoE models: where the routing call lives, how it scores and weighs.
 
-Every family is one row of patches/table.py (patched, or refused with the reason). A block class no row
-names is still patched when its router and block are literal copies of a known family's (patches/recognize.py);
+Every family is one row of table.py (patched, or refused with the reason). A block class no row names is
+still patched when its router and block are literal copies of a known family's (recognize.py);
 anything else is refused with the list of supported families. Routing rules never appear here (see
 seqtopk.routing.rules).
 """
