@@ -2,7 +2,7 @@
 
 Three instance-level changes per MoE layer, all undone by unpatch:
 - the family's routing call (router.forward, or a block method for a few families): the family's own logits
-  (seqtopk.patches), then seqtopk.routing.router.route, the one routing call, with the rule seqtopk.routing.rules
+  (seqtopk.patches), then seqtopk.kernels.paths.route, the one routing call, with the rule seqtopk.routing.rules
   picks for this forward;
 - experts.forward: only the chosen (token, expert) pairs run (seqtopk.engines.hf.experts), so compute
   follows the real number of pairs instead of cap slots per token;
@@ -27,8 +27,9 @@ import torch
 from seqtopk.config import ResolvedConfig, SeqTopKConfig
 from seqtopk.engines.hf.experts import run_chosen, run_plan
 from seqtopk.engines.hf.state import ForwardView, RoutingState, follow_cache
-from seqtopk.routing.dispatch import plan
-from seqtopk.routing.router import RouteStats, route
+from seqtopk.kernels.backend import backend_for
+from seqtopk.kernels.paths import plan, route
+from seqtopk.routing.router import RouteStats
 from seqtopk.routing.rules import CAUSAL, known_pair_count, rule_for
 from seqtopk.routing.stats import RoutingStats
 
@@ -88,6 +89,7 @@ class _Layer:
     num_experts: int = 0
     saved: dict = field(default_factory=dict)  # (module, method) -> its own instance-level method, if it had one
     plan: object = None  # the PairPlan of the last routing, consumed by the experts call that follows
+    path: str | None = None  # where the last routing ran (seqtopk.kernels.backend), for the experts call
 
 
 def _plan_layers(model: torch.nn.Module, config: SeqTopKConfig) -> list[_Layer]:
@@ -294,8 +296,9 @@ class SeqTopKPatch:
         first = layer.index not in view.routed_layers
         view.routed_layers.add(layer.index)
         stats = RouteStats(histogram=self.stats.histogram_row(layer.index, logits.device)) if first else None
+        layer.path = path = backend_for(logits.device)  # asked once per layer call, handed to every step below
         routed = route(logits, layer.scoring, cfg, view.layout, rules, view.history(layer.index, cfg.cap, logits.device),
-                       unchosen="drop", stats=stats, record=first)
+                       unchosen="drop", stats=stats, record=first, path=path)
         if first and self.stats.tracing:
             shape = (view.batch, view.tokens, cfg.cap)
             self.stats.trace(layer.index, routed.ids.view(shape), routed.values.view(shape), routed.mask.view(shape))
@@ -303,7 +306,7 @@ class SeqTopKPatch:
         if cfg.cap > cfg.k:  # with cap == k every real slot is chosen: stock dispatch, bit for bit
             (rule,) = rules.present  # one rule for the whole forward
             layer.plan = plan(routed.ids, routed.weights, routed.mask, layer.num_experts,
-                              exact_total=known_pair_count(rule, cfg, view.tokens, view.batch))
+                              exact_total=known_pair_count(rule, cfg, view.tokens, view.batch), path=path)
         return layer.family.outputs(router, logits, routed.weights, routed.ids, dtype)
 
 
@@ -344,9 +347,9 @@ def _bind_experts(layer: _Layer, experts, original):
 
     def forward_flat(hidden_states, top_k_index, top_k_weights, plan):
         if plan is not None and plan.tokens == hidden_states.shape[0]:
-            return run_plan(experts, original, hidden_states, plan)
+            return run_plan(experts, original, hidden_states, plan, layer.path)
         if not bool((top_k_index < 0).any()):
             return original(hidden_states, top_k_index, top_k_weights)
-        return run_chosen(experts, original, hidden_states, top_k_index, top_k_weights)
+        return run_chosen(experts, original, hidden_states, top_k_index, top_k_weights, layer.path)
 
     return forward
