@@ -240,7 +240,7 @@ def test_each_decision_has_one_place():
         "BEIR corpus read": ({"read_beir_jsonl", "read_corpus", "read_jsonl_texts"}, _defines,
                              {"seqtopk.sparse.data.readers"}),
         "sparse autoencoder (dead latents, AuxK)": ({"TopKSAE", "aux_codes", "dead_mask", "record_firing"}, _defines,
-                                                    {"seqtopk.sparse.sae"}),
+                                                    {"seqtopk.sparse.coding.sae"}),
         "defaults of the settings": ({"SeqTopKConfig"}, _defines, {"seqtopk.config"}),
         "experts-per-token statistics schema": ({"RoutingStatsSnapshot"}, _defines, {"seqtopk.routing.stats"}),
     }
@@ -268,3 +268,52 @@ def test_each_decision_has_one_place():
     assert "vllm" not in {f.name for f in dataclasses.fields(Family)}
     neg_inf = [name for name, path in modules.items() if 'NEG_INF = float("-inf")' in path.read_text()]
     assert neg_inf == ["seqtopk.routing.paged"], neg_inf
+
+
+# The rooms of seqtopk/sparse, lowest first. A module may import its own room and rooms of a lower rank only:
+# never a room of its own rank (siblings stay apart) nor a higher one (a shared piece never imports a room that
+# uses it). A room is a subpackage of seqtopk.sparse, or a module directly in it (by its name).
+SPARSE_ROOMS = [
+    {"index", "data"},  # sparse rows and the exact inverted / multi-vector index; readers of the shared data
+    {"backbone", "coding"},  # the dense backbone and its cache; the top-k SAE, its code, losses, folder format
+    {"mteb", "synthetic"},  # MTEB tasks and model wrappers; synthetic corpora for benchmarks
+    {"csr", "ssr"},  # the two kinds of head: training, evaluation, saved folders
+    {"export", "vllm"},  # codes in vector engines; the heads served by vLLM
+]
+
+
+def upward_imports(graph: dict[str, set[str]], package: str, ranks: list[set[str]]) -> list[str]:
+    """Imports inside `package` that go sideways or up the ranked rooms, and rooms the ranking leaves out."""
+    rank = {room: i for i, rooms in enumerate(ranks) for room in rooms}
+
+    def room(module: str) -> str | None:
+        rest = module[len(package) + 1:] if module.startswith(package + ".") else ""
+        return rest.split(".")[0] or None
+
+    wrong = []
+    for name in sorted(graph):
+        here = room(name)
+        if here is None:
+            continue
+        if here not in rank:
+            wrong.append(f"{name}: room {here!r} has no rank in the list")
+            continue
+        for target in sorted(graph[name]):
+            there = room(target)
+            if there is None or there == here:
+                continue
+            if there not in rank or rank[there] >= rank[here]:
+                wrong.append(f"{name} (rank {rank[here]}) imports {target} (rank {rank.get(there)})")
+    return wrong
+
+
+def test_sparse_rooms_import_only_rooms_below_them():
+    toy = {"p.low.a": {"p.high.b"}, "p.high.b": {"p.low.a"}, "p.mid": {"p.low.a"}, "p.odd": set()}
+    assert upward_imports(toy, "p", [{"low"}, {"mid", "high"}]) == [
+        "p.low.a (rank 0) imports p.high.b (rank 1)", "p.odd: room 'odd' has no rank in the list"]
+    graph = import_graph()
+    sparse = {name for name in graph if name.startswith("seqtopk.sparse.")}
+    assert len(sparse) > 40, "the walk must see the whole of seqtopk/sparse"
+    found = {name.split(".")[2] for name in sparse}
+    assert found == set().union(*SPARSE_ROOMS), f"rooms on disk {sorted(found)} differ from the ranked list"
+    assert upward_imports(graph, "seqtopk.sparse", SPARSE_ROOMS) == []

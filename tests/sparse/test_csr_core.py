@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqtopk.sparse.sae import TopKSAE
-from seqtopk.sparse.csr.losses import auxk_loss, info_nce, normalized_mse, supervised_contrastive
-from seqtopk.sparse.csr.sparse_coding import dead_latent_fraction, topk_relu
+from seqtopk.sparse.coding.sae import TopKSAE
+from seqtopk.sparse.coding.losses import auxk_loss, info_nce, normalized_mse, supervised_contrastive
+from seqtopk.sparse.coding.sparse_coding import dead_latent_fraction, topk_relu
 from seqtopk.sparse.csr.train import TrainConfig, k_at_step
 
 

@@ -202,7 +202,7 @@ def backbone_modules():
 def random_head(hidden_dim: int = 1536, k: int = 8, seed: int = 0):
     import torch
 
-    from seqtopk.sparse.sae import TopKSAE
+    from seqtopk.sparse.coding.sae import TopKSAE
 
     torch.manual_seed(seed)
     return TopKSAE(384, hidden_dim, k=k)

@@ -17,7 +17,7 @@ from torch import nn
 
 
 class LinearHead(nn.Module):
-    """The interface losses.batch_loss uses on a TopKSAE (codes, decode_codes, weight, a 4k code, AuxK), dense."""
+    """The interface coding.losses.batch_loss uses on a TopKSAE (codes, decode_codes, weight, a 4k code, AuxK), dense."""
 
     is_dense = True
 

@@ -3,7 +3,7 @@
 The backbone and the head get their own learning rates: the backbone a small peak rate (`backbone_lr`) with
 a linear warmup then a linear or cosine decay to zero, so the pre-trained weights are not thrown off by the
 first, largest gradients of a head that meets moving inputs; the head, already trained in stage 1, a constant
-rate (`finetune_head_lr`). Only the contrastive term reaches the backbone (losses.batch_loss).
+rate (`finetune_head_lr`). Only the contrastive term reaches the backbone (seqtopk.sparse.coding.losses.batch_loss).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def finetune(model, head, split, config, rng, out: Path, backbone: Path, saved: 
     from tqdm.auto import tqdm
 
     from seqtopk.sparse.csr import checkpoint as ckpt
-    from seqtopk.sparse.csr.losses import batch_loss
+    from seqtopk.sparse.coding.losses import batch_loss
     from seqtopk.sparse.data.batches import training_batches
 
     dense = list(model)[:-1]

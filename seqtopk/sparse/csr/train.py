@@ -22,7 +22,7 @@ import numpy as np
 
 from seqtopk.sparse.data.batches import split_heldout, training_batches
 from seqtopk.sparse.data.readers import load_training_sets
-from seqtopk.sparse.csr.losses import LossWeights, batch_loss  # noqa: F401  (batch_loss: part of a run)
+from seqtopk.sparse.coding.losses import LossWeights, batch_loss  # noqa: F401  (batch_loss: part of a run)
 from seqtopk.sparse.index.atomic import replace_folder, staging_folder
 
 METHODS = ("csr", "csrv2", "mrl")
@@ -124,7 +124,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def new_head(config: TrainConfig, input_dim: int):
     from seqtopk.sparse.csr.dense_head import LinearHead
-    from seqtopk.sparse.sae import TopKSAE
+    from seqtopk.sparse.coding.sae import TopKSAE
 
     hidden = config.hidden_dim(input_dim)
     if config.method == "mrl":
@@ -146,7 +146,7 @@ def train_head(backbone: Path, out: Path, config: TrainConfig, overwrite: bool =
     from seqtopk.sparse.backbone import CachedBackbone, load_backbone
     from seqtopk.sparse.csr import checkpoint as ckpt
     from seqtopk.sparse.csr.finetune import encode_heldout, finetune
-    from seqtopk.sparse.csr.sparse_coding import dead_latent_fraction
+    from seqtopk.sparse.coding.sparse_coding import dead_latent_fraction
 
     backbone, out = Path(backbone), Path(out)
     _check_out(out, overwrite)  # validate everything before any work or any write

@@ -107,7 +107,7 @@ def _json(path: Path, retrain: str, kind: type = dict):
 
 
 def stock_modules(transformer, sae, tokenizer) -> list:
-    """The MultiVectorEncoder modules of an SSR encoder (`sae` a seqtopk.sparse.sae.TopKSAE, saved as the plain
+    """The MultiVectorEncoder modules of an SSR encoder (`sae` a seqtopk.sparse.coding.sae.TopKSAE, saved as the plain
     upstream module), all from sentence-transformers itself."""
     from sentence_transformers.base.modules import Normalize
     from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
@@ -160,11 +160,11 @@ def save_ssr_folder(out: Path, backbone_st_model, sae, summary: dict, overwrite:
 
 
 def load_sae(folder: Path):
-    """The seqtopk.sparse.sae.TopKSAE of a checked SSR folder, in eval mode (read as sentence-transformers reads
+    """The seqtopk.sparse.coding.sae.TopKSAE of a checked SSR folder, in eval mode (read as sentence-transformers reads
     the ssr_head/ module, so the tied weight under either name and older folders load alike)."""
     from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder
 
-    from seqtopk.sparse.sae import TopKSAE
+    from seqtopk.sparse.coding.sae import TopKSAE
 
     check_ssr_folder(folder)
     return TopKSAE.from_upstream(SparseAutoEncoder.load(str(Path(folder) / HEAD_DIR), local_files_only=True)).eval()

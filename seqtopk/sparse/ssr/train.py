@@ -113,8 +113,8 @@ def train_ssr(backbone: Path, out: Path, config: SSRTrainConfig, overwrite: bool
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from seqtopk.sparse.csr.losses import auxk_loss, normalized_mse
-    from seqtopk.sparse.sae import TopKSAE
+    from seqtopk.sparse.coding.losses import auxk_loss, normalized_mse
+    from seqtopk.sparse.coding.sae import TopKSAE
     from seqtopk.sparse.ssr.folder import save_ssr_folder
     from seqtopk.sparse.ssr.tokens import TokenEncoder
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqtopk.sparse.coding.folder_format import tied_weight_name
-from seqtopk.sparse.csr.sparse_coding import pre_activations, topk_relu
+from seqtopk.sparse.coding.sparse_coding import pre_activations, topk_relu
 
 PARAMETERS = ("weight", "pre_bias", "latent_bias")
 

@@ -1,7 +1,7 @@
 """The tied top-k sparse autoencoder CSR and SSR both train and encode with: one module, one dead-latent count,
 one AuxK selection.
 
-The code is seqtopk.sparse.csr.sparse_coding's (pre-bias, latent bias, top-k then ReLU, tied decoder). CSR
+The code is seqtopk.sparse.coding.sparse_coding's (pre-bias, latent bias, top-k then ReLU, tied decoder). CSR
 applies it to a sentence embedding, SSR to every token vector; neither adds code of its own around it.
 
 `TopKSAE` is a sentence-transformers SparseAutoEncoder (the same parameters, buffer and saved files), so a
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder
 
-from seqtopk.sparse.csr.sparse_coding import decode, pre_activations, topk_relu
+from seqtopk.sparse.coding.sparse_coding import decode, pre_activations, topk_relu
 from seqtopk.sparse.index.rows import SparseRows
 
 

@@ -1,4 +1,7 @@
-"""CSR / CSRv2 training losses as plain functions of tensors (testable without a model).
+"""Training losses of the top-k SAE as plain functions of tensors (testable without a model).
+
+SSR's training uses the reconstruction and AuxK terms (its contrastive term, on sparse MaxSim, is its own);
+CSR / CSRv2 use all of them, put together by `batch_loss`.
 
 Reconstruction terms are MSEs normalised by the batch variance of their target (the fraction of variance
 left unexplained, as in the top-k SAE code CSR builds on), which keeps them on the same scale as the

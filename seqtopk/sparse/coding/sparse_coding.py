@@ -1,5 +1,5 @@
-"""The top-k SAE code as plain tensor functions (torch only), shared by seqtopk.sparse.sae.TopKSAE (CSR and
-SSR training and encoding) and the layer vLLM serves (seqtopk.sparse.vllm.sae_layer).
+"""The top-k SAE code as plain tensor functions (torch only), shared by seqtopk.sparse.coding.sae.TopKSAE (CSR
+and SSR training and encoding) and the layer vLLM serves (seqtopk.sparse.vllm.sae_layer).
 
 z = W (x - b_pre) + b_lat; keep the k largest entries of z, then ReLU; x_hat = W^T z + b_pre (tied decoder).
 `weight` has nn.Linear's layout: (hidden_dim, input_dim).
