@@ -106,7 +106,7 @@ def external_imports(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("folder,allowed_internal", [
-    ("routing", {"seqtopk.config", "seqtopk.routing", "seqtopk.kernels", "seqtopk.paths"}),  # kernels: torch-only
+    ("routing", {"seqtopk.config", "seqtopk.budget", "seqtopk.routing", "seqtopk.paths"}),  # the torch reference
     ("sparse/index", {"seqtopk.sparse.index"}),
 ])
 def test_core_folders_import_no_engine(folder, allowed_internal):
@@ -117,6 +117,26 @@ def test_core_folders_import_no_engine(folder, allowed_internal):
         assert not external_imports(path) & ENGINES, f"{name} imports an engine"
         outside = {m for m in graph[name] if not any(m == a or m.startswith(a + ".") for a in allowed_internal)}
         assert not outside, f"{name} imports {outside}"
+
+
+def test_settings_and_routing_import_one_way_and_one_module_calls_the_compiled_ops():
+    """config.py never imports routing/ (the budget arithmetic both need is the leaf seqtopk.budget), and
+    kernels/ops.py is the only file that names torch.ops.seqtopk_cpu."""
+    graph = import_graph()
+    assert not {m for m in graph["seqtopk.config"] if m.startswith("seqtopk.routing")}, graph["seqtopk.config"]
+    assert graph["seqtopk.budget"] == set()
+    callers = {name for name, path in package_modules().items() if "torch.ops.seqtopk_cpu" in path.read_text()}
+    assert callers == {"seqtopk.kernels.ops"}, callers
+
+
+def test_every_vllm_hook_is_installed_from_one_module():
+    """Only engines/vllm/hooks.py replaces a vLLM attribute or registers a vLLM layer; worker.py, whose import
+    vLLM triggers in each worker, only calls it."""
+    installers = {name for name, path in package_modules().items()
+                  if any(mark in path.read_text() for mark in ("seqtopk_wrapped = True", ".register_oot(",
+                                                                    "setattr(owner"))}
+    assert installers == {"seqtopk.engines.vllm.hooks"}, installers
+    assert "install_worker_hooks()" in package_modules()["seqtopk.engines.vllm.worker"].read_text()
 
 
 def test_one_topk_mask_and_one_rule_decision():
@@ -236,7 +256,7 @@ def test_each_decision_has_one_place():
         "scoring objects built": ({"SoftmaxScoring", "BiasedScoring", "ChosenSoftmaxScoring"}, _calls,
                                   {"seqtopk.routing.scoring"}),
         "Triton routing kernels called": ({"paged_decode", "select_sequence_dense", "TritonSteps"}, _calls,
-                                          {"seqtopk.kernels.backend", "seqtopk.routing.router"}),
+                                          {"seqtopk.kernels.backend", "seqtopk.kernels.paths"}),
         "BEIR corpus read": ({"read_beir_jsonl", "read_corpus", "read_jsonl_texts"}, _defines,
                              {"seqtopk.sparse.data.readers"}),
         "sparse autoencoder (dead latents, AuxK)": ({"TopKSAE", "aux_codes", "dead_mask", "record_firing"}, _defines,
@@ -250,15 +270,15 @@ def test_each_decision_has_one_place():
         assert found, f"{what}: the walk found no owner at all"
     # both engines report that schema
     assert "RoutingStatsSnapshot(" in modules["seqtopk.engines.vllm.stats"].read_text()
-    # the router hands the Triton steps to the rules: the rules themselves call no kernel
-    assert "TRITON_STEPS" in modules["seqtopk.routing.router"].read_text()
+    # the paths hand the Triton steps to the torch rules: the rules themselves call no kernel
+    assert "TRITON_STEPS" in modules["seqtopk.kernels.paths"].read_text()
     assert "from seqtopk.kernels" not in modules["seqtopk.routing.rules"].read_text()
     # one vLLM head layer serves CSR and SSR
     heads = {name for name, path in modules.items() if name.startswith("seqtopk.sparse.vllm")
              and "pre_bias" in path.read_text() and "nn.Module" in path.read_text()}
     assert heads == {"seqtopk.sparse.vllm.sae_layer"}, heads
     for gone in ("seqtopk/sparse/csr/head.py", "seqtopk/sparse/ssr/sae.py", "seqtopk/sparse/ssr/corpus.py",
-                 "seqtopk/patches/support.py", "seqtopk/engines/vllm/cpu_alias.py"):
+                 "seqtopk/patches/support.py", "seqtopk/engines/vllm/cpu_alias.py", "seqtopk/sparse/sae.py"):
         assert not (REPO / gone).exists(), f"{gone} should be gone (its job lives in one other place)"
     # the runtime family table carries no verification status (tests/vllm/family_status.py does)
     import dataclasses

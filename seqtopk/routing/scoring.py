@@ -160,7 +160,7 @@ def build_scoring(score: str, *, renormalize: bool = False, bias: torch.Tensor |
                   topk_group: int = 1, group_score: str = "top2", scaling: float = 1.0, eps: float | None = None,
                   min_total: float = 0.0, norm_p: float | None = None):
     """The one builder of scoring objects. Each engine only translates its own inputs into this description
-    (patches/table.py a transformers router's attributes, seqtopk/engines/vllm/router.py the fused-MoE
+    (seqtopk/patches/table.py a transformers router's attributes, seqtopk/engines/vllm/router.py the fused-MoE
     factory's arguments); which object carries it is decided here.
 
     score: "softmax" or "sigmoid" over all experts, weights from those scores; "chosen_softmax": top-k on the

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 
 logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
 
@@ -28,21 +27,15 @@ def interval() -> float:
     return float(os.environ.get("SEQTOPK_METRICS_INTERVAL", "5"))
 
 
-def install() -> None:
-    """Wrap the API server's app-state set-up so that it starts the poller. Called by seqtopk.engines.vllm.settings
-    once a server's SeqTopK settings are validated (idempotent; nothing happens in a process that serves no HTTP)."""
-    entry = sys.modules.get(ENTRY)
-    if entry is None or getattr(entry.init_app_state, "seqtopk_wrapped", False):
-        return
-    original = entry.init_app_state
-
+def start_polling(original):
+    """The API server's app-state set-up (`init_app_state`), starting the poller after it (installed by
+    seqtopk.engines.vllm.hooks once a server's SeqTopK settings are validated)."""
     async def init_app_state(engine_client, state, args, *rest, **kwargs):
         await original(engine_client, state, args, *rest, **kwargs)
         if interval() > 0:
             state.seqtopk_metrics = asyncio.get_running_loop().create_task(poll(engine_client))
 
-    init_app_state.seqtopk_wrapped = True
-    entry.init_app_state = init_app_state
+    return init_app_state
 
 
 def gauges() -> dict:

@@ -14,7 +14,7 @@ _registered = False
 # Each feature owns one module and one install function. A feature whose module is not part of this
 # build is skipped.
 FEATURES = (
-    ("seqtopk.engines.vllm.settings", "install"),  # SeqTopK routing, switched on per server
+    ("seqtopk.engines.vllm.hooks", "install_engine_hooks"),  # SeqTopK routing, switched on per server
     ("seqtopk.sparse.vllm.registry", "register_architectures"),  # sparse embedding heads as pooling models
 )
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class StepSource:
-    """Where each step's layout is read from; set up with the KV cache (see worker.attach_state)."""
+    """Where each step's layout is read from; set up with the KV cache (see startup.attach_state)."""
 
     runner: weakref.ref | None = None  # the model runner
     group: int | None = None  # index of the full-attention KV cache group whose block table we follow

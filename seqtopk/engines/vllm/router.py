@@ -9,9 +9,9 @@ engine with a clear message instead of falling back to TopK.
 On CPU engines with the compiled kernels, a softmax-scored layer (cap > k) runs as one compiled op,
 `seqtopk_cpu::moe_layer` (seqtopk/kernels/cpu/moe.cpp: candidates, routing, vLLM's CPU experts kernel on the
 chosen pairs, combine, counters), which vLLM's traced graph calls itself; its settings are handed over here
-(`configure_whole_layer`) and its state with the KV cache (seqtopk.engines.vllm.worker.attach_state).
+(`configure_whole_layer`) and its state with the KV cache (seqtopk.engines.vllm.startup.attach_state).
 Everywhere else a layer's routed experts run as one opaque custom op, `seqtopk::moe(hidden_states, router_logits,
-layer)`, called by the MoE runner in place of its router + experts call (seqtopk.engines.vllm.worker): vLLM
+layer)`, called by the MoE runner in place of its router + experts call (seqtopk.engines.vllm.runner): vLLM
 traces the model once with dynamo on CPU (and piecewise on GPU), and whatever the traced graph depends on must
 flow through an op's tensors, not Python attributes set by another op. Inside the op, with each step's own
 layout: the routing (seqtopk.kernels.paths.route: every rule, the history write and the statistics in one
@@ -179,7 +179,7 @@ class SeqTopKRouter(BaseRouter):
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
         raise RuntimeError("a SeqTopK layer routes inside its seqtopk::moe op, called by SeqTopK's MoE runner "
-                           "(seqtopk.engines.vllm.worker); this layer runs under another runner class (a model's "
+                           "(seqtopk.engines.vllm.runner); this layer runs under another runner class (a model's "
                            "own MoERunner subclass, e.g. vLLM's Transformers backend), which SeqTopK does not support")
 
     def forward(self, hidden_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -307,7 +307,7 @@ def skips_minus_one(experts) -> bool:
     call carries an expert map, no LoRA and no globally scaled quantized activation (`skip_invalid`); without a
     map the sum adds workspace rows never written. Other experts (FlashInfer, AITER, quantized kernels, the
     CPU kernel, which ignores expert_map) and layers with a real map (expert parallelism) do not qualify.
-    Checked against vLLM's sources by compat.SYMBOLS; not run on a GPU here (docs/vllm.md)."""
+    Checked against vLLM's sources by symbols.SYMBOLS; not run on a GPU here (docs/vllm.md)."""
     if experts.expert_map is not None:
         return False
     try:
@@ -359,5 +359,4 @@ def wrap_router_factory(original):
                                where=f"MoE layer {WORKER.next_index}")
         return SeqTopKRouter(stock, scoring, cfg, num_experts)
 
-    create_router.seqtopk_wrapped = True
     return create_router

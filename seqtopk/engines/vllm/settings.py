@@ -1,9 +1,9 @@
 """Where a vLLM server's SeqTopK settings come from, and what they change in the engine's configuration.
 
-`install()` (called by the plugin in every vLLM process) wraps the engine-configuration step
-(EngineArgs.create_engine_config): when SeqTopK settings are present they are validated, the engine
-arguments adjusted (`prepare_engine_args`), and the worker extension named, whose import installs the
-worker-side hooks (seqtopk.engines.vllm.worker). Without settings nothing changes.
+The engine-configuration step (EngineArgs.create_engine_config, wrapped by seqtopk.engines.vllm.hooks in every
+vLLM process) calls `prepare_engine_args`: when SeqTopK settings are present they are validated, the engine
+arguments adjusted, and the worker extension named, whose import installs the worker-side hooks
+(seqtopk.engines.vllm.worker). Without settings nothing changes.
 
 Settings arrive as `--additional-config '{"seqtopk": {...}}'` (or `LLM(additional_config=...)`), or, for
 harnesses that cannot pass additional_config, as JSON in the SEQTOPK_CONFIG environment variable. Both use
@@ -24,32 +24,6 @@ KEY = "seqtopk"
 ENV = "SEQTOPK_CONFIG"
 WORKER_EXTENSION = "seqtopk.engines.vllm.worker.SeqTopKWorkerExtension"
 logger = logging.getLogger("vllm.seqtopk")  # under "vllm" so it shares vLLM's log handlers
-
-
-def install() -> None:
-    """Wrap EngineArgs.create_engine_config once per process (idempotent)."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    original = EngineArgs.create_engine_config
-    if getattr(original, "seqtopk_wrapped", False):
-        return
-
-    def create_engine_config(self, *args, **kwargs):
-        config = prepare_engine_args(self, logger)
-        vllm_config = original(self, *args, **kwargs)
-        if config is not None:
-            from vllm.platforms import current_platform
-
-            from seqtopk.engines.vllm import metrics
-
-            metrics.install()  # the API server's entry module is loaded by now, if this process serves HTTP
-
-            if not current_platform.is_cpu():
-                keep_cuda_graphs(vllm_config.compilation_config, logger)
-        return vllm_config
-
-    create_engine_config.seqtopk_wrapped = True
-    EngineArgs.create_engine_config = create_engine_config
 
 
 def requested(additional_config: dict | None) -> SeqTopKConfig | None:

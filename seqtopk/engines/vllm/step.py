@@ -14,7 +14,7 @@ context length. So the state of a request
 Each step's layout (rows, contexts, slots, which tokens are prompt, each row's decode band) is read once per
 forward from the model runner's step buffers, with the block table and slot mapping of one full-attention KV
 cache group, and the prompt lengths and band numbers the worker copies to the device before each forward
-(worker.refresh_step_rows). The compiled layers of a CPU engine (seqtopk_cpu::moe_layer) take the same layout built
+(forward.refresh_step_rows). The compiled layers of a CPU engine (seqtopk_cpu::moe_layer) take the same layout built
 in C++ from the same buffers (hand_engine_step; tests/kernels/test_moe_step.py compares the two), and the Python
 layout is then built only while a client traces.
 A forward captured in a CUDA graph (decode batches) builds the same layout from the same buffers with

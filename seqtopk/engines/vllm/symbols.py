@@ -86,7 +86,7 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol(f"{_FUSED_MOE}.runner.moe_runner", "MoERunner", bases=("PluggableLayer",),
            use="instantiated through PluggableLayer.__new__, which honours out-of-tree replacements"),
     Symbol("vllm.model_executor.custom_op", "PluggableLayer", attrs=("register_oot", "__new__"),
-           use="public out-of-tree layer registry: SeqTopKMoERunner replaces MoERunner (worker.runner_class)"),
+           use="public out-of-tree layer registry: SeqTopKMoERunner replaces MoERunner (runner.runner_class)"),
     Symbol("vllm.model_executor.custom_op", "PluggableLayer.register_oot", params=("name",)),
     Symbol("vllm.model_executor.custom_op", "op_registry_oot"),
     Symbol(f"{_FUSED_MOE}.layer", "FusedMoEFactory", called="runner_cls",
