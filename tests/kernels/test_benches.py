@@ -216,3 +216,28 @@ def test_vllm_bench_pairs_run_small(tmp_path, compiled_kernels):
     rows = level["routing"]["seqtopk-k1"]["expert_rows_per_token"]
     assert all(0.8 < r < 1.2 for r in rows), rows
     assert_png(out.with_suffix(".png"))
+
+
+def test_step_hooks_bench_runs_small(tmp_path, compiled_kernels):
+    """evals/bench_step_hooks.py at toy size: every hook piece timed on the engine's steps, the row refresh with its
+    skip on and off on alternate steps; with it off every call writes the buffers, with it on the decode steps (the
+    same requests in the same rows) write nothing."""
+    from seqtopk.testing.require import require_vllm
+
+    require_vllm()
+    out = tmp_path / "step_hooks.json"
+    run_script("bench_step_hooks.py", "--rounds", "1", "--scale", "0.1", "--out", str(out))
+    result = json.loads(out.read_text())
+    pieces = result["pieces"]
+    assert set(pieces) == {"refresh (skip on)", "refresh (skip off)", "hand step", "after forward"}
+    on, off = pieces["refresh (skip on)"], pieces["refresh (skip off)"]
+    assert abs(on["calls"] - off["calls"]) <= 1 and on["calls"] + off["calls"] == result["steps"] >= 8
+    assert pieces["hand step"]["calls"] == pieces["after forward"]["calls"] == result["steps"]
+    assert all(positive(p["us_median"]) for p in pieces.values())
+    for p in pieces.values():
+        assert p["share_of_step"] == pytest.approx(p["us_median"] / result["step_us_median"], abs=1e-3)
+    assert result["refresh_calls_that_wrote"]["skip off"] == off["calls"]
+    assert result["refresh_calls_that_wrote"]["skip on"] < on["calls"] / 2
+    assert result["refresh_saved_us"] == pytest.approx(off["us_median"] - on["us_median"], abs=0.2)
+    assert 0.1 < result["normalised_entropy"] < 0.2
+    assert_png(out.with_suffix(".png"))

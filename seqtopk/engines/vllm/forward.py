@@ -32,11 +32,16 @@ def serves_seqtopk(runner) -> bool:
     return source.runner is not None and source.runner() is runner
 
 
-def whole_layers() -> list:
-    """This worker's routers that run as one compiled op."""
-    from seqtopk.engines.vllm.registry import WORKER
+_WHOLE_LAYERS: list = [None, []]  # (WORKER.generation, its routers that run as one compiled op)
 
-    return [router for router in WORKER.routers.values() if router.whole_layer_ready and router.store is not None]
+
+def whole_layers() -> list:
+    """This worker's routers that run as one compiled op (found again only when the routers or their state change:
+    asked twice per forward)."""
+    if _WHOLE_LAYERS[0] != WORKER.generation:
+        _WHOLE_LAYERS[:] = [WORKER.generation, [router for router in WORKER.routers.values()
+                                                 if router.whole_layer_ready and router.store is not None]]
+    return _WHOLE_LAYERS[1]
 
 
 def set_whole_layer_step(runner, forward_args: dict):
@@ -75,6 +80,9 @@ def after_whole_layer_step(step) -> None:
         stats.after_step(router, step, routed)
 
 
+SKIP_UNCHANGED = True  # (False: refresh every step; evals/bench_step_hooks.py times both in one engine)
+
+
 def refresh_step_rows(runner, scheduler_output) -> None:
     """Before the forward: copy the batch rows' prompt lengths and decode bands into the device buffers the
     routing step reads (a CUDA graph replay reads them there without running any of our Python). Finished
@@ -86,11 +94,15 @@ def refresh_step_rows(runner, scheduler_output) -> None:
     if source.prompt_lens is None or not serves_seqtopk(runner):
         return
     rows = runner.input_batch.num_reqs
+    req_ids = list(runner.input_batch.req_ids[:rows])
+    finished = getattr(scheduler_output, "finished_req_ids", None) or ()
+    if SKIP_UNCHANGED and not finished and req_ids == source.rows_of:
+        return  # the same requests in the same rows (most decode steps): the buffers already hold their values
+    source.rows_of = req_ids
     source.prompt_lens[:rows].copy_(runner.input_batch.num_prompt_tokens_cpu_tensor[:rows], non_blocking=True)
     if source.bands is None:
         return
-    source.bands.release(getattr(scheduler_output, "finished_req_ids", None) or ())
-    req_ids = list(runner.input_batch.req_ids[:rows])
+    source.bands.release(finished)
     stale: list[int] = []
     bands = source.bands.assign(req_ids, stale)
     if stale:

@@ -23,6 +23,7 @@ class StepSource:
     prompt_lens: object = None  # [max_num_reqs] prompt length per batch row, on the device, refreshed each step
     row_band: object = None  # [max_num_reqs] decode band of each batch row (BandSlots), refreshed each step
     bands: "BandSlots | None" = None
+    rows_of: list | None = None  # the request of each batch row when prompt_lens and row_band were last written
     last_context: object = None  # the forward context the cached step was read for
     last_step: object = None  # that step (one read per forward, shared by every layer)
 
@@ -74,18 +75,21 @@ class WorkerRegistry:
     source: StepSource = field(default_factory=StepSource)
     trace: list | None = None  # chosen ids per token, while a client traces (tests)
     memory: dict = field(default_factory=dict)  # bytes per token of routing state and KV cache, store sizes
+    generation: int = 0  # counts changes to the routers or the step source (what per-step caches are keyed by)
 
     def add_router(self, router) -> int:
         """Register a router; returns the index the routing op will be called with."""
         index = self.next_index
         self.next_index += 1
         self.routers[index] = router
+        self.generation += 1
         return index
 
     def keep_routers(self, routers) -> None:
         """Keep only these routers (the current model's): earlier models' routers and stores are released."""
         keep = {id(r) for r in routers}
         self.routers = {i: r for i, r in self.routers.items() if id(r) in keep}
+        self.generation += 1
 
     def first_router(self):
         return next(iter(self.routers.values()), None)
@@ -93,6 +97,7 @@ class WorkerRegistry:
     def attach(self, runner, group: int, num_slots: int, prompt_lens, row_band=None, bands: BandSlots | None = None) -> None:
         self.source = StepSource(runner=weakref.ref(runner), group=group, num_slots=num_slots,
                                  prompt_lens=prompt_lens, row_band=row_band, bands=bands)
+        self.generation += 1
 
 
 WORKER = WorkerRegistry()

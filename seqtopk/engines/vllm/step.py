@@ -25,6 +25,8 @@ which are generated, and seqtopk.routing.rules decides.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 import torch
@@ -114,8 +116,10 @@ def hand_engine_step(runner, num_tokens: int, cfg) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=16)
 def kind_rules(cfg) -> tuple[int, int, int]:
-    """The rule codes (RULES) of a fresh prompt token, a generated token and a later prompt chunk's token."""
+    """The rule codes (RULES) of a fresh prompt token, a generated token and a later prompt chunk's token (once per
+    layer settings: asked every forward)."""
     return tuple(RULES.index(rule_for(cfg, fresh=fresh, generated=generated))
                  for fresh, generated in ((True, False), (False, True), (False, False)))
 
