@@ -11,7 +11,7 @@ Paths, each step timed back to back in rotating order (A/B/C, B/C/A, ...):
 - "whole-layer": SeqTopK-k' as one compiled op (seqtopk_cpu::moe_layer: candidates, every rule, the history write,
   the chosen pairs through the same kernel, the combine), with the step's layout handed over once per step
   (outside the layer's time, as the engine does it once for all layers);
-- "python-op": SeqTopK-k' as the earlier Python op ran it (seqtopk.routing.router.route, then the count groups of
+- "python-op": SeqTopK-k' as the earlier Python op ran it (seqtopk.kernels.paths.route, then the count groups of
   SeqTopKRouter._run_groups), for the record.
 Loads: "decode" (48 sequences, one new token each over a growing paged history, as 48 concurrent requests decode)
 and "prefill" (4 fresh 256-token prompts; both prefill rules). Budgets k' = 8 (SeqTopK at its defaults: cap 10,
