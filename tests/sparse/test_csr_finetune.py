@@ -85,3 +85,44 @@ def test_mrl_reference_is_a_sentence_transformer_folder_with_its_dense_head():
     assert backbone_fingerprint(out) == backbone_fingerprint(default_backbone())
     dense = torch.from_numpy(CachedBackbone(default_backbone()).encode(texts))
     assert torch.allclose(embeddings, model[-1]({"sentence_embedding": dense})["sentence_embedding"], atol=1e-5)
+
+
+@needs_shared_data
+def test_speed_script_times_encode_and_search_of_csrv2_k2_against_dense_and_mrl(tmp_path):
+    """evals/csr_speed.py at toy size on real SciFact text, with a fine-tuned CSRv2 k=2 head and an MRL-32 head
+    trained here: every model encoded the same texts each round, the sparse index holds two latents a document,
+    and the ratios are the quotients of the figures they name."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.figures import assert_png
+
+    from seqtopk.sparse.backbone import default_backbone
+    from seqtopk.sparse.csr.train import train_head
+
+    csr, mrl = tmp_path / "csrv2-ft-k2", tmp_path / "mrl-32"
+    train_head(default_backbone(), csr, _config(k=2, max_steps=4, finetune_steps=2, finetune_batch_size=2), progress=False)
+    train_head(default_backbone(), mrl, _config(method="mrl", k=32, max_steps=4, finetune_steps=0), progress=False)
+    out = tmp_path / "speed.json"
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(repo / "evals" / "csr_speed.py"), "--csr", str(csr), "--mrl", str(mrl),
+                           "--docs", "200", "--queries", "20", "--rounds", "2", "--encode-texts", "16", "--out", str(out)],
+                          cwd=repo, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    names = ["dense 384-d", "MRL-32", "CSRv2 k=2"]
+    assert list(result["encode"]) == names and result["docs"] == 200 and 0 < result["queries"] <= 20
+    assert all(len(result["encode"][n]["texts_per_s_rounds"]) == 2 for n in names)
+    search = result["search"]
+    assert search["CSRv2 k=2"]["active_dims_per_doc"] <= 2 and search["MRL-32"]["active_dims_per_doc"] == 32
+    assert search["dense 384-d"]["index_bytes"] == 200 * 384 * 4
+    for n in names:
+        assert search[n]["us_median"] > 0 and 0 <= search[n]["ndcg_at_10"] <= 100
+        ratio = result["ratios"][n]
+        assert ratio["search_speedup_vs_dense"] == pytest.approx(
+            search["dense 384-d"]["us_median"] / search[n]["us_median"], rel=0.02)
+        assert ratio["index_bytes_vs_dense"] == pytest.approx(search[n]["index_bytes"] / (200 * 384 * 4), abs=1e-4)
+    assert search["dense 384-d"]["ndcg_at_10"] > 50  # the real MiniLM on real SciFact text
+    assert_png(out.with_suffix(".png"))
