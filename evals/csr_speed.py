@@ -49,17 +49,18 @@ def load_models(csr: Path, mrl: Path) -> dict:
 
 def index_vectors(name: str, folder: Path, model, texts: list[str]) -> np.ndarray:
     """What `encode` gives, through the backbone's on-disk embedding cache (the sweep filled it for SciFact) and
-    the folder's last module: the search's inputs, not timed."""
+    the folder's last module, L2-normalised (all three folders score by cosine, as the sweep's MTEB runs do): the
+    search's inputs, not timed."""
     import torch
 
     from seqtopk.sparse.backbone import CachedBackbone
 
-    dense = CachedBackbone(folder).encode(texts)
-    if name == MODELS[0]:
-        return dense
-    with torch.inference_mode():
-        out = model[-1]({"sentence_embedding": torch.from_numpy(dense)})["sentence_embedding"]
-    return (out.to_dense() if out.is_sparse else out).float().numpy()
+    vectors = CachedBackbone(folder).encode(texts)
+    if name != MODELS[0]:
+        with torch.inference_mode():
+            out = model[-1]({"sentence_embedding": torch.from_numpy(vectors)})["sentence_embedding"]
+        vectors = (out.to_dense() if out.is_sparse else out).float().numpy()
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def encode(model, texts: list[str]) -> np.ndarray:
