@@ -41,8 +41,8 @@ def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: DenseLayou
     if path != CPU_KERNELS:
         return route_torch(logits, scoring, cfg, layout, rules, history, unchosen, stats, record)
     cand = scoring.candidates(logits, cfg.cap)
-    if cand.values.dtype != torch.float32:
-        return route_torch(logits, scoring, cfg, layout, rules, history, unchosen, stats, record)
+    if cand.values.dtype != torch.float32:  # (the op takes float32 scores)
+        return route_torch(logits, scoring, cfg, layout, rules, history, unchosen, stats, record, cand=cand)
     # The op also weighs softmax-scored layers (except at cap == k, where the family's own TopK weights must come
     # out bit for bit, and in training, where the weights' gradient must reach the router) and packs the ids.
     weighs = cfg.cap > cfg.k and type(scoring) is SoftmaxScoring and not differentiable(logits)

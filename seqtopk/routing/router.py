@@ -2,10 +2,11 @@
 
 Engine adapters (through seqtopk.kernels.paths.route, which runs this or a kernel that decides the same) hand
 over router logits of N flattened tokens, the family's scoring object, the layer's settings, the per-token rules
-(seqtopk.routing.rules.TokenRules) and where the tokens sit in their sequences (a layout: `DenseLayout` for [B, T] batches with padding, as transformers runs them;
-seqtopk.routing.ragged.RaggedBatch for packed serving steps). They get back ids and weights in the
-fixed-width [N, C] form MoE kernels take, with unchosen slots written by the engine's convention; the routing
-history (a seqtopk.routing.paged.PagedHistory) and the statistics (`RouteStats`) are updated in the same call.
+(seqtopk.routing.rules.TokenRules) and where the tokens sit in their sequences (a layout: `DenseLayout` for
+[B, T] batches with padding, as transformers runs them; seqtopk.routing.ragged.RaggedBatch for packed serving
+steps). They get back ids and weights in the fixed-width [N, C] form MoE kernels take, with unchosen slots
+written by the engine's convention; the routing history (a seqtopk.routing.paged.PagedHistory) and the
+statistics (`RouteStats`) are updated in the same call.
 
 This module is the torch reference and imports no kernels; where a call runs (compiled CPU op, Triton, torch)
 is decided in seqtopk.kernels.backend and carried out in seqtopk.kernels.paths. All make the same decisions.
@@ -82,7 +83,7 @@ class RouteStats:
 
 def route_torch(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: DenseLayout | RaggedBatch | None,
                 rules: TokenRules, history: PagedHistory | None = None, unchosen: str = "drop",
-                stats: RouteStats | None = None, record: bool = True, fused=None) -> Routed:
+                stats: RouteStats | None = None, record: bool = True, fused=None, cand=None) -> Routed:
     """Route the N tokens of one layer with torch ops: the reference every kernel path is compared with (engines
     call seqtopk.kernels.paths.route, which runs this or a kernel). layout None: the N tokens are one sequence,
     all real.
@@ -90,10 +91,11 @@ def route_torch(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: Dens
     history: the layer's routing history for the causal rule; this step's capped scores are recorded in it at
     its layout's write slots. record=False: neither the history nor the statistics are written (a second,
     identical routing of the same tokens, e.g. gradient-checkpointing recomputation). fused: the Triton steps
-    (seqtopk.kernels.backend.TritonSteps) the rules may hand the sequence cut and one-token steps to.
+    (seqtopk.kernels.backend.TritonSteps) the rules may hand the sequence cut and one-token steps to. cand: the
+    scoring's candidates of these logits when the caller has them already.
     """
     layout = as_layout(logits, layout)
-    cand = scoring.candidates(logits, cfg.cap)
+    cand = cand if cand is not None else scoring.candidates(logits, cfg.cap)
     if isinstance(layout, RaggedBatch):
         mask = select_ragged(cand.values, layout, rules, cfg, history, fused=fused)
     else:

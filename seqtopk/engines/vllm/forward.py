@@ -26,8 +26,6 @@ def around_forward(runner, forward, args, kwargs):
 
 def serves_seqtopk(runner) -> bool:
     """Whether `runner` is the model runner SeqTopK's routing state is attached to."""
-    from seqtopk.engines.vllm.registry import WORKER
-
     source = WORKER.source
     return source.runner is not None and source.runner() is runner
 
@@ -87,7 +85,6 @@ def refresh_step_rows(runner, scheduler_output) -> None:
     """Before the forward: copy the batch rows' prompt lengths and decode bands into the device buffers the
     routing step reads (a CUDA graph replay reads them there without running any of our Python). Finished
     requests give their bands back."""
-    from seqtopk.engines.vllm.registry import WORKER
     from seqtopk.routing.paged import mark_stale
 
     source = WORKER.source
