@@ -13,8 +13,8 @@ be captured in a CUDA graph and replayed with new layouts):
 
 Its torch reference is seqtopk.routing.rules.select_causal over the gathered history
 (seqtopk.routing.paged.gather_paged): the decisions are equal on the same inputs (the comparisons are exact
-integer counts; only the order of exactly tied candidate experts may differ from torch.topk), and the
-budget split comes from rules.budget_split. seqtopk.routing.paged decides when it runs (CUDA tensors with
+integer counts, and argmax's leftmost tie gives exactly tied candidates the lower expert first, the order of
+rules.capped_candidates), and the budget split comes from rules.budget_split. seqtopk.routing.paged decides when it runs (CUDA tensors with
 Triton); on CPU, tests run it under Triton's interpreter (TRITON_INTERPRET=1) against the torch rule.
 """
 

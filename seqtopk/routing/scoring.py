@@ -1,8 +1,9 @@
 """Each MoE family's own scoring, split into the part SeqTopK replaces (selection) and the part it keeps.
 
 A scoring object answers three questions for router logits [N, E]:
-- candidates(logits, cap) -> Candidates: each token's best `cap` experts (ids) and the scores they compete
-  with across the sequence (values), best first, plus the family's scores for the weights (computed once);
+- candidates(logits, cap, top=...) -> Candidates: each token's best `cap` experts (ids) and the scores they
+  compete with across the sequence (values), best first (rules.capped_candidates's order, or `top`, a compiled
+  implementation of it), plus the family's scores for the weights (computed once);
 - max_candidates(num_experts): how many experts one token can choose from at all;
 - weights(logits, candidates, mask): the combine weights of the chosen slots (0 for unchosen ones), by the
   family's own convention.
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from seqtopk.routing.rules import capped_candidates
 
 
 class Candidates(NamedTuple):
@@ -43,9 +46,9 @@ class SoftmaxScoring:
     def max_candidates(self, num_experts: int) -> int:
         return num_experts
 
-    def candidates(self, logits: torch.Tensor, cap: int) -> Candidates:
+    def candidates(self, logits: torch.Tensor, cap: int, top=capped_candidates) -> Candidates:
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (the same bits as logits.float() first)
-        values, ids = torch.topk(probs, cap, dim=-1)
+        values, ids = top(probs, cap)
         return Candidates(values, ids, probs)
 
     def weights(self, logits: torch.Tensor, cand: Candidates, mask: torch.Tensor) -> torch.Tensor:
@@ -107,7 +110,7 @@ class BiasedScoring:
         choice = scores + self.bias if self.bias is not None else scores
         return scores, choice
 
-    def candidates(self, logits: torch.Tensor, cap: int) -> Candidates:
+    def candidates(self, logits: torch.Tensor, cap: int, top=capped_candidates) -> Candidates:
         scores, choice = self._biased(logits)
         n, experts = choice.shape
         if self.grouped:
@@ -120,7 +123,7 @@ class BiasedScoring:
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = choice.masked_fill(~group_mask.repeat_interleave(experts // self.n_group, dim=1),
                                         float("-inf"))
-        values, ids = torch.topk(choice, cap, dim=-1)
+        values, ids = top(choice, cap)
         return Candidates(values, ids, scores)
 
     def weights(self, logits: torch.Tensor, cand: Candidates, mask: torch.Tensor) -> torch.Tensor:
@@ -142,8 +145,8 @@ class ChosenSoftmaxScoring:
     def max_candidates(self, num_experts: int) -> int:
         return num_experts
 
-    def candidates(self, logits: torch.Tensor, cap: int) -> Candidates:
-        ids = torch.topk(logits, cap, dim=-1).indices
+    def candidates(self, logits: torch.Tensor, cap: int, top=capped_candidates) -> Candidates:
+        ids = top(logits, cap)[1]
         probs = torch.softmax(logits.float(), dim=-1)
         return Candidates(probs.gather(-1, ids), ids, logits)
 

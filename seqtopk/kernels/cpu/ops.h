@@ -1,4 +1,4 @@
-// The compiled CPU ops one source file shares with another (route.cpp, dispatch.cpp -> moe.cpp).
+// The compiled CPU ops one source file shares with another (candidates.cpp, route.cpp, dispatch.cpp -> moe.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +8,9 @@
 #include <vector>
 
 namespace seqtopk {
+
+// candidates.cpp: each row's best `cap` scores, best first, exact ties to the lower id -> (values, int64 ids)
+std::tuple<at::Tensor, at::Tensor> capped_candidates(const at::Tensor& scores, int64_t cap);
 
 // route.cpp: every rule of one routing step -> (mask, weights or undefined, packed ids or undefined)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_step(
@@ -25,6 +28,7 @@ std::vector<at::Tensor> count_groups(const at::Tensor& ids, const at::Tensor& we
                                      int64_t num_experts, double call_rows, double reload_rows,
                                      const std::vector<double>& slot_cost);
 at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index);
+void gather_rows_into(const at::Tensor& x, const at::Tensor& index, const at::Tensor& out);
 void scatter_rows(at::Tensor out, const at::Tensor& index, const at::Tensor& rows);
 
 }  // namespace seqtopk
