@@ -12,9 +12,14 @@ through seqtopk's row dispatch, which separates the cost of the routing rule fro
     python evals/bench_hf.py                       # CPU, small OLMoE-like shape
     python evals/bench_hf.py --shape cpu-k4 --threads 2   # 32 experts, top-4 (cap 6), batch 4
     python evals/bench_hf.py --shape olmoe --device cuda   # OLMoE-1B-7B shape on a GPU (bf16)
+    python evals/bench_hf.py --sharpness sharp             # routers redrawn N(0, 0.5^2): entropy ~0.15
+
+--sharpness redraws every router's gate weights (near-uniform: the initializer's; trained-like: N(0, 0.2^2);
+sharp: N(0, 0.5^2), as evals/bench_vllm.py does) and records the routers' normalised entropy over the prefill
+tokens (softmax entropy / log E, mean over layers) beside every figure.
 
 Writes evals/results/hf_bench_<device>.json (hf_bench_<device>_<shape>.json for shapes other than the
-default of the device) and a PNG next to it.
+default of the device, with _<sharpness> added for a router other than near-uniform) and a PNG next to it.
 """
 
 from __future__ import annotations
@@ -73,6 +78,31 @@ def build_model(shape: dict, device: str):
 
 
 VARIANTS = ("stock", "seqtopk", "padded", "stock_rows")
+SHARPNESS = {"near-uniform": None, "trained-like": 0.2, "sharp": 0.5}  # gate std, as evals/bench_vllm.py
+
+
+def sharpen(model, std: float | None, seed: int = 0) -> None:
+    """Redraw every router's gate weights N(0, std^2) (None: keep the initializer's)."""
+    if std is None:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    for block in model.modules():
+        if type(block).__name__ == "OlmoeSparseMoeBlock":
+            weight = block.gate.weight
+            weight.data.copy_((torch.randn(weight.shape, generator=gen) * std).to(weight.dtype))
+
+
+def router_entropy(model, ids: torch.Tensor) -> float:
+    """Mean over layers of the routers' normalised entropy (softmax entropy / log E) on `ids`."""
+    import math
+
+    with torch.no_grad():
+        logits = model(ids, output_router_logits=True, use_cache=False).router_logits
+    values = []
+    for layer in logits:
+        probs = torch.softmax(layer.float(), dim=-1)
+        values.append(float(-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean() / math.log(probs.shape[-1])))
+    return sum(values) / len(values)
 
 
 def set_variant(model, variant: str, k: int) -> None:
@@ -123,13 +153,20 @@ def _row_dispatch(experts):
     return forward
 
 
-def bench_model(model, shape, device, reps):
-    k = shape["num_experts_per_tok"]
+def bench_inputs(shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefill batch [b, t] and the decode prompts [decode_batch, prompt], drawn the same every run."""
     gen = torch.Generator().manual_seed(0)
     b, t = shape["prefill"]
     prefill_ids = torch.randint(3, shape["vocab_size"], (b, t), generator=gen).to(device)
+    prompt = torch.randint(3, shape["vocab_size"], (shape["decode_batch"], shape["prompt"]), generator=gen).to(device)
+    return prefill_ids, prompt
+
+
+def bench_model(model, shape, device, reps):
+    k = shape["num_experts_per_tok"]
+    b, t = shape["prefill"]
+    prefill_ids, prompt = bench_inputs(shape, device)
     db = shape["decode_batch"]
-    prompt = torch.randint(3, shape["vocab_size"], (db, shape["prompt"]), generator=gen).to(device)
     n_new = shape["new_tokens"]
 
     def prefill():
@@ -178,9 +215,9 @@ def measure_assignments(model, k, prefill_ids):
         counted["rows"] += ids.numel()
         return original_forward(self, hidden, ids, weights, *args, **kwargs)
 
-    def counting_grouped(experts, hidden, plan):  # seqtopk's row plan
+    def counting_grouped(experts, hidden, plan, *args):  # seqtopk's row plan (and the path it runs on)
         counted["rows"] += plan.token.numel()
-        return original_grouped(experts, hidden, plan)
+        return original_grouped(experts, hidden, plan, *args)
 
     experts_cls.forward, hf_dispatch._grouped = counting_forward, counting_grouped
     result = {}
@@ -252,7 +289,9 @@ def plot(result: dict, path: Path) -> None:
     ax2.bar(list(sel), list(sel.values()), color=["gray", "C0", "C2"])
     ax2.set_ylabel("ms per call")
     ax2.set_title(f"selection step ({result['selection']['tokens']} tokens x {result['selection']['experts']} experts)")
-    fig.suptitle(f"seqtopk vs stock TopK, transformers, {result['device_name']} ({result['shape']})")
+    entropy = result.get("normalised_entropy")
+    router = f", {result.get('sharpness', 'near-uniform')} router" + (f" (entropy {entropy:.2f})" if entropy else "")
+    fig.suptitle(f"seqtopk vs stock TopK, transformers, {result['device_name']} ({result['shape']}{router})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -263,7 +302,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", default=None, help="JSON path (default evals/results/hf_bench_<device>[_<shape>].json)")
+    parser.add_argument("--sharpness", default="near-uniform", choices=list(SHARPNESS),
+                        help="router sharpness (gate weights redrawn; the normalised entropy is recorded)")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default evals/results/hf_bench_<device>[_<shape>][_<sharpness>].json)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     if args.threads:
@@ -271,6 +313,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"building {args.shape} model on {args.device} ({device_name})", flush=True)
     model = build_model(shape, args.device)
+    sharpen(model, SHARPNESS[args.sharpness])
     import transformers
 
     result = {"shape": args.shape, "device": args.device, "device_name": device_name,
@@ -278,13 +321,16 @@ def main() -> None:
               "experts_implementation": getattr(model.config, "_experts_implementation", None),
               "config": {k: v for k, v in shape.items()}, "reps": args.reps, "threads": torch.get_num_threads(),
               "settings": {"k": shape["num_experts_per_tok"], "cap": shape["num_experts_per_tok"] + 2,
-                           "exact_budget": True, "prefill": "sequence", "decode": "expert_cache"}}
+                           "exact_budget": True, "prefill": "sequence", "decode": "expert_cache"},
+              "sharpness": args.sharpness, "gate_std": SHARPNESS[args.sharpness]}
     load_before = os.getloadavg()[0]
     result.update(bench_model(model, shape, args.device, args.reps))
+    result["normalised_entropy"] = round(router_entropy(model, bench_inputs(shape, args.device)[0]), 3)
     result["selection"] = bench_selection(shape, args.device, args.reps)
     result["load_average"] = {"before": load_before, "after": os.getloadavg()[0]}  # 1-minute, this host
     device = args.device.split(":")[0]
     suffix = "" if args.shape in ("cpu-small", "olmoe") else f"_{args.shape}"
+    suffix += "" if args.sharpness == "near-uniform" else f"_{args.sharpness}"
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"hf_bench_{device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -298,6 +344,7 @@ def main() -> None:
     print(f"selection: topk {s['ms']['topk']:.3f} ms, seqtopk {s['ms']['seqtopk_sequence']:.3f} ms "
           f"(x{s['ratio_sequence_vs_topk']:.2f}), causal {s['ms']['seqtopk_causal']:.3f} ms (x{s['ratio_causal_vs_topk']:.2f})")
     print(f"expert rows per token: {json.dumps(result['assignments'])}")
+    print(f"router: {args.sharpness}, normalised entropy {result['normalised_entropy']:.3f}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
