@@ -34,11 +34,15 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _routers import normalised_entropy  # noqa: E402  (evals/ is scripts, not a package)
 
 SHAPES = {  # as evals/bench_vllm.py's checkpoints
     "small": dict(hidden=256, intermediate=128, experts=64, top_k=8),
@@ -50,12 +54,6 @@ BUDGETS = (8, 4, 2, 1)
 BLOCK = 16
 PATHS = ("stock", "whole-layer", "python-op")
 TARGET = 0.97  # stock time over SeqTopK time the issue asks of every cell
-
-
-def normalised_entropy(logits: torch.Tensor) -> float:
-    probs = torch.softmax(logits.float(), dim=-1)
-    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
-    return float(entropy / math.log(logits.shape[-1]))
 
 
 def logit_scale(experts: int, target: float, seed: int = 0) -> float:

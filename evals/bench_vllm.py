@@ -116,22 +116,18 @@ def sharpened(path: Path, std: float | None, seed: int = 0) -> Path:
 
 
 def router_entropy(path: Path, tokens: int = 512) -> float:
-    """Mean normalised entropy (softmax entropy / log E) of the checkpoint's routers over `tokens` random tokens,
-    with transformers (every layer's router logits)."""
-    import math
+    """Mean normalised entropy of the checkpoint's routers over `tokens` random tokens, with transformers."""
+    import sys
 
     import torch
     from transformers import AutoModelForCausalLM
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _routers import model_router_entropy  # evals/ is scripts, not a package
+
     model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
     ids = torch.randint(4, 300, (4, tokens // 4), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model(ids, output_router_logits=True).router_logits
-    values = []
-    for layer in logits:
-        probs = torch.softmax(layer.float(), dim=-1)
-        values.append(float(-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean() / math.log(probs.shape[-1])))
-    return sum(values) / len(values)
+    return model_router_entropy(model, ids)
 
 
 def prompts(count: int, length: int, rng: random.Random) -> list[list[int]]:
