@@ -14,8 +14,9 @@ be captured in a CUDA graph and replayed with new layouts):
 Its torch reference is seqtopk.routing.rules.select_causal over the gathered history
 (seqtopk.routing.paged.gather_paged): the decisions are equal on the same inputs (the comparisons are exact
 integer counts, and argmax's leftmost tie gives exactly tied candidates the lower expert first, the order of
-rules.capped_candidates), and the budget split comes from rules.budget_split. seqtopk.routing.paged decides when it runs (CUDA tensors with
-Triton); on CPU, tests run it under Triton's interpreter (TRITON_INTERPRET=1) against the torch rule.
+rules.capped_candidates), and the budget split comes from rules.budget_split. seqtopk.routing.paged decides
+when it runs (CUDA tensors with Triton); on CPU, tests run it under Triton's interpreter (TRITON_INTERPRET=1)
+against the torch rule.
 """
 
 from __future__ import annotations

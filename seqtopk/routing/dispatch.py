@@ -2,9 +2,10 @@
 
 SeqTopK gives each token between min_experts and cap experts. Two ways to run only the chosen pairs:
 
-- rows (`PairPlan`; `plan_pairs`, `combine_torch`): the chosen slots as R rows of one expert each, for experts that take a ragged list
-  of rows per expert (grouped GEMMs: transformers' grouped_mm, a GPU fused-MoE kernel with top-1). The rows
-  run unweighted and the combine sums them back per token with the routing weights, accumulating in float32.
+- rows (`PairPlan`; `plan_pairs`, `combine_torch`): the chosen slots as R rows of one expert each, for experts
+  that take a ragged list of rows per expert (grouped GEMMs: transformers' grouped_mm, a GPU fused-MoE kernel
+  with top-1). The rows run unweighted and the combine sums them back per token with the routing weights,
+  accumulating in float32.
   On the CPU (compiled kernels) the plan is sorted by expert with each expert's end offset, as grouped GEMMs
   take it; the torch reference (`plan_pairs`) lists rows token-major and fixes R up front so nothing waits on
   an accelerator: N*k when it is known, a static bound N*cap for small accelerator steps (spare rows reuse a
