@@ -34,3 +34,25 @@ def figure(path: Path, *grid, **options) -> Iterator[tuple]:
         fig.savefig(path, dpi=120)
     finally:
         plt.close(fig)
+
+
+def cpu_name() -> str:
+    """The CPU as speed records name it: model and widest vector ISA (e.g. "AMD EPYC (avx2)"). Ratios between
+    SeqTopK and stock move with the ISA (vLLM's CPU MoE kernel is several times faster with AVX-512), so records
+    from different machines are only compared with this beside them."""
+    import platform
+
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = next((name for name in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if name in flags), "")
+    name = model or platform.processor() or platform.machine()
+    return f"{name} ({isa})" if isa else name

@@ -21,13 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import cpu_name  # noqa: E402  (evals/ is scripts, not a package)
 
 EXPERTS, K, BLOCK = 64, 8, 16
 
@@ -175,7 +178,7 @@ def main() -> int:
             if path == "compiled":
                 builds[context], first_us[context] = built, first
     result = {
-        "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "device": "cpu", "cpu": cpu_name(), "threads": args.threads,
         "torch": torch.__version__, "rows": args.rows, "experts": EXPERTS, "k": K, "cap": K + 2,
         "block_size": BLOCK, "timed_steps": args.steps, "checked_steps": args.check_steps,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _routers import model_router_entropy  # noqa: E402  (evals/ is scripts, not a package)
+from _results import cpu_name  # noqa: E402
 
 SHAPES = {
     # OLMoE-1B-7B: 64 experts, top-8, hidden 2048, expert width 1024, 16 layers.
@@ -311,7 +311,7 @@ def main() -> None:
         shape["num_experts_per_tok"] = args.budget
     if args.threads:
         torch.set_num_threads(args.threads)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     print(f"building {args.shape} model on {args.device} ({device_name})", flush=True)
     model = build_model(shape, args.device)
     sharpen(model, SHARPNESS[args.sharpness])

@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _routers import normalised_entropy  # noqa: E402  (evals/ is scripts, not a package)
+from _results import cpu_name  # noqa: E402
 
 SHAPES = {  # as evals/bench_vllm.py's checkpoints
     "small": dict(hidden=256, intermediate=128, experts=64, top_k=8),
@@ -316,7 +316,7 @@ def main() -> int:
         description="one MoE layer, stock TopK-k' (eager router + vLLM's CPU fused-MoE kernel) against "
                     "SeqTopK-k' (the compiled layer op, and the earlier Python op), median us per layer step, "
                     "paths interleaved step by step in one process",
-        machine=dict(cpu=platform.processor() or platform.machine(), threads=args.threads,
+        machine=dict(cpu=cpu_name(), threads=args.threads,
                      load_average_before=load_before, load_average_after=os.getloadavg()),
         torch=torch.__version__, layout=args.layout, steps=args.steps, summary=summarise(runs), runs=runs,
         recorded=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))

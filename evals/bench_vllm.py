@@ -39,13 +39,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from _results import cpu_name  # a sibling script module (evals/ is on sys.path when a script of it runs)
 
 SHAPES = {
     # the bench shape: a small Qwen3-MoE-like model
@@ -117,13 +118,9 @@ def sharpened(path: Path, std: float | None, seed: int = 0) -> Path:
 
 def router_entropy(path: Path, tokens: int = 512) -> float:
     """Mean normalised entropy of the checkpoint's routers over `tokens` random tokens, with transformers."""
-    import sys
-
     import torch
+    from _routers import model_router_entropy  # imported here: it loads torch
     from transformers import AutoModelForCausalLM
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _routers import model_router_entropy  # evals/ is scripts, not a package
 
     model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
     ids = torch.randint(4, 300, (4, tokens // 4), generator=torch.Generator().manual_seed(0))
@@ -502,7 +499,7 @@ def main() -> int:
     real = {model: {"kv_bytes_per_token_layer": v["kv"], "state_bytes_per_token_layer": 4 * (v["k"] + 2),
                     "state_over_kv": 4 * (v["k"] + 2) / v["kv"]} for model, v in REAL_SHAPES.items()}
     result = {
-        "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "device": "cpu", "cpu": cpu_name(), "threads": torch.get_num_threads(),
         "vllm": vllm.__version__, "torch": torch.__version__, "compile_mode": "vLLM-cpu default (dynamo + inductor)",
         "method": ("paired: each SeqTopK engine beside its stock engine in one process (engine cores in process), "
                    "the same fresh prompts for both each round with their engine steps interleaved (step i of one, "
