@@ -4,9 +4,9 @@
   seqtopk.sparse.vllm.registry) and the sparse-output plugin (`io_processor_plugin`, an entry point of
   `vllm.io_processor_plugins` in pyproject.toml);
 - where a saved SparseAutoEncoder keeps its tied weight;
-- the error for a head folder whose files are unreadable or disagree.
+- the error for a head folder whose files are unreadable or disagree, and how its JSON files are read.
 
-Plain Python with no imports, so the folder writers, the folder checks and the vLLM plugin (run in every
+Plain Python with no imports at module level, so the folder writers, the folder checks and the vLLM plugin (run in every
 process vLLM starts) all read it for nothing.
 """
 
@@ -26,3 +26,19 @@ def tied_weight_name(names) -> str:
     """Where a saved SparseAutoEncoder keeps its tied weight: safetensors stores the encoder/decoder pair once,
     under either module's name."""
     return "encoder.weight" if "encoder.weight" in names else "decoder.linear.weight"
+
+
+def read_folder_json(path, fix: str, kind: type = dict):
+    """A head folder's JSON file (`path`, a pathlib.Path), or the error that names it and says `fix`: a missing file
+    is a FileNotFoundError, an unreadable one or one of another JSON type a HeadFolderError."""
+    import json
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; {fix}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise HeadFolderError(f"{path} is not valid JSON, truncated or corrupted ({err}); {fix}") from None
+    if not isinstance(value, kind):
+        raise HeadFolderError(f"{path} holds a JSON {type(value).__name__}, not a {kind.__name__}; {fix}")
+    return value

@@ -9,11 +9,10 @@ HeadFolderError (a ValueError), so `seqtopk` prints either as one line.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from seqtopk.sparse.coding.folder_format import HeadFolderError, tied_weight_name
+from seqtopk.sparse.coding.folder_format import HeadFolderError, read_folder_json, tied_weight_name
 
 _RETRAIN = "train it again with `seqtopk csr train --out {folder}`, or restore the folder from a complete copy"
 
@@ -106,15 +105,7 @@ def _tensor_shapes(folder: Path, path: Path) -> dict[str, list[int]]:
 
 
 def _read_json(folder: Path, path: Path, kind: type = dict):
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; " + _RETRAIN.format(folder=folder))
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise _bad(folder, path, f"is not valid JSON, truncated or corrupted ({err})") from None
-    if not isinstance(value, kind):
-        raise _bad(folder, path, f"holds a JSON {type(value).__name__}, not a {kind.__name__}")
-    return value
+    return read_folder_json(path, _RETRAIN.format(folder=folder), kind)
 
 
 def _bad(folder: Path, path: Path, why: str) -> HeadFolderError:

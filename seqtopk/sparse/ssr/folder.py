@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 
 from seqtopk.sparse.coding.folder_format import (SSR_ARCHITECTURE, SSR_SPARSE_IO_PLUGIN, HeadFolderError,
-                                                  tied_weight_name)
+                                                  read_folder_json, tied_weight_name)
 from seqtopk.sparse.index.atomic import replace_folder, staging_folder
 from seqtopk.sparse.ssr.tokens import DOC_MAX_TOKENS, QUERY_MAX_TOKENS
 
@@ -51,17 +51,17 @@ def check_ssr_folder(folder: Path) -> dict:
                  f"{HEAD_DIR}/model.safetensors"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} is missing, so {folder} is not a complete SSR encoder folder; {retrain}")
-    ssr = _json(folder / SSR_CONFIG, retrain)
+    ssr = read_folder_json(folder / SSR_CONFIG, retrain)
     if ssr.get("format") != FORMAT or ssr.get("version") != VERSION:
         raise HeadFolderError(f"{folder / SSR_CONFIG} is not an SSR encoder config (format {FORMAT!r} version "
                               f"{VERSION} expected); {retrain}")
-    modules = _json(folder / "modules.json", retrain, list)
+    modules = read_folder_json(folder / "modules.json", retrain, list)
     if not any(isinstance(m, dict) and m.get("path") == HEAD_DIR and str(m.get("type", "")).endswith("SparseAutoEncoder")
                for m in modules):
         raise HeadFolderError(f"{folder / 'modules.json'} does not list the SparseAutoEncoder at {HEAD_DIR}/, so "
                               f"sentence-transformers would drop the head; {retrain}")
     path = folder / HEAD_DIR / "config.json"
-    head = _json(path, retrain)
+    head = read_folder_json(path, retrain)
     try:
         d, h, k = (int(head[key]) for key in ("input_dim", "hidden_dim", "k"))
     except (KeyError, TypeError, ValueError):
@@ -69,7 +69,7 @@ def check_ssr_folder(folder: Path) -> dict:
     if not 1 <= k <= h or head.get("normalize"):
         raise HeadFolderError(f"{path} asks for k={k} of {h} latents (normalize={head.get('normalize')}); an SSR "
                               f"head keeps 1 <= k <= hidden_dim and no input LayerNorm; {retrain}")
-    backbone_dim = _json(folder / "config.json", retrain).get("hidden_size")
+    backbone_dim = read_folder_json(folder / "config.json", retrain).get("hidden_size")
     if backbone_dim != d:
         raise HeadFolderError(f"{path} says the head reads {d}-dim token vectors, but the backbone in {folder} "
                               f"gives {backbone_dim}: head and backbone come from different models; {retrain}")
@@ -94,16 +94,6 @@ def _is_first_layout(folder: Path) -> bool:
         return json.loads((folder / HEAD_DIR / "config.json").read_text()).get("format") == "seqtopk-ssr-head"
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _json(path: Path, retrain: str, kind: type = dict):
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise HeadFolderError(f"{path} is not valid JSON ({err}); {retrain}") from None
-    if not isinstance(value, kind):
-        raise HeadFolderError(f"{path} holds a JSON {type(value).__name__}, not a {kind.__name__}; {retrain}")
-    return value
 
 
 def stock_modules(transformer, sae, tokenizer) -> list:
