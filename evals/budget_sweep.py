@@ -1,9 +1,10 @@
 """Spend less than K: what a reduced SeqTopK budget buys in speed and costs in quality, against stock TopK at
 the same budget (SPEC section 5). Three routings at every budget k' (a fraction of the model's top_k K):
 - "topk-K": stock TopK at the model's own top_k (the reference);
-- "topk-k'": stock TopK at a reduced whole k' (transformers: `seqtopk.topk_at`, which routes as the checkpoint
-  loaded with num_experts_per_tok=k'; vLLM: `hf_overrides={"num_experts_per_tok": k'}`). A fractional k' is
-  compared with the whole numbers around it;
+- "topk-k'": stock TopK at a reduced whole k', routed as the checkpoint loaded with num_experts_per_tok=k'
+  (transformers quality: `seqtopk.topk_at`; transformers speed: the routers' own top_k set to k' on the same
+  model instance; vLLM: `hf_overrides={"num_experts_per_tok": k'}`). A fractional k' is compared with the whole
+  numbers around it;
 - "seqtopk-k'": SeqTopK at k' with min_experts=0, so a sequence spends exactly B(T) = floor(T*k' + 1/2) pairs
   in prefill and the streaming rule ~B(m) (with a forced minimum of 1 and exact_budget at k'=1 nothing could
   move: it would be TopK-1); cap ceil(k') + 2.
@@ -257,8 +258,8 @@ def run_lm_eval_part(args) -> dict:
 
 
 def run_hf(args) -> dict:
-    """transformers CPU: stock models at each whole budget (the checkpoint's num_experts_per_tok), SeqTopK-k'
-    patched on the top-K model; interleaved repetitions. Every router sharpness of bench_hf, one after another:
+    """transformers CPU: stock TopK at each whole budget (the routers' top_k set to k', as the checkpoint loaded with
+    num_experts_per_tok=k' routes) and SeqTopK-k' patched on the same model instance; interleaved repetitions. Every router sharpness of bench_hf, one after another:
     the trained-like one is the sweep's figure (as vLLM's), the others go under "by_router"."""
     import bench_hf
 
@@ -278,13 +279,10 @@ def run_hf_router(args, bench_hf, level: str) -> dict:
     budgets = [budget(f, top_k) for f in FRACTIONS]
     base = bench_hf.build_model(shape, "cpu")
     bench_hf.sharpen(base, bench_hf.SHARPNESS[level])
-    state = base.state_dict()
-    models = {f"topk-{top_k}": base}
-    for k in budgets[1:]:
-        stock = bench_hf.build_model({**shape, "num_experts_per_tok": k}, "cpu")  # same weights, top_k = k
-        stock.load_state_dict(state)
-        models[f"topk-{k}"] = stock
-    variants = list(models) + [f"seqtopk-{k}" for k in budgets]
+    # Every routing runs on this one model: stock TopK-k' by setting its routers' top_k (OLMoE's router reads
+    # nothing else of num_experts_per_tok), so no variant gets other memory than another.
+    routers = [m for m in base.modules() if type(m).__name__ == "OlmoeTopKRouter"]
+    variants = [f"topk-{k}" for k in budgets] + [f"seqtopk-{k}" for k in budgets]
     gen = torch.Generator().manual_seed(0)
     b, t = shape["prefill"]
     prefill_ids = torch.randint(3, shape["vocab_size"], (b, t), generator=gen)
@@ -292,20 +290,25 @@ def run_hf_router(args, bench_hf, level: str) -> dict:
     prompt = torch.randint(3, shape["vocab_size"], (db, shape["prompt"]), generator=gen)
 
     def run(variant, phase):
-        model = models.get(variant, base)
-        if variant.startswith("seqtopk"):
-            seqtopk.patch(base, **seqtopk_settings(float(variant.split("-")[1])))
+        routing, k = variant.split("-")
+        if routing == "seqtopk":
+            seqtopk.patch(base, **seqtopk_settings(float(k)))
+        else:
+            for router in routers:
+                router.top_k = int(k)
         try:
             with torch.no_grad():
                 start = time.perf_counter()
                 if phase == "prefill":
-                    model(prefill_ids, use_cache=False)
+                    base(prefill_ids, use_cache=False)
                 else:
-                    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
-                                   min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+                    base.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                                  min_new_tokens=n_new, do_sample=False, pad_token_id=0)
                 return time.perf_counter() - start
         finally:
             seqtopk.unpatch(base)
+            for router in routers:
+                router.top_k = top_k
 
     loads = []
     for variant in variants:  # warm-up
