@@ -51,6 +51,7 @@ from seqtopk.demo import topk_budgets_around
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import cpu_name  # noqa: E402  (evals/ is scripts, not a package)
+from _routers import model_router_entropy  # noqa: E402
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 EXTRA_QUALITY = (0.625, 0.375)  # fractional points in between, switched on without fine-tuning
@@ -258,9 +259,10 @@ def run_lm_eval_part(args) -> dict:
 
 
 def run_hf(args) -> dict:
-    """transformers CPU: stock TopK at each whole budget (the routers' top_k set to k', as the checkpoint loaded with
-    num_experts_per_tok=k' routes) and SeqTopK-k' patched on the same model instance; interleaved repetitions. Every router sharpness of bench_hf, one after another:
-    the trained-like one is the sweep's figure (as vLLM's), the others go under "by_router"."""
+    """transformers CPU: stock TopK at each whole budget (the routers' top_k set to k', as the checkpoint loaded
+    with num_experts_per_tok=k' routes) and SeqTopK-k' patched on the same model instance; interleaved repetitions.
+    Every router sharpness of bench_hf, one after another: the trained-like one is the sweep's figure (as vLLM's),
+    the others go under "by_router"."""
     import bench_hf
 
     runs = {level: run_hf_router(args, bench_hf, level) for level in bench_hf.SHARPNESS}
@@ -323,7 +325,7 @@ def run_hf_router(args, bench_hf, level: str) -> dict:
     tokens = {"prefill": b * t, "decode": db * n_new}
     rates = {phase: {v: tokens[phase] / statistics.median(x) for v, x in per.items()} for phase, per in times.items()}
     return {"shape": {k: v for k, v in shape.items()}, "threads": torch.get_num_threads(), "reps": args.reps,
-            "router": level, "normalised_entropy": round(bench_hf.model_router_entropy(base, prefill_ids), 3),
+            "router": level, "normalised_entropy": round(model_router_entropy(base, prefill_ids), 3),
             "tokens_per_s": rates, "load_average_range": [min(loads), max(loads)],
             "ratios": speed_ratios(rates, budgets, top_k)}
 

@@ -3,9 +3,9 @@ calls `torch.ops.seqtopk_cpu`. Callers ask seqtopk.kernels.backend whether the c
 wrappers assume it does (the library is loaded by seqtopk.kernels.compiled).
 
 Candidates (candidates.cpp): `capped_candidates`. Routing (route.cpp): `route_step`, the band size and
-counters. Dispatch (dispatch.cpp): the row plan, combine, count groups and row copies. A whole MoE layer of a vLLM-cpu engine (moe.cpp): `moe_layer` and the state it
-keeps per layer and per step (`moe_configure`, `moe_attach`, `moe_set_step`, `moe_set_step_from_engine`,
-`moe_clear_step`, `moe_trace`, `moe_last`).
+counters. Dispatch (dispatch.cpp): the row plan, combine, count groups and row copies. A whole MoE layer of a
+vLLM-cpu engine (moe.cpp): `moe_layer` and the state it keeps per layer and per step (`moe_configure`,
+`moe_attach`, `moe_set_step`, `moe_set_step_from_engine`, `moe_clear_step`, `moe_trace`, `moe_last`).
 """
 
 from __future__ import annotations

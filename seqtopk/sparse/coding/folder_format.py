@@ -6,8 +6,8 @@
 - where a saved SparseAutoEncoder keeps its tied weight;
 - the error for a head folder whose files are unreadable or disagree, and how its JSON files are read.
 
-Plain Python with no imports at module level, so the folder writers, the folder checks and the vLLM plugin (run in every
-process vLLM starts) all read it for nothing.
+Plain Python with no imports at module level, so the folder writers, the folder checks and the vLLM plugin
+(run in every process vLLM starts) all read it for nothing.
 """
 
 from __future__ import annotations
